@@ -1,0 +1,127 @@
+//! The agent's configuration: command-line flags over an optional TOML file over
+//! built-in defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::procedures::CommandSpec;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7018";
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// The TOML file (`--config`). Every key is optional; flags win over it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub controller: Option<String>,
+    pub capacity: Option<u32>,
+    pub grace_secs: Option<f64>,
+    #[serde(default, rename = "procedure")]
+    pub procedures: Vec<CommandSpec>,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Everything an agent needs to run, resolved.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub controller: Option<String>,
+    pub capacity: u32,
+    pub grace: Duration,
+    pub procedures: Vec<CommandSpec>,
+}
+
+/// Flag values (None when not given on the command line).
+#[derive(Debug, Default, Clone)]
+pub struct AgentFlags {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub controller: Option<String>,
+    pub config: Option<PathBuf>,
+    pub capacity: Option<u32>,
+    pub grace_secs: Option<f64>,
+}
+
+impl AgentConfig {
+    pub fn resolve(flags: AgentFlags) -> Result<AgentConfig, ConfigError> {
+        let file = match &flags.config {
+            Some(p) => ConfigFile::load(p)?,
+            None => ConfigFile::default(),
+        };
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen.parse().map_err(|e| ConfigError::Invalid {
+            field: "listen",
+            message: format!("{listen:?} is not an IP:port address ({e})"),
+        })?;
+        let capacity = flags
+            .capacity
+            .or(file.capacity)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        if capacity == 0 {
+            return Err(ConfigError::Invalid {
+                field: "capacity",
+                message: "must be at least 1".into(),
+            });
+        }
+        let grace_secs = flags.grace_secs.or(file.grace_secs);
+        let grace = match grace_secs {
+            None => DEFAULT_GRACE,
+            Some(s) if s >= 0.0 && s.is_finite() => Duration::from_secs_f64(s),
+            Some(s) => {
+                return Err(ConfigError::Invalid {
+                    field: "grace_secs",
+                    message: format!("must be a non-negative number of seconds, got {s}"),
+                })
+            }
+        };
+        Ok(AgentConfig {
+            listen,
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("arpcp-agent-data")),
+            controller: flags.controller.or(file.controller),
+            capacity,
+            grace,
+            procedures: file.procedures,
+        })
+    }
+}

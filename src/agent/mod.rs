@@ -1,0 +1,226 @@
+//! The agent daemon (`arpcp agent`): serves ARPCP on its port, runs procedures on a
+//! pool of task slots, keeps every task in a durable store until its controller
+//! terminates it, and signals the controller as tasks change.
+
+pub mod config;
+mod identity;
+pub mod procedures;
+mod signals;
+mod store;
+mod tasks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::arpcp::server::{serve, Handler, PeerInfo};
+use crate::arpcp::{
+    ArpcpClient, AtaskStatus, IdData, ProtocolError, Request, Response, SignalRequest, VERSION,
+};
+pub use config::{AgentConfig, AgentFlags};
+use identity::Identity;
+use procedures::Registry;
+use signals::SignalSender;
+use store::AgentStore;
+use tasks::TaskRunner;
+
+const META_AGENT_ID: &str = "agent_id";
+const META_CONTROLLER: &str = "controller";
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("procedures: {0}")]
+    Procedures(#[from] procedures::RegistryError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+}
+
+/// Answers ARPCP requests on behalf of the agent.
+struct AgentService {
+    runner: Arc<TaskRunner>,
+    store: AgentStore,
+    signals: SignalSender,
+    identity: Identity,
+    hostname: String,
+    procedures: Vec<String>,
+    capacity: u32,
+    port: u16,
+}
+
+impl Handler for AgentService {
+    async fn handle(&self, req: Request, peer: PeerInfo) -> Response {
+        match self.dispatch(req, peer).await {
+            Ok(r) => r,
+            Err(e) => Response::error(&e),
+        }
+    }
+}
+
+impl AgentService {
+    async fn dispatch(&self, req: Request, peer: PeerInfo) -> Result<Response, ProtocolError> {
+        match req {
+            Request::Atask {
+                procedure,
+                args,
+                atask_id,
+                reply_to,
+            } => {
+                let id = self
+                    .runner
+                    .submit(atask_id, procedure, args, reply_to)
+                    .await?;
+                Ok(Response::ok(tasks::accepted_data(&id)))
+            }
+            Request::Task {
+                procedure,
+                args,
+                timeout_ms,
+            } => {
+                let result = self
+                    .runner
+                    .run_sync(&procedure, &args, timeout_ms.map(Duration::from_millis))
+                    .await?;
+                Ok(Response::ok(serde_json::json!({ "result": result })))
+            }
+            Request::Get { atask_id } => self.runner.get(&atask_id),
+            Request::Signal(SignalRequest {
+                atask_id, status, ..
+            }) => match status {
+                AtaskStatus::Terminate | AtaskStatus::ClientError => {
+                    self.runner.terminate(&atask_id)?;
+                    Ok(Response::ok(serde_json::Value::Null))
+                }
+                other => Err(ProtocolError::BadHeader {
+                    header: "atask_status",
+                    expected: "\"terminate\" or \"client_error\" (the statuses a controller may send to an agent)",
+                    got: format!("{:?}", other.as_str()),
+                }),
+            },
+            Request::Id {
+                agent_id,
+                controller,
+                ..
+            } => {
+                if let Some(id) = agent_id {
+                    if self.signals.agent_id().as_deref() != Some(id.as_str()) {
+                        info!(agent_id = %id, "controller assigned this agent its id");
+                        self.store.set_meta(META_AGENT_ID, &id).await?;
+                        self.signals.set_agent_id(id);
+                    }
+                }
+                if let Some(c) = controller {
+                    if self.signals.controller().as_deref() != Some(c.as_str()) {
+                        self.store.set_meta(META_CONTROLLER, &c).await?;
+                        self.signals.set_controller(c);
+                    }
+                }
+                let ip = peer.local.ip();
+                let data = IdData {
+                    mac: self.identity.mac_for(ip),
+                    ip: ip.to_string(),
+                    hostname: self.hostname.clone(),
+                    port: self.port,
+                    version: VERSION.to_string(),
+                    procedures: self.procedures.clone(),
+                    capacity: self.capacity,
+                    running: self.runner.running(),
+                    agent_id: self.signals.agent_id(),
+                };
+                Ok(Response::ok(
+                    serde_json::to_value(data).map_err(|e| ProtocolError::Internal(e.to_string()))?,
+                ))
+            }
+        }
+    }
+}
+
+/// Runs an agent on `listener` until `shutdown` is cancelled, then stops accepting,
+/// lets running tasks finish for the grace period and interrupts the rest.
+pub async fn run(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let registry = Arc::new(Registry::new(config.procedures.clone())?);
+    let store = AgentStore::open(&config.data_dir)?;
+    let port = listener.local_addr().map_err(AgentError::Listener)?.port();
+    let controller = config.controller.clone().or(store.meta(META_CONTROLLER)?);
+    let signals = SignalSender::new(store.clone(), controller, store.meta(META_AGENT_ID)?);
+    let runner = TaskRunner::new(
+        store.clone(),
+        registry.clone(),
+        signals.clone(),
+        config.capacity,
+    );
+    runner.recover().await?;
+    let service = Arc::new(AgentService {
+        runner: runner.clone(),
+        store,
+        signals: signals.clone(),
+        identity: Identity::default(),
+        hostname: Identity::hostname(),
+        procedures: registry.names(),
+        capacity: config.capacity,
+        port,
+    });
+    if let Some(controller) = config.controller.clone() {
+        tokio::spawn(announce(
+            controller,
+            port,
+            signals.clone(),
+            shutdown.clone(),
+        ));
+    }
+    info!(port, capacity = config.capacity, procedures = ?service.procedures, "agent ready");
+    serve(listener, service, shutdown).await;
+    info!(
+        "agent stopping: waiting up to {:?} for running tasks",
+        config.grace
+    );
+    runner.shutdown(config.grace).await;
+    signals.shutdown(Duration::from_secs(1)).await;
+    info!("agent stopped");
+    Ok(())
+}
+
+/// Tells the controller this agent exists (ARPCP ID with our port), retrying with
+/// backoff until it answers; the controller then probes us and registers us.
+async fn announce(controller: String, port: u16, signals: SignalSender, stop: CancellationToken) {
+    let client = ArpcpClient::default();
+    let mut delay = signals::SIGNAL_BACKOFF_START;
+    loop {
+        let req = Request::Id {
+            agent_id: signals.agent_id(),
+            controller: None,
+            port: Some(port),
+        };
+        match client.call(&controller, &req).await {
+            Ok(r) if r.is_ok() => {
+                info!(%controller, "announced to the controller");
+                return;
+            }
+            Ok(r) => warn!(%controller, code = %r.code, "announcement refused: {}", r.description),
+            Err(e) => warn!(%controller, "cannot announce: {e}"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(signals::SIGNAL_BACKOFF_CAP);
+    }
+}

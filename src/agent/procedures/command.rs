@@ -1,0 +1,196 @@
+//! Procedures that run a configured program. The call's positional arguments are
+//! appended to the program's argv — never through a shell — and the program runs in
+//! its own process group, so stopping the task kills everything it started.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::{describe, RunError};
+use crate::arpcp::Args;
+
+/// Most stdout kept as a result; a program writing more fails the task.
+pub const MAX_STDOUT_BYTES: usize = 4 * 1024 * 1024;
+/// The end of stderr carried in an execution error.
+pub const STDERR_TAIL_BYTES: usize = 4 * 1024;
+/// Most arguments a call may append to argv.
+pub const MAX_COMMAND_ARGS: usize = 1024;
+
+/// A `[[procedure]]` entry of the agent's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    pub name: String,
+    /// Program and its fixed arguments.
+    pub command: Vec<String>,
+    /// Kill the program after this many seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+}
+
+pub struct CommandProcedure {
+    spec: CommandSpec,
+    timeout: Option<Duration>,
+}
+
+impl CommandProcedure {
+    pub fn new(spec: CommandSpec) -> Result<Self, String> {
+        if spec.name.trim().is_empty() {
+            return Err("`name` must not be empty".into());
+        }
+        if spec.command.first().is_none_or(|p| p.is_empty()) {
+            return Err("`command` must name a program: command = [\"prog\", \"arg\", ...]".into());
+        }
+        let timeout = match spec.timeout_secs {
+            None => None,
+            Some(t) if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
+            Some(t) => return Err(format!("`timeout_secs` must be a positive number, got {t}")),
+        };
+        Ok(CommandProcedure { spec, timeout })
+    }
+
+    pub fn validate(&self, args: &Args) -> Result<(), String> {
+        argv_tail(args).map(|_| ())
+    }
+
+    pub async fn run(&self, args: &Args) -> Result<Value, RunError> {
+        let tail = argv_tail(args).map_err(RunError::BadArguments)?;
+        let program = &self.spec.command[0];
+        let mut child = tokio::process::Command::new(program)
+            .args(&self.spec.command[1..])
+            .args(&tail)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| RunError::Failed(format!("cannot start {program:?}: {e}")))?;
+        let group = ProcessGroup(child.id());
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(RunError::Failed(
+                "program's output pipes are missing".into(),
+            ));
+        };
+        let work = async {
+            let (out, err, status) =
+                tokio::join!(read_capped(stdout), read_tail(stderr), child.wait());
+            (out, err, status)
+        };
+        let (out, err, status) = match self.timeout {
+            Some(t) => tokio::time::timeout(t, work)
+                .await
+                .map_err(|_| RunError::Timeout(t))?,
+            None => work.await,
+        };
+        let status =
+            status.map_err(|e| RunError::Failed(format!("waiting for {program:?}: {e}")))?;
+        let stderr = String::from_utf8_lossy(&err.unwrap_or_default())
+            .trim_end()
+            .to_string();
+        if !status.success() {
+            let how = match status.code() {
+                Some(c) => format!("exit status {c}"),
+                None => "killed by a signal".to_string(),
+            };
+            return Err(RunError::Failed(format!(
+                "{program:?} failed ({how}): {stderr}"
+            )));
+        }
+        group.disarm();
+        let mut out = out.map_err(|e| RunError::Failed(e.to_string()))?;
+        if out.last() == Some(&b'\n') {
+            out.pop();
+        }
+        String::from_utf8(out)
+            .map(Value::String)
+            .map_err(|_| RunError::Failed(format!("{program:?} wrote output that is not UTF-8")))
+    }
+}
+
+/// Kills the whole process group when dropped while armed: on timeout, on
+/// cancellation (the task's future is dropped) and on failure.
+struct ProcessGroup(Option<u32>);
+
+impl ProcessGroup {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: killpg has no memory-safety preconditions; the group id is the
+            // one our child was put in with `process_group(0)`.
+            unsafe {
+                libc::killpg(pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn argv_tail(args: &Args) -> Result<Vec<String>, String> {
+    let Args::Positional(values) = args else {
+        return Err(
+            "takes positional arguments (appended to the program's argv), got named arguments"
+                .into(),
+        );
+    };
+    if values.len() > MAX_COMMAND_ARGS {
+        return Err(format!(
+            "at most {MAX_COMMAND_ARGS} arguments, got {}",
+            values.len()
+        ));
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::String(s) if s.contains('\0') => {
+                Err(format!("argument {} contains a NUL byte", i + 1))
+            }
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            other => Err(format!(
+                "argument {} must be a string, number or boolean, got {}",
+                i + 1,
+                describe(other)
+            )),
+        })
+        .collect()
+}
+
+async fn read_capped(mut r: impl AsyncRead + Unpin) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    (&mut r)
+        .take(MAX_STDOUT_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .await?;
+    if buf.len() > MAX_STDOUT_BYTES {
+        return Err(std::io::Error::other(format!(
+            "program wrote more than {MAX_STDOUT_BYTES} bytes to stdout"
+        )));
+    }
+    Ok(buf)
+}
+
+/// Reads everything, keeping only the last `STDERR_TAIL_BYTES`.
+async fn read_tail(mut r: impl AsyncRead + Unpin) -> std::io::Result<Vec<u8>> {
+    let mut tail = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = r.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(tail);
+        }
+        tail.extend_from_slice(&chunk[..n]);
+        if tail.len() > STDERR_TAIL_BYTES {
+            tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+        }
+    }
+}

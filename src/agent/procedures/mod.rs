@@ -1,0 +1,131 @@
+//! What an agent can run: built-in procedures compiled in, and programs declared in
+//! its configuration. Each procedure checks its arguments before the task is
+//! accepted (ARPCP 204), and runs with a context that carries cancellation and a
+//! way to report progress.
+
+mod builtin;
+mod command;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::arpcp::{Args, Code, Progress, ProtocolError, TaskError};
+
+pub use builtin::Builtin;
+pub use command::{CommandProcedure, CommandSpec};
+
+/// Why a procedure did not produce a value.
+#[derive(Debug, Error, PartialEq)]
+pub enum RunError {
+    /// The procedure failed (ARPCP 400).
+    #[error("{0}")]
+    Failed(String),
+    /// The arguments turned out wrong only at run time (ARPCP 204, `client_error`).
+    #[error("{0}")]
+    BadArguments(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl RunError {
+    pub fn to_task_error(&self, procedure: &str) -> TaskError {
+        match self {
+            RunError::BadArguments(reason) => {
+                TaskError::from(&ProtocolError::bad_args(procedure, reason.clone()))
+            }
+            RunError::Failed(_) | RunError::Timeout(_) => TaskError {
+                code: Code::Execution,
+                description: self.to_string(),
+            },
+        }
+    }
+}
+
+/// Where a running procedure reports progress. Cheap to call often: the receiver
+/// decides what reaches the controller.
+pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
+
+pub enum Procedure {
+    Builtin(Builtin),
+    Command(CommandProcedure),
+}
+
+impl Procedure {
+    /// Checks the call's arguments; the error names the argument and what was expected.
+    pub fn validate(&self, name: &str, args: &Args) -> Result<(), ProtocolError> {
+        let reason = match self {
+            Procedure::Builtin(b) => b.validate(args),
+            Procedure::Command(c) => c.validate(args),
+        };
+        reason.map_err(|r| ProtocolError::bad_args(name, r))
+    }
+
+    /// Runs the procedure. Dropping the future stops it (and kills its processes).
+    pub async fn run(&self, args: &Args, progress: ProgressSink) -> Result<Value, RunError> {
+        match self {
+            Procedure::Builtin(b) => b.run(args, progress).await,
+            Procedure::Command(c) => c.run(args).await,
+        }
+    }
+}
+
+/// The procedures of one agent, by name.
+pub struct Registry {
+    procedures: BTreeMap<String, Procedure>,
+}
+
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("procedure {0:?} is declared twice (or clashes with a built-in procedure)")]
+    Duplicate(String),
+    #[error("procedure {name:?}: {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+impl Registry {
+    /// The built-ins plus the configured programs.
+    pub fn new(commands: Vec<CommandSpec>) -> Result<Registry, RegistryError> {
+        let mut procedures = BTreeMap::new();
+        for b in Builtin::ALL {
+            procedures.insert(b.name().to_string(), Procedure::Builtin(b));
+        }
+        for spec in commands {
+            let name = spec.name.clone();
+            let proc = CommandProcedure::new(spec).map_err(|reason| RegistryError::Invalid {
+                name: name.clone(),
+                reason,
+            })?;
+            if procedures
+                .insert(name.clone(), Procedure::Command(proc))
+                .is_some()
+            {
+                return Err(RegistryError::Duplicate(name));
+            }
+        }
+        Ok(Registry { procedures })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Procedure, ProtocolError> {
+        self.procedures
+            .get(name)
+            .ok_or_else(|| ProtocolError::UnknownProcedure(name.to_string()))
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.procedures.keys().cloned().collect()
+    }
+}
+
+/// Describes a JSON value's type for argument errors.
+pub(crate) fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.len() > 40 => format!("a string of {} bytes", s.len()),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Number(n) => format!("the number {n}"),
+        other => crate::arpcp::message::json_type(other).to_string(),
+    }
+}

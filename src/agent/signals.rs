@@ -1,0 +1,226 @@
+//! SIGNALs from the agent to its controller. A final SIGNAL (`done`, `interrupted`,
+//! `client_error`) is retried with capped exponential backoff until the controller
+//! answers, and is sent again after a restart if it never was answered; the result
+//! stays in the store meanwhile. `accepted` is retried until the task ends; progress
+//! reports are best effort (a newer one supersedes a lost one).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::store::{AgentStore, TaskRecord};
+use crate::arpcp::{ArpcpClient, AtaskStatus, Code, Progress, Request, SignalRequest};
+
+/// First retry delay of an unanswered SIGNAL.
+pub const SIGNAL_BACKOFF_START: Duration = Duration::from_millis(100);
+/// Retry delays double up to this cap.
+pub const SIGNAL_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct SignalSender {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: ArpcpClient,
+    store: AgentStore,
+    /// `--controller`, or the controller that last probed us with ID.
+    controller: RwLock<Option<String>>,
+    agent_id: RwLock<Option<String>>,
+    progress_in_flight: Mutex<HashSet<String>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl SignalSender {
+    pub fn new(store: AgentStore, controller: Option<String>, agent_id: Option<String>) -> Self {
+        SignalSender {
+            inner: Arc::new(Inner {
+                client: ArpcpClient::new(Duration::from_secs(2), Duration::from_secs(5)),
+                store,
+                controller: RwLock::new(controller),
+                agent_id: RwLock::new(agent_id),
+                progress_in_flight: Mutex::new(HashSet::new()),
+                tracker: TaskTracker::new(),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn set_controller(&self, addr: String) {
+        *self
+            .inner
+            .controller
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(addr);
+    }
+
+    pub fn controller(&self) -> Option<String> {
+        self.inner
+            .controller
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_agent_id(&self, id: String) {
+        *self
+            .inner
+            .agent_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(id);
+    }
+
+    pub fn agent_id(&self) -> Option<String> {
+        self.inner
+            .agent_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn destination(&self, rec: &TaskRecord) -> Option<String> {
+        rec.reply_to.clone().or_else(|| self.controller())
+    }
+
+    fn request(
+        &self,
+        rec: &TaskRecord,
+        status: AtaskStatus,
+        progress: Option<Progress>,
+    ) -> Request {
+        Request::Signal(SignalRequest {
+            atask_id: rec.atask_id.clone(),
+            status,
+            progress,
+            agent_id: self.agent_id(),
+            error: rec.error.clone(),
+        })
+    }
+
+    /// `accepted` for a stored task that waits for a slot: retried while it waits.
+    pub fn accepted(&self, rec: &TaskRecord) {
+        let Some(dest) = self.destination(rec) else {
+            return;
+        };
+        let req = self.request(rec, AtaskStatus::Accepted, None);
+        let this = self.clone();
+        let id = rec.atask_id.clone();
+        self.inner.tracker.spawn(async move {
+            this.deliver(
+                &dest,
+                &req,
+                || matches!(this.inner.store.get(&id), Ok(Some(r)) if !r.state.is_final()),
+            )
+            .await;
+        });
+    }
+
+    /// `accepted` with progress while the task runs: one attempt, skipped while an
+    /// earlier report for the same task is still on its way.
+    pub fn progress(&self, rec: &TaskRecord, progress: Progress) {
+        let Some(dest) = self.destination(rec) else {
+            return;
+        };
+        {
+            let mut busy = self
+                .inner
+                .progress_in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !busy.insert(rec.atask_id.clone()) {
+                return;
+            }
+        }
+        let req = self.request(rec, AtaskStatus::Accepted, Some(progress));
+        let this = self.clone();
+        let id = rec.atask_id.clone();
+        self.inner.tracker.spawn(async move {
+            if let Err(e) = this.inner.client.call(&dest, &req).await {
+                debug!(atask_id = %id, "progress SIGNAL not delivered: {e}");
+            }
+            this.inner
+                .progress_in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
+    }
+
+    /// The final SIGNAL of a finished task: retried until answered, then recorded.
+    pub fn finished(&self, rec: &TaskRecord) {
+        let Some(dest) = self.destination(rec) else {
+            debug!(atask_id = %rec.atask_id, "no controller to signal; the result waits for GET");
+            return;
+        };
+        let req = self.request(rec, rec.state.atask_status(), None);
+        let this = self.clone();
+        let id = rec.atask_id.clone();
+        self.inner.tracker.spawn(async move {
+            let answered = this
+                .deliver(&dest, &req, || {
+                    matches!(this.inner.store.get(&id), Ok(Some(r)) if !r.final_signal_answered)
+                })
+                .await;
+            if let Some(code) = answered {
+                if code == Code::UnknownTask {
+                    warn!(atask_id = %id, controller = %dest, "controller does not know this task; keeping its result for GET");
+                }
+                let stored = this
+                    .inner
+                    .store
+                    .update(&id, false, |r| r.final_signal_answered = true)
+                    .await;
+                if let Err(e) = stored {
+                    warn!(atask_id = %id, "cannot record the answered SIGNAL: {e}");
+                }
+            }
+        });
+    }
+
+    /// Sends until answered (returns the code), until `still_wanted` says no, or
+    /// until the sender stops (`None`).
+    async fn deliver(
+        &self,
+        dest: &str,
+        req: &Request,
+        still_wanted: impl Fn() -> bool,
+    ) -> Option<Code> {
+        let mut delay = SIGNAL_BACKOFF_START;
+        loop {
+            if self.inner.stop.is_cancelled() || !still_wanted() {
+                return None;
+            }
+            match self.inner.client.call(dest, req).await {
+                Ok(resp) => {
+                    if !resp.is_ok() {
+                        debug!(controller = %dest, code = %resp.code, "SIGNAL answered: {}", resp.description);
+                    }
+                    return Some(resp.code);
+                }
+                Err(e) => {
+                    debug!(controller = %dest, "SIGNAL not delivered, retrying in {delay:?}: {e}");
+                    self.inner.client.forget(dest);
+                }
+            }
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(SIGNAL_BACKOFF_CAP);
+        }
+    }
+
+    /// Gives deliveries in flight up to `grace` to finish, then stops retrying; the
+    /// unanswered final SIGNALs are sent again after a restart.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.tracker.close();
+        let _ = tokio::time::timeout(grace, self.inner.tracker.wait()).await;
+        self.inner.stop.cancel();
+        self.inner.tracker.wait().await;
+    }
+}

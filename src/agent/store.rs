@@ -1,0 +1,209 @@
+//! The agent's durable task store (sled). A task is written before the agent answers
+//! ATASK and stays until the controller terminates it, so a finished result survives
+//! a crash and a controller that was briefly away.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::arpcp::{Args, AtaskStatus, TaskError};
+use crate::durable::{open_db, CommitError, GroupCommit};
+
+/// sled's page cache for the agent's store.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("task store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("task store: {0}")]
+    Commit(#[from] CommitError),
+    #[error("task store holds an unreadable record for {key:?}: {error}")]
+    Corrupt { key: String, error: String },
+    #[error("task store: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Where a task is in its life on the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    ClientError,
+    Interrupted,
+}
+
+impl TaskState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, TaskState::Queued | TaskState::Running)
+    }
+
+    /// The ARPCP status reported for this state.
+    pub fn atask_status(self) -> AtaskStatus {
+        match self {
+            TaskState::Queued | TaskState::Running => AtaskStatus::Accepted,
+            TaskState::Done | TaskState::Failed => AtaskStatus::Done,
+            TaskState::ClientError => AtaskStatus::ClientError,
+            TaskState::Interrupted => AtaskStatus::Interrupted,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub atask_id: String,
+    pub procedure: String,
+    pub args: Args,
+    #[serde(default)]
+    pub reply_to: Option<String>,
+    pub state: TaskState,
+    #[serde(default)]
+    pub result: Option<Value>,
+    #[serde(default)]
+    pub error: Option<TaskError>,
+    /// The controller answered this task's final SIGNAL.
+    #[serde(default)]
+    pub final_signal_answered: bool,
+}
+
+impl TaskRecord {
+    /// Same call as another ATASK with this id (the idempotency check).
+    pub fn same_call(&self, procedure: &str, args: &Args) -> bool {
+        self.procedure == procedure && &self.args == args
+    }
+}
+
+#[derive(Clone)]
+pub struct AgentStore {
+    tasks: sled::Tree,
+    meta: sled::Tree,
+    commits: GroupCommit,
+}
+
+/// What an insert found.
+pub enum Inserted {
+    New,
+    Existing(TaskRecord),
+}
+
+impl AgentStore {
+    pub fn open(dir: &Path) -> Result<AgentStore, StoreError> {
+        let db = open_db(&dir.join("agent.sled"), CACHE_BYTES)?;
+        let commits = GroupCommit::start(db.clone(), "agent-store")
+            .map_err(|e| StoreError::Commit(CommitError::Flush(e.to_string())))?;
+        Ok(AgentStore {
+            tasks: db.open_tree("tasks")?,
+            meta: db.open_tree("meta")?,
+            commits,
+        })
+    }
+
+    /// Inserts `rec` unless its id exists, atomically, and makes it durable.
+    pub async fn insert_new(&self, rec: &TaskRecord) -> Result<Inserted, StoreError> {
+        let bytes = serde_json::to_vec(rec)?;
+        match self.tasks.compare_and_swap(
+            rec.atask_id.as_bytes(),
+            None as Option<&[u8]>,
+            Some(bytes),
+        )? {
+            Ok(()) => {
+                self.commits.commit().await?;
+                Ok(Inserted::New)
+            }
+            Err(cas) => {
+                let existing = cas.current.map(|v| decode(&rec.atask_id, &v)).transpose()?;
+                match existing {
+                    Some(r) => Ok(Inserted::Existing(r)),
+                    None => Err(StoreError::Corrupt {
+                        key: rec.atask_id.clone(),
+                        error: "record vanished during insert".into(),
+                    }),
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        self.tasks
+            .get(id.as_bytes())?
+            .map(|v| decode(id, &v))
+            .transpose()
+    }
+
+    /// Changes a stored task (if it still exists) and, with `durable`, waits for disk.
+    /// Returns the new record, or `None` when the task was terminated meanwhile.
+    pub async fn update(
+        &self,
+        id: &str,
+        durable: bool,
+        change: impl Fn(&mut TaskRecord),
+    ) -> Result<Option<TaskRecord>, StoreError> {
+        let mut out = None;
+        let mut failure = None;
+        self.tasks.fetch_and_update(id.as_bytes(), |old| {
+            let old = old?;
+            match decode(id, old) {
+                Ok(mut rec) => {
+                    change(&mut rec);
+                    let bytes = serde_json::to_vec(&rec).ok();
+                    out = Some(rec);
+                    bytes
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if durable && out.is_some() {
+            self.commits.commit().await?;
+        }
+        Ok(out)
+    }
+
+    /// Deletes a task; true if it existed.
+    pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.tasks.remove(id.as_bytes())?.is_some())
+    }
+
+    /// Every stored task; unreadable records are reported, not skipped silently.
+    pub fn all(&self) -> Vec<Result<TaskRecord, StoreError>> {
+        self.tasks
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&String::from_utf8_lossy(&k), &v)
+            })
+            .collect()
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .meta
+            .get(key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let old = self.meta.insert(key, value.as_bytes())?;
+        if old.as_deref() != Some(value.as_bytes()) {
+            self.commits.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        error: e.to_string(),
+    })
+}

@@ -1,0 +1,418 @@
+//! The agent's task runner: accepts tasks into the store, runs them on `capacity`
+//! slots (more wait in FIFO order), follows their progress, and records how each
+//! ended before signalling the controller. Also answers GET, `terminate`, and TASK.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::procedures::{ProgressSink, Registry, RunError};
+use super::signals::SignalSender;
+use super::store::{AgentStore, Inserted, StoreError, TaskRecord, TaskState};
+use crate::arpcp::{Args, Code, GetData, Progress, ProtocolError, Response, TaskError};
+
+/// Unfinished tasks an agent holds at once; ATASK beyond it is refused (300), so a
+/// flood of requests cannot grow memory without bound.
+pub const MAX_UNFINISHED_TASKS: usize = 100_000;
+/// Progress SIGNALs of one task are sent at most this often.
+pub const PROGRESS_SIGNAL_INTERVAL: Duration = Duration::from_millis(200);
+/// Default limit of a synchronous TASK that names none.
+pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl From<StoreError> for ProtocolError {
+    fn from(e: StoreError) -> Self {
+        ProtocolError::Internal(e.to_string())
+    }
+}
+
+/// What the runner knows about a task that has not ended.
+struct Live {
+    terminate: CancellationToken,
+    running: bool,
+    progress: Option<Progress>,
+    last_progress_signal: Option<Instant>,
+}
+
+pub struct TaskRunner {
+    store: AgentStore,
+    registry: Arc<Registry>,
+    signals: SignalSender,
+    slots: Arc<Semaphore>,
+    live: Mutex<HashMap<String, Live>>,
+    running: AtomicU32,
+    tracker: TaskTracker,
+    /// Tasks waiting for a slot stop waiting (and stay queued in the store).
+    draining: CancellationToken,
+    /// Running tasks stop and are recorded as interrupted.
+    hard_stop: CancellationToken,
+}
+
+enum Outcome {
+    Finished(Result<Value, RunError>),
+    Terminated,
+    Interrupted(&'static str),
+}
+
+impl TaskRunner {
+    pub fn new(
+        store: AgentStore,
+        registry: Arc<Registry>,
+        signals: SignalSender,
+        capacity: u32,
+    ) -> Arc<Self> {
+        Arc::new(TaskRunner {
+            store,
+            registry,
+            signals,
+            slots: Arc::new(Semaphore::new(capacity.max(1) as usize)),
+            live: Mutex::new(HashMap::new()),
+            running: AtomicU32::new(0),
+            tracker: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        })
+    }
+
+    pub fn running(&self) -> u32 {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// ATASK: validate, store durably, start. Idempotent by `atask_id`.
+    pub async fn submit(
+        self: &Arc<Self>,
+        atask_id: Option<String>,
+        procedure: String,
+        args: Args,
+        reply_to: Option<String>,
+    ) -> Result<String, ProtocolError> {
+        self.registry.get(&procedure)?.validate(&procedure, &args)?;
+        if self.draining.is_cancelled() {
+            return Err(ProtocolError::Internal("agent is shutting down".into()));
+        }
+        if self.live().len() >= MAX_UNFINISHED_TASKS {
+            return Err(ProtocolError::Internal(format!(
+                "agent already holds {MAX_UNFINISHED_TASKS} unfinished tasks; try another agent"
+            )));
+        }
+        let atask_id = atask_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let rec = TaskRecord {
+            atask_id: atask_id.clone(),
+            procedure,
+            args,
+            reply_to,
+            state: TaskState::Queued,
+            result: None,
+            error: None,
+            final_signal_answered: false,
+        };
+        match self.store.insert_new(&rec).await? {
+            Inserted::New => {
+                self.start(rec);
+                Ok(atask_id)
+            }
+            Inserted::Existing(old) if old.same_call(&rec.procedure, &rec.args) => Ok(atask_id),
+            Inserted::Existing(_) => Err(ProtocolError::TaskIdReused(atask_id)),
+        }
+    }
+
+    fn start(self: &Arc<Self>, rec: TaskRecord) {
+        let terminate = CancellationToken::new();
+        self.live().insert(
+            rec.atask_id.clone(),
+            Live {
+                terminate: terminate.clone(),
+                running: false,
+                progress: None,
+                last_progress_signal: None,
+            },
+        );
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let id = rec.atask_id.clone();
+            if let Err(e) = this.execute(rec, terminate).await {
+                error!(atask_id = %id, "task store failed: {e}");
+            }
+            this.live().remove(&id);
+        });
+    }
+
+    async fn execute(
+        self: &Arc<Self>,
+        rec: TaskRecord,
+        terminate: CancellationToken,
+    ) -> Result<(), StoreError> {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.signals.accepted(&rec);
+                tokio::select! {
+                    p = self.slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return Ok(()),
+                    },
+                    _ = terminate.cancelled() => return Ok(()),
+                    _ = self.draining.cancelled() => return Ok(()),
+                }
+            }
+        };
+        let id = rec.atask_id.clone();
+        // Durable before the procedure starts: after a crash it is reported
+        // interrupted, never silently run a second time.
+        let Some(rec) = self
+            .store
+            .update(&id, true, |r| r.state = TaskState::Running)
+            .await?
+        else {
+            return Ok(());
+        };
+        if let Some(l) = self.live().get_mut(&id) {
+            l.running = true;
+        }
+        self.running.fetch_add(1, Ordering::Relaxed);
+        self.signals.progress(
+            &rec,
+            Progress {
+                percent: 0.0,
+                comment: "started".into(),
+            },
+        );
+        let outcome = match self.registry.get(&rec.procedure) {
+            Err(e) => Outcome::Finished(Err(RunError::BadArguments(e.to_string()))),
+            Ok(procedure) => {
+                let sink = self.progress_sink(&rec);
+                tokio::select! {
+                    biased;
+                    _ = terminate.cancelled() => Outcome::Terminated,
+                    _ = self.hard_stop.cancelled() => Outcome::Interrupted("agent shut down before the task finished"),
+                    r = procedure.run(&rec.args, sink) => Outcome::Finished(r),
+                }
+            }
+        };
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+        let (state, result, error) = match outcome {
+            Outcome::Terminated => return Ok(()),
+            Outcome::Finished(Ok(v)) => (TaskState::Done, Some(v), None),
+            Outcome::Finished(Err(e @ RunError::BadArguments(_))) => (
+                TaskState::ClientError,
+                None,
+                Some(e.to_task_error(&rec.procedure)),
+            ),
+            Outcome::Finished(Err(e)) => (
+                TaskState::Failed,
+                None,
+                Some(e.to_task_error(&rec.procedure)),
+            ),
+            Outcome::Interrupted(why) => (
+                TaskState::Interrupted,
+                None,
+                Some(TaskError {
+                    code: Code::Execution,
+                    description: why.into(),
+                }),
+            ),
+        };
+        let done = self
+            .store
+            .update(&id, true, |r| {
+                r.state = state;
+                r.result = result.clone();
+                r.error = error.clone();
+            })
+            .await?;
+        if let Some(rec) = done {
+            self.signals.finished(&rec);
+        }
+        Ok(())
+    }
+
+    fn progress_sink(self: &Arc<Self>, rec: &TaskRecord) -> ProgressSink {
+        let this = Arc::downgrade(self);
+        let rec = rec.clone();
+        Arc::new(move |p: Progress| {
+            let Some(this) = this.upgrade() else {
+                return;
+            };
+            let send = {
+                let mut live = this.live();
+                let Some(l) = live.get_mut(&rec.atask_id) else {
+                    return;
+                };
+                l.progress = Some(p.clone());
+                let due = l
+                    .last_progress_signal
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_SIGNAL_INTERVAL);
+                if due {
+                    l.last_progress_signal = Some(Instant::now());
+                }
+                due
+            };
+            if send {
+                this.signals.progress(&rec, p);
+            }
+        })
+    }
+
+    /// GET: the task's status, progress and, once ended, its result or error.
+    pub fn get(&self, id: &str) -> Result<Response, ProtocolError> {
+        let rec = self
+            .store
+            .get(id)?
+            .ok_or_else(|| ProtocolError::UnknownTask(id.to_string()))?;
+        let (running, progress) = match self.live().get(id) {
+            Some(l) => (l.running, l.progress.clone()),
+            None => (false, None),
+        };
+        let data = GetData {
+            atask_id: rec.atask_id.clone(),
+            atask_status: rec.state.atask_status(),
+            running: running && rec.state == TaskState::Running,
+            result: match rec.state {
+                TaskState::Done => Some(rec.result.clone().unwrap_or(Value::Null)),
+                _ => None,
+            },
+            error: rec.error.clone(),
+            progress,
+        };
+        let data =
+            serde_json::to_value(&data).map_err(|e| ProtocolError::Internal(e.to_string()))?;
+        Ok(match (&rec.state, &rec.error) {
+            (TaskState::Failed | TaskState::ClientError, Some(e)) => Response {
+                code: e.code,
+                description: e.description.clone(),
+                data,
+            },
+            _ => Response::ok(data),
+        })
+    }
+
+    /// SIGNAL terminate: stop the task if it runs and delete it.
+    pub fn terminate(&self, id: &str) -> Result<(), ProtocolError> {
+        let live = self.live().remove(id);
+        if let Some(l) = &live {
+            l.terminate.cancel();
+        }
+        let stored = self.store.remove(id)?;
+        if live.is_none() && !stored {
+            return Err(ProtocolError::UnknownTask(id.to_string()));
+        }
+        info!(atask_id = %id, "terminated");
+        Ok(())
+    }
+
+    /// TASK: run on a slot now and answer with the result.
+    pub async fn run_sync(
+        &self,
+        procedure: &str,
+        args: &Args,
+        timeout: Option<Duration>,
+    ) -> Result<Value, ProtocolError> {
+        let p = self.registry.get(procedure)?;
+        p.validate(procedure, args)?;
+        let timeout = timeout.unwrap_or(DEFAULT_SYNC_TIMEOUT);
+        let work = async {
+            let _permit = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| ProtocolError::Internal("agent is shutting down".into()))?;
+            self.running.fetch_add(1, Ordering::Relaxed);
+            let r = p.run(args, Arc::new(|_| {})).await;
+            self.running.fetch_sub(1, Ordering::Relaxed);
+            r.map_err(|e| match e {
+                RunError::BadArguments(reason) => ProtocolError::bad_args(procedure, reason),
+                other => ProtocolError::Execution(other.to_string()),
+            })
+        };
+        tokio::select! {
+            r = tokio::time::timeout(timeout, work) => r.map_err(|_| {
+                ProtocolError::Execution(format!("timed out after {timeout:?}"))
+            })?,
+            _ = self.hard_stop.cancelled() => Err(ProtocolError::Execution("agent shut down before the task finished".into())),
+        }
+    }
+
+    /// After a restart: queued tasks run, tasks that were running are interrupted,
+    /// final SIGNALs never answered are sent again.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), StoreError> {
+        let (mut queued, mut interrupted, mut resent) = (0, 0, 0);
+        for rec in self.store.all() {
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("{e}");
+                    continue;
+                }
+            };
+            match rec.state {
+                TaskState::Queued => {
+                    queued += 1;
+                    self.start(rec);
+                }
+                TaskState::Running => {
+                    interrupted += 1;
+                    let err = TaskError {
+                        code: Code::Execution,
+                        description: "agent stopped while the task was running".into(),
+                    };
+                    if let Some(rec) = self
+                        .store
+                        .update(&rec.atask_id, true, |r| {
+                            r.state = TaskState::Interrupted;
+                            r.error = Some(err.clone());
+                        })
+                        .await?
+                    {
+                        self.signals.finished(&rec);
+                    }
+                }
+                _ if !rec.final_signal_answered => {
+                    resent += 1;
+                    self.signals.finished(&rec);
+                }
+                _ => {}
+            }
+        }
+        if queued + interrupted + resent > 0 {
+            info!(
+                queued,
+                interrupted, resent, "recovered tasks from the store"
+            );
+        }
+        Ok(())
+    }
+
+    /// Lets running tasks finish for up to `grace`, then interrupts the rest.
+    /// Tasks still waiting for a slot stay queued in the store for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.draining.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                running = self.running(),
+                "grace period over; interrupting running tasks"
+            );
+            self.hard_stop.cancel();
+            self.tracker.wait().await;
+        }
+    }
+}
+
+/// `data` of an ATASK answer.
+pub fn accepted_data(atask_id: &str) -> Value {
+    json!({ "atask_id": atask_id })
+}

@@ -1,0 +1,48 @@
+//! A TCP connection carrying ARPCP lines: owns the socket and its read buffer.
+
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use super::codec::{CodecError, LineCodec};
+
+pub struct Connection {
+    framed: Framed<TcpStream, LineCodec>,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream, max_line: usize) -> std::io::Result<Self> {
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?;
+        let local = stream.local_addr()?;
+        Ok(Connection {
+            framed: Framed::new(stream, LineCodec::new(max_line)),
+            peer,
+            local,
+        })
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The next non-empty line, or `None` when the peer closed cleanly.
+    pub async fn read_line(&mut self) -> Result<Option<BytesMut>, CodecError> {
+        self.framed.next().await.transpose()
+    }
+
+    /// Writes one message as a line and flushes it.
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), CodecError> {
+        self.framed.send(msg).await
+    }
+}
