@@ -64,7 +64,8 @@ pub fn open_db(path: &std::path::Path, cache_bytes: u64) -> sled::Result<sled::D
     sled::Config::new()
         .path(path)
         .cache_capacity(cache_bytes)
-        // Durability comes from explicit group commits, not from a timer.
-        .flush_every_ms(None)
+        // What must be durable at once goes through a group commit; the rest
+        // (progress, status notes) reaches disk within a second.
+        .flush_every_ms(Some(1000))
         .open()
 }

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod arpcp;
 pub mod cli;
 pub mod durable;
+pub mod gateway;
 
 /// Code generated from `proto/arpcp/v1/gateway.proto`.
 pub mod pb {

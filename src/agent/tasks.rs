@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::procedures::{ProgressSink, Registry, RunError};
 use super::signals::SignalSender;
@@ -307,7 +307,7 @@ impl TaskRunner {
         if live.is_none() && !stored {
             return Err(ProtocolError::UnknownTask(id.to_string()));
         }
-        info!(atask_id = %id, "terminated");
+        debug!(atask_id = %id, "terminated");
         Ok(())
     }
 

@@ -114,6 +114,11 @@ pub enum ProtocolError {
     Version(String),
     #[error("unknown method {0:?}; expected one of ATASK, TASK, GET, SIGNAL, ID")]
     UnknownMethod(String),
+    #[error("method {method} is not served here; this peer serves {served}")]
+    MethodNotServed {
+        method: &'static str,
+        served: &'static str,
+    },
     #[error("header `{header}` must be {expected}, got {got}")]
     BadHeader {
         header: &'static str,
@@ -142,7 +147,7 @@ impl ProtocolError {
             LineTooLong { .. } | NotUtf8 { .. } | NotJson(_) | NotObject(_) | BadHeader { .. } => {
                 Code::Malformed
             }
-            UnknownMethod(_) => Code::UnknownMethod,
+            UnknownMethod(_) | MethodNotServed { .. } => Code::UnknownMethod,
             MissingHeader { .. } => Code::MissingHeader,
             UnknownProcedure(_) => Code::UnknownProcedure,
             BadArguments { .. } => Code::BadArguments,

@@ -1,0 +1,552 @@
+//! Client commands: talk gRPC to a gateway and show the answers.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+use super::output::{self, agent_json, short, status_name, table, task_json};
+use crate::gateway::model::TaskStatus;
+use crate::pb;
+use crate::pb::gateway_client::GatewayClient;
+
+#[derive(clap::Args, Clone)]
+pub struct Common {
+    /// The gateway's gRPC address.
+    #[arg(
+        long,
+        env = "ARPCP_GATEWAY",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    gateway: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct SubmitCmd {
+    /// Procedure to run (see `arpcp procedures`).
+    procedure: String,
+    /// Positional arguments; each is read as JSON when it parses (2, "x", [1,2]),
+    /// otherwise taken as a string.
+    args: Vec<String>,
+    /// A named argument NAME=VALUE (VALUE read like ARGS); repeatable.
+    #[arg(long = "kw", value_name = "NAME=VALUE")]
+    kwargs: Vec<String>,
+    /// Run on this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Wait for the task to end and show its result.
+    #[arg(long)]
+    wait: bool,
+    /// Run synchronously (ARPCP TASK): the answer carries the result.
+    #[arg(long)]
+    sync: bool,
+    /// With --sync: seconds the procedure may run.
+    #[arg(long)]
+    timeout: Option<f64>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct ResultCmd {
+    task_id: String,
+    /// Wait until the task ends.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct WatchCmd {
+    task_id: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct CancelCmd {
+    task_id: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct TasksCmd {
+    /// Only tasks in this status (queued, dispatched, running, done, failed,
+    /// client_error, interrupted, cancelled).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only tasks placed on this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only tasks of this procedure.
+    #[arg(long)]
+    procedure: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 50)]
+    limit: i32,
+    /// Continue a listing (the token a previous listing printed).
+    #[arg(long)]
+    page_token: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct AgentsCmd {
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct ProceduresCmd {
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct BlacklistCmd {
+    #[command(subcommand)]
+    action: BlacklistAction,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Subcommand)]
+enum BlacklistAction {
+    /// Exclude an agent from task placement.
+    Add { agent_id: String },
+    /// Return an agent to task placement.
+    Remove { agent_id: String },
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<GatewayClient<Channel>> {
+    let url = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("bad gateway address {endpoint:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the gateway at {url}"))?;
+    Ok(GatewayClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// A command-line argument as a JSON value.
+fn arg_value(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string()))
+}
+
+fn to_pb(v: &Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(to_pb).collect(),
+        }),
+        Value::Object(m) => Kind::StructValue(prost_types::Struct {
+            fields: m.iter().map(|(k, v)| (k.clone(), to_pb(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn is_final(status: i32) -> bool {
+    crate::gateway::model::TaskStatus::try_from_pb(status).is_some_and(TaskStatus::is_final)
+}
+
+/// Blocks until the task ends (GetResult waits are bounded, so this asks again).
+async fn wait_for(client: &mut GatewayClient<Channel>, task_id: &str) -> anyhow::Result<pb::Task> {
+    loop {
+        let t = client
+            .get_result(pb::GetResultRequest {
+                task_id: task_id.to_string(),
+                wait: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        if is_final(t.status) {
+            return Ok(t);
+        }
+    }
+}
+
+/// Shows a task; the exit code says whether it is done (0), still going (0), or
+/// ended otherwise (1).
+fn show_task(t: &pb::Task, json: bool) -> ExitCode {
+    if json {
+        println!("{}", task_json(t));
+    } else {
+        let status = status_name(t.status);
+        let value = t.result.as_ref().map(output::value_json);
+        match (status.as_str(), value) {
+            ("done", Some(v)) => println!("{}", short(&v, usize::MAX)),
+            ("done", None) => println!("null"),
+            _ => {
+                let mut line = format!("task {} is {status}", t.task_id);
+                if let Some(p) = t.progress.as_ref().filter(|_| !is_final(t.status)) {
+                    line += &format!(" ({:.0}% {})", p.fraction * 100.0, p.comment);
+                }
+                if !t.error.is_empty() {
+                    line += &format!(": {}", t.error);
+                }
+                println!("{}", line.trim_end());
+            }
+        }
+    }
+    let ended_badly = is_final(t.status) && t.status != pb::TaskStatus::Done as i32;
+    if ended_badly {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+pub async fn submit(c: SubmitCmd) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&c.common.gateway).await?;
+    let mut kwargs = std::collections::BTreeMap::new();
+    for kv in &c.kwargs {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--kw {kv:?}: expected NAME=VALUE"))?;
+        kwargs.insert(k.to_string(), to_pb(&arg_value(v)));
+    }
+    let timeout = match c.timeout {
+        Some(t) if t > 0.0 && t.is_finite() => Some(prost_types::Duration {
+            seconds: t.trunc() as i64,
+            nanos: (t.fract() * 1e9) as i32,
+        }),
+        Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
+        None => None,
+    };
+    let resp = client
+        .submit(pb::SubmitRequest {
+            procedure: c.procedure,
+            args: c.args.iter().map(|a| to_pb(&arg_value(a))).collect(),
+            kwargs: (!kwargs.is_empty()).then_some(prost_types::Struct { fields: kwargs }),
+            agent_id: c.agent.unwrap_or_default(),
+            sync: c.sync,
+            timeout,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if c.sync {
+        let t = resp.task.context("the gateway returned no task")?;
+        return Ok(show_task(&t, c.common.json));
+    }
+    if c.wait {
+        let t = wait_for(&mut client, &resp.task_id).await?;
+        return Ok(show_task(&t, c.common.json));
+    }
+    if c.common.json {
+        println!("{}", serde_json::json!({"task_id": resp.task_id}));
+    } else {
+        println!("{}", resp.task_id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn result(c: ResultCmd) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&c.common.gateway).await?;
+    let t = if c.wait {
+        wait_for(&mut client, &c.task_id).await?
+    } else {
+        client
+            .get_result(pb::GetResultRequest {
+                task_id: c.task_id,
+                wait: None,
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner()
+    };
+    Ok(show_task(&t, c.common.json))
+}
+
+pub async fn watch(c: WatchCmd) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&c.common.gateway).await?;
+    let mut stream = client
+        .watch_task(pb::WatchTaskRequest {
+            task_id: c.task_id.clone(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let bar = if c.common.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(1000)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {percent:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut last = None;
+    while let Some(t) = stream.message().await.map_err(status_err)? {
+        if c.common.json {
+            println!("{}", task_json(&t));
+        }
+        let fraction = t.progress.as_ref().map_or(0.0, |p| p.fraction);
+        bar.set_position((fraction.clamp(0.0, 1.0) * 1000.0) as u64);
+        let comment = t
+            .progress
+            .as_ref()
+            .map(|p| p.comment.clone())
+            .unwrap_or_default();
+        bar.set_message(format!("{} {comment}", status_name(t.status)));
+        last = Some(t);
+    }
+    bar.finish_and_clear();
+    match last {
+        Some(t) if c.common.json => Ok(
+            if is_final(t.status) && t.status != pb::TaskStatus::Done as i32 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            },
+        ),
+        Some(t) => Ok(show_task(&t, false)),
+        None => anyhow::bail!("the gateway closed the stream without a task"),
+    }
+}
+
+pub async fn cancel(c: CancelCmd) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&c.common.gateway).await?;
+    let t = client
+        .cancel_task(pb::CancelTaskRequest { task_id: c.task_id })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if c.common.json {
+        println!("{}", task_json(&t));
+    } else {
+        println!("task {} is {}", t.task_id, status_name(t.status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn tasks(c: TasksCmd) -> anyhow::Result<ExitCode> {
+    let status = match c.status.as_deref() {
+        None => pb::TaskStatus::Unspecified,
+        Some(s) => pb::TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_uppercase()))
+            .with_context(|| format!("--status {s:?} is not a task status"))?,
+    };
+    let mut client = connect(&c.common.gateway).await?;
+    let r = client
+        .list_tasks(pb::ListTasksRequest {
+            status: status as i32,
+            agent_id: c.agent.unwrap_or_default(),
+            procedure: c.procedure.unwrap_or_default(),
+            page_size: c.limit,
+            page_token: c.page_token.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if c.common.json {
+        let tasks: Vec<Value> = r.tasks.iter().map(task_json).collect();
+        println!(
+            "{}",
+            serde_json::json!({"tasks": tasks, "next_page_token": r.next_page_token})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = r
+        .tasks
+        .iter()
+        .map(|t| {
+            let j = task_json(t);
+            let outcome = match (&j["result"], &j["error"]) {
+                (Value::Null, Value::Null) => String::new(),
+                (Value::Null, e) => short(e, 50),
+                (v, _) => short(v, 50),
+            };
+            vec![
+                t.task_id.clone(),
+                t.procedure.clone(),
+                status_name(t.status),
+                t.agent_id.clone(),
+                short(&j["created_at"], 24),
+                outcome,
+            ]
+        })
+        .collect();
+    table(
+        &["TASK", "PROCEDURE", "STATUS", "AGENT", "CREATED", "RESULT"],
+        &rows,
+    );
+    if !r.next_page_token.is_empty() {
+        println!("more: --page-token {}", r.next_page_token);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agents(c: AgentsCmd) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&c.common.gateway).await?;
+    let r = client
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if c.common.json {
+        let agents: Vec<Value> = r.agents.iter().map(agent_json).collect();
+        println!("{}", serde_json::json!({ "agents": agents }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = r
+        .agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.agent_id.clone(),
+                a.address.clone(),
+                a.mac.clone(),
+                a.hostname.clone(),
+                output::agent_state_name(a.state),
+                a.misses.to_string(),
+                format!("{}/{}", a.running, a.capacity),
+                if a.blacklisted {
+                    "yes".into()
+                } else {
+                    String::new()
+                },
+                a.procedures.len().to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AGENT",
+            "ADDRESS",
+            "MAC",
+            "HOST",
+            "STATE",
+            "MISSES",
+            "RUNNING",
+            "BLACKLISTED",
+            "PROCEDURES",
+        ],
+        &rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn procedures(c: ProceduresCmd) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&c.common.gateway).await?;
+    let r = client
+        .list_procedures(pb::ListProceduresRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if c.common.json {
+        let v: Vec<Value> = r
+            .procedures
+            .iter()
+            .map(|p| serde_json::json!({"name": p.name, "agent_ids": p.agent_ids}))
+            .collect();
+        println!("{}", serde_json::json!({ "procedures": v }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = r
+        .procedures
+        .iter()
+        .map(|p| vec![p.name.clone(), p.agent_ids.join(", ")])
+        .collect();
+    table(&["PROCEDURE", "AGENTS"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn blacklist(c: BlacklistCmd) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&c.common.gateway).await?;
+    let a = match c.action {
+        BlacklistAction::Add { agent_id } => {
+            client
+                .blacklist_agent(pb::BlacklistAgentRequest { agent_id })
+                .await
+        }
+        BlacklistAction::Remove { agent_id } => {
+            client
+                .unblacklist_agent(pb::UnblacklistAgentRequest { agent_id })
+                .await
+        }
+    }
+    .map_err(status_err)?
+    .into_inner();
+    if c.common.json {
+        println!("{}", agent_json(&a));
+    } else {
+        let what = if a.blacklisted {
+            "blacklisted"
+        } else {
+            "not blacklisted"
+        };
+        println!("agent {} is {what}", a.agent_id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `arpcp up`'s demonstration: waits for the local agent, runs add(2, 3), prints it.
+pub async fn demo(endpoint: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match connect(endpoint).await {
+            Ok(c) => break c,
+            Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let submit = || pb::SubmitRequest {
+        procedure: "add".into(),
+        args: vec![to_pb(&Value::from(2)), to_pb(&Value::from(3))],
+        ..Default::default()
+    };
+    let task_id = loop {
+        match client.submit(submit()).await {
+            Ok(r) => break r.into_inner().task_id,
+            // The agent registers at the first echo round.
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => return Err(status_err(s)),
+        }
+    };
+    let t = wait_for(&mut client, &task_id).await?;
+    let result = t
+        .result
+        .as_ref()
+        .map(output::value_json)
+        .unwrap_or(Value::Null);
+    println!(
+        "arpcp is up: gRPC at {endpoint}; demo task {task_id}: add(2, 3) = {result} ({})",
+        status_name(t.status)
+    );
+    println!("try: arpcp submit add 40 2 --wait    |    arpcp agents    |    arpcp tasks");
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! The daemon subcommands: `agent`, `gateway`, and `up` (both, on loopback).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{self, AgentConfig, AgentFlags};
+use crate::arpcp::DEFAULT_AGENT_PORT;
+use crate::gateway::{self, membership::parse_scan, GatewayConfig};
+
+#[derive(clap::Args)]
+pub struct AgentCmd {
+    /// Address to serve ARPCP on (port 0 picks a free port) [default: 127.0.0.1:7018]
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory of the agent's task store [default: ./arpcp-agent-data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Controller (host:port) for SIGNALs of tasks without reply_to; the agent
+    /// also announces itself there.
+    #[arg(long)]
+    controller: Option<String>,
+    /// TOML configuration file (procedures, and any of these flags).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Tasks run in parallel [default: number of CPUs]
+    #[arg(long)]
+    capacity: Option<u32>,
+    /// Seconds running tasks get to finish on shutdown [default: 10]
+    #[arg(long)]
+    grace_secs: Option<f64>,
+}
+
+#[derive(clap::Args)]
+pub struct GatewayCmd {
+    /// Address of the gRPC API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: String,
+    /// Address of the ARPCP listener (agents' SIGNALs and announcements).
+    #[arg(long, default_value = "127.0.0.1:7019")]
+    arpcp: String,
+    /// Directory of the gateway's store.
+    #[arg(long, default_value = "arpcp-gateway-data")]
+    data_dir: PathBuf,
+    /// An agent to probe (HOST:PORT); repeatable.
+    #[arg(long = "agent")]
+    agents: Vec<String>,
+    /// Probe every address of a CIDR range on --scan-port; repeatable.
+    #[arg(long)]
+    scan: Vec<String>,
+    /// Port probed on scanned addresses.
+    #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
+    scan_port: u16,
+    /// Milliseconds between echo rounds.
+    #[arg(long, default_value_t = 1000)]
+    echo_interval_ms: u64,
+    /// Echoes an agent may miss in a row before it leaves the cluster.
+    #[arg(long, default_value_t = 3)]
+    max_misses: u32,
+    /// The ARPCP address agents should send SIGNALs to, when not the listener's.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Seconds finished tasks are kept.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    retention_secs: u64,
+    /// Finished tasks kept at most (the oldest go first).
+    #[arg(long, default_value_t = 1_000_000)]
+    retention_count: usize,
+}
+
+#[derive(clap::Args)]
+pub struct UpCmd {
+    /// Address of the gRPC API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: String,
+    /// Address of the gateway's ARPCP listener.
+    #[arg(long, default_value = "127.0.0.1:7019")]
+    arpcp: String,
+    /// Address of the agent.
+    #[arg(long, default_value = "127.0.0.1:7018")]
+    agent_listen: String,
+    /// Data of both (gateway/ and agent/ inside).
+    #[arg(long, default_value = "arpcp-data")]
+    data_dir: PathBuf,
+    /// The agent's TOML configuration (configured procedures).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The agent's parallel task slots [default: number of CPUs]
+    #[arg(long)]
+    capacity: Option<u32>,
+    /// Skip the demo task.
+    #[arg(long)]
+    no_demo: bool,
+}
+
+async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// The first line on stdout: where this process listens, as JSON.
+fn announce_ready(role: &str, addrs: &[(&str, String)]) {
+    let mut m = serde_json::Map::new();
+    m.insert("role".into(), role.into());
+    for (k, v) in addrs {
+        m.insert((*k).into(), v.clone().into());
+    }
+    println!("{}", serde_json::Value::Object(m));
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
+    let config = AgentConfig::resolve(AgentFlags {
+        listen: a.listen,
+        data_dir: a.data_dir,
+        controller: a.controller,
+        config: a.config,
+        capacity: a.capacity,
+        grace_secs: a.grace_secs,
+    })?;
+    let listener = bind(&config.listen.to_string()).await?;
+    announce_ready("agent", &[("arpcp", listener.local_addr()?.to_string())]);
+    agent::run(config, listener, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+fn gateway_config(g: &GatewayCmd) -> anyhow::Result<GatewayConfig> {
+    if g.echo_interval_ms == 0 {
+        anyhow::bail!("--echo-interval-ms must be at least 1");
+    }
+    let scan = g
+        .scan
+        .iter()
+        .map(|c| parse_scan(c).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(GatewayConfig {
+        data_dir: g.data_dir.clone(),
+        advertise: g.advertise.clone(),
+        agents: g.agents.clone(),
+        scan,
+        scan_port: g.scan_port,
+        echo_interval: Duration::from_millis(g.echo_interval_ms),
+        max_misses: g.max_misses.max(1),
+        retention: Duration::from_secs(g.retention_secs),
+        retention_count: g.retention_count,
+    })
+}
+
+pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
+    let config = gateway_config(&g)?;
+    let grpc = bind(&g.grpc).await?;
+    let arpcp = bind(&g.arpcp).await?;
+    announce_ready(
+        "gateway",
+        &[
+            ("grpc", grpc.local_addr()?.to_string()),
+            ("arpcp", arpcp.local_addr()?.to_string()),
+        ],
+    );
+    gateway::run(config, grpc, arpcp, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+pub async fn up(u: UpCmd) -> anyhow::Result<()> {
+    let grpc = bind(&u.grpc).await?;
+    let arpcp = bind(&u.arpcp).await?;
+    let agent_listener = bind(&u.agent_listen).await?;
+    let grpc_addr = grpc.local_addr()?;
+    let arpcp_addr = arpcp.local_addr()?.to_string();
+    let agent_addr = agent_listener.local_addr()?.to_string();
+    let agent_config = AgentConfig::resolve(AgentFlags {
+        listen: Some(agent_addr.clone()),
+        data_dir: Some(u.data_dir.join("agent")),
+        controller: Some(arpcp_addr.clone()),
+        config: u.config,
+        capacity: u.capacity,
+        grace_secs: None,
+    })?;
+    let gateway_config = GatewayConfig {
+        data_dir: u.data_dir.join("gateway"),
+        advertise: None,
+        agents: vec![agent_addr.clone()],
+        scan: vec![],
+        scan_port: DEFAULT_AGENT_PORT,
+        echo_interval: Duration::from_secs(1),
+        max_misses: 3,
+        retention: Duration::from_secs(7 * 24 * 3600),
+        retention_count: 1_000_000,
+    };
+    announce_ready(
+        "up",
+        &[
+            ("grpc", grpc_addr.to_string()),
+            ("arpcp", arpcp_addr),
+            ("agent", agent_addr),
+        ],
+    );
+    let shutdown = shutdown_on_signal();
+    let mut both = tokio::task::JoinSet::new();
+    let stop = shutdown.clone();
+    both.spawn(async move {
+        agent::run(agent_config, agent_listener, stop)
+            .await
+            .context("agent")
+    });
+    let stop = shutdown.clone();
+    both.spawn(async move {
+        gateway::run(gateway_config, grpc, arpcp, stop)
+            .await
+            .context("gateway")
+    });
+    if !u.no_demo {
+        let endpoint = format!("http://{grpc_addr}");
+        tokio::spawn(async move {
+            if let Err(e) = super::commands::demo(&endpoint).await {
+                eprintln!("demo task failed: {e:#}");
+            }
+        });
+    }
+    // Either one stopping (by a signal or a failure) stops the other.
+    let mut outcome = Ok(());
+    while let Some(done) = both.join_next().await {
+        shutdown.cancel();
+        if let (Ok(()), Err(e)) = (&outcome, done?) {
+            outcome = Err(e);
+        }
+    }
+    outcome
+}

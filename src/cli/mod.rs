@@ -1,0 +1,112 @@
+//! The command line: one binary with a subcommand per role. Daemons print one
+//! machine-readable JSON line on stdout once they listen (`{"role":…,"grpc":…}`),
+//! so scripts and tests can bind to port 0 and learn the address; logs go to stderr.
+
+mod commands;
+mod daemons;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "arpcp",
+    version,
+    about = "Run remote procedures on a cluster of agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an agent: serve ARPCP and run procedures for the controller.
+    Agent(daemons::AgentCmd),
+    /// Run the gateway: the gRPC API and the cluster's controller.
+    Gateway(daemons::GatewayCmd),
+    /// Start a gateway and one local agent (data in ./arpcp-data) and run a demo task.
+    Up(daemons::UpCmd),
+    /// Submit a task.
+    Submit(commands::SubmitCmd),
+    /// Show a task (and its result once it ended).
+    Result(commands::ResultCmd),
+    /// Follow a task's progress until it ends.
+    Watch(commands::WatchCmd),
+    /// Cancel a task.
+    Cancel(commands::CancelCmd),
+    /// List tasks.
+    Tasks(commands::TasksCmd),
+    /// List the cluster's agents.
+    Agents(commands::AgentsCmd),
+    /// List the procedures the alive agents offer.
+    Procedures(commands::ProceduresCmd),
+    /// Add an agent to the blacklist, or remove it.
+    Blacklist(commands::BlacklistCmd),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log(&cli.command))),
+        )
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping a cause its parent's text already shows.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// Daemons log at info; client commands only warn, so their output stays clean.
+fn default_log(c: &Command) -> &'static str {
+    match c {
+        Command::Agent(_) | Command::Gateway(_) | Command::Up(_) => "info",
+        _ => "warn",
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Agent(c) => daemons::agent(c).await.map(|()| ExitCode::SUCCESS),
+        Command::Gateway(c) => daemons::gateway(c).await.map(|()| ExitCode::SUCCESS),
+        Command::Up(c) => daemons::up(c).await.map(|()| ExitCode::SUCCESS),
+        Command::Submit(c) => commands::submit(c).await,
+        Command::Result(c) => commands::result(c).await,
+        Command::Watch(c) => commands::watch(c).await,
+        Command::Cancel(c) => commands::cancel(c).await,
+        Command::Tasks(c) => commands::tasks(c).await,
+        Command::Agents(c) => commands::agents(c).await,
+        Command::Procedures(c) => commands::procedures(c).await,
+        Command::Blacklist(c) => commands::blacklist(c).await,
+    }
+}

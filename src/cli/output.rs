@@ -1,0 +1,145 @@
+//! How client commands show things: aligned tables for people, JSON for scripts.
+
+use serde_json::{json, Value};
+
+use crate::pb;
+
+pub fn value_json(v: &prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => json!(b),
+        Some(Kind::StringValue(s)) => json!(s),
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => json!(*n as i64),
+        Some(Kind::NumberValue(n)) => json!(n),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_json).collect()),
+        Some(Kind::StructValue(s)) => Value::Object(
+            s.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), value_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+pub fn time(t: &Option<prost_types::Timestamp>) -> Value {
+    match t {
+        Some(t) if t.seconds > 0 => {
+            let st = std::time::UNIX_EPOCH
+                + std::time::Duration::new(t.seconds as u64, t.nanos.max(0) as u32);
+            json!(humantime::format_rfc3339_millis(st).to_string())
+        }
+        _ => Value::Null,
+    }
+}
+
+/// `TASK_STATUS_DONE` → `done`.
+pub fn status_name(s: i32) -> String {
+    pb::TaskStatus::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("TASK_STATUS_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| s.to_string())
+}
+
+pub fn agent_state_name(s: i32) -> String {
+    pb::AgentState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("AGENT_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| s.to_string())
+}
+
+pub fn task_json(t: &pb::Task) -> Value {
+    let args = match &t.kwargs {
+        Some(k) if !k.fields.is_empty() => Value::Object(
+            k.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), value_json(v)))
+                .collect(),
+        ),
+        _ => Value::Array(t.args.iter().map(value_json).collect()),
+    };
+    json!({
+        "task_id": t.task_id,
+        "procedure": t.procedure,
+        "args": args,
+        "status": status_name(t.status),
+        "result": t.result.as_ref().map(value_json),
+        "error": (!t.error.is_empty()).then_some(&t.error),
+        "error_code": (t.error_code != 0).then_some(t.error_code),
+        "agent_id": (!t.agent_id.is_empty()).then_some(&t.agent_id),
+        "progress": t.progress.as_ref().map(|p| json!({"fraction": p.fraction, "comment": p.comment})),
+        "attempts": t.attempts,
+        "created_at": time(&t.created_at),
+        "started_at": time(&t.started_at),
+        "finished_at": time(&t.finished_at),
+        "history": t.history.iter().map(|h| json!({
+            "status": status_name(h.status),
+            "at": time(&h.at),
+            "reason": (!h.reason.is_empty()).then_some(&h.reason),
+            "agent_id": (!h.agent_id.is_empty()).then_some(&h.agent_id),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn agent_json(a: &pb::Agent) -> Value {
+    json!({
+        "agent_id": a.agent_id,
+        "address": a.address,
+        "mac": a.mac,
+        "ip": a.ip,
+        "port": a.port,
+        "hostname": a.hostname,
+        "state": agent_state_name(a.state),
+        "misses": a.misses,
+        "last_seen": time(&a.last_seen),
+        "procedures": a.procedures,
+        "capacity": a.capacity,
+        "running": a.running,
+        "blacklisted": a.blacklisted,
+        "version": a.version,
+    })
+}
+
+/// Prints rows as columns aligned under their headers.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// A compact one-line rendering of a JSON value.
+pub fn short(v: &Value, max: usize) -> String {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if s.chars().count() > max {
+        format!(
+            "{}…",
+            s.chars().take(max.saturating_sub(1)).collect::<String>()
+        )
+    } else {
+        s
+    }
+}

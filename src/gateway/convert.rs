@@ -1,0 +1,235 @@
+//! Conversions between the gateway's records and the gRPC messages: JSON values
+//! and `google.protobuf.Value`, statuses, timestamps.
+
+use std::collections::BTreeMap;
+
+use prost_types::value::Kind;
+use serde_json::{Map, Number, Value};
+
+use super::model::{AgentRecord, AgentState, TaskRecord, TaskStatus};
+use super::GatewayError;
+use crate::arpcp::Args;
+use crate::pb;
+
+/// Integers up to this magnitude are exact in a double, so they come back as JSON
+/// integers (add(1, 2) is 3, not 3.0).
+const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
+
+/// A protobuf Value as JSON; `field` names the request field in errors.
+pub fn value_to_json(v: &prost_types::Value, field: &str) -> Result<Value, GatewayError> {
+    let bad = |reason: String| GatewayError::InvalidArgument {
+        field: "args",
+        reason: format!("{field}: {reason}"),
+    };
+    Ok(match &v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::NumberValue(n)) => {
+            if !n.is_finite() {
+                return Err(bad(format!("{n} is not a finite number")));
+            }
+            if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INT {
+                Value::Number(Number::from(*n as i64))
+            } else {
+                Number::from_f64(*n)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null)
+            }
+        }
+        Some(Kind::ListValue(l)) => Value::Array(
+            l.values
+                .iter()
+                .enumerate()
+                .map(|(i, x)| value_to_json(x, &format!("{field}[{i}]")))
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s, field)?),
+    })
+}
+
+pub fn struct_to_json(
+    s: &prost_types::Struct,
+    field: &str,
+) -> Result<Map<String, Value>, GatewayError> {
+    s.fields
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), value_to_json(v, &format!("{field}.{k}"))?)))
+        .collect()
+}
+
+pub fn json_to_value(v: &Value) -> prost_types::Value {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        Value::Object(m) => Kind::StructValue(json_to_struct(m)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn json_to_struct(m: &Map<String, Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// The call's arguments: positional `args` or named `kwargs`, not both.
+pub fn call_args(
+    args: &[prost_types::Value],
+    kwargs: Option<&prost_types::Struct>,
+) -> Result<Args, GatewayError> {
+    let named = kwargs.filter(|k| !k.fields.is_empty());
+    match named {
+        Some(_) if !args.is_empty() => Err(GatewayError::InvalidArgument {
+            field: "kwargs",
+            reason: "a call has positional `args` or named `kwargs`, not both".into(),
+        }),
+        Some(k) => Ok(Args::Named(struct_to_json(k, "kwargs")?)),
+        None => Ok(Args::Positional(
+            args.iter()
+                .enumerate()
+                .map(|(i, v)| value_to_json(v, &format!("args[{i}]")))
+                .collect::<Result<_, _>>()?,
+        )),
+    }
+}
+
+pub fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+pub fn status_to_pb(s: TaskStatus) -> pb::TaskStatus {
+    match s {
+        TaskStatus::Queued => pb::TaskStatus::Queued,
+        TaskStatus::Dispatched => pb::TaskStatus::Dispatched,
+        TaskStatus::Running => pb::TaskStatus::Running,
+        TaskStatus::Done => pb::TaskStatus::Done,
+        TaskStatus::Failed => pb::TaskStatus::Failed,
+        TaskStatus::ClientError => pb::TaskStatus::ClientError,
+        TaskStatus::Interrupted => pb::TaskStatus::Interrupted,
+        TaskStatus::Cancelled => pb::TaskStatus::Cancelled,
+    }
+}
+
+/// A filter's status: `None` for unspecified; an error for numbers no status has.
+pub fn status_from_pb(n: i32) -> Result<Option<TaskStatus>, GatewayError> {
+    let s = pb::TaskStatus::try_from(n).map_err(|_| GatewayError::InvalidArgument {
+        field: "status",
+        reason: format!("{n} is not a TaskStatus"),
+    })?;
+    Ok(match s {
+        pb::TaskStatus::Unspecified => None,
+        pb::TaskStatus::Queued => Some(TaskStatus::Queued),
+        pb::TaskStatus::Dispatched => Some(TaskStatus::Dispatched),
+        pb::TaskStatus::Running => Some(TaskStatus::Running),
+        pb::TaskStatus::Done => Some(TaskStatus::Done),
+        pb::TaskStatus::Failed => Some(TaskStatus::Failed),
+        pb::TaskStatus::ClientError => Some(TaskStatus::ClientError),
+        pb::TaskStatus::Interrupted => Some(TaskStatus::Interrupted),
+        pb::TaskStatus::Cancelled => Some(TaskStatus::Cancelled),
+    })
+}
+
+pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
+    let (args, kwargs) = match &t.args {
+        Args::Positional(a) => (a.iter().map(json_to_value).collect(), None),
+        Args::Named(m) => (Vec::new(), Some(json_to_struct(m))),
+    };
+    pb::Task {
+        task_id: t.task_id.clone(),
+        procedure: t.procedure.clone(),
+        args,
+        kwargs,
+        status: status_to_pb(t.status) as i32,
+        result: t.result.as_ref().map(json_to_value),
+        error: t.error.clone().unwrap_or_default(),
+        agent_id: t.agent_id.clone().unwrap_or_default(),
+        progress: t.progress.as_ref().map(|p| pb::Progress {
+            fraction: p.percent,
+            comment: p.comment.clone(),
+        }),
+        created_at: Some(timestamp(t.created_ms)),
+        started_at: t.started_ms.map(timestamp),
+        finished_at: t.finished_ms.map(timestamp),
+        error_code: t.error_code.map_or(0, i32::from),
+        attempts: t.attempt,
+        requested_agent_id: t.requested_agent_id.clone().unwrap_or_default(),
+        history: t
+            .history
+            .iter()
+            .map(|h| pb::StatusChange {
+                status: status_to_pb(h.status) as i32,
+                at: Some(timestamp(h.at_ms)),
+                reason: h.reason.clone().unwrap_or_default(),
+                agent_id: h.agent_id.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+pub fn agent_to_pb(a: &AgentRecord) -> pb::Agent {
+    pb::Agent {
+        agent_id: a.agent_id.clone(),
+        mac: a.mac.clone(),
+        ip: a.ip.clone(),
+        port: u32::from(a.port),
+        hostname: a.hostname.clone(),
+        state: match a.state {
+            AgentState::Alive => pb::AgentState::Alive,
+            AgentState::Suspect => pb::AgentState::Suspect,
+            AgentState::Gone => pb::AgentState::Gone,
+        } as i32,
+        misses: a.misses,
+        last_seen: Some(timestamp(a.last_seen_ms)),
+        procedures: a.procedures.clone(),
+        capacity: a.capacity,
+        running: a.running,
+        blacklisted: a.blacklisted,
+        version: a.version.clone(),
+        address: a.address.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_round_trips_and_integers_stay_integers() {
+        let v = json!({"a": [1, 2.5, "x", null, true], "b": {"c": -3}});
+        let back = value_to_json(&json_to_value(&v), "args").unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn non_finite_numbers_are_refused_with_the_field() {
+        let nan = prost_types::Value {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
+        let e = call_args(&[json_to_value(&json!(1)), nan], None).unwrap_err();
+        assert!(e.to_string().starts_with("args: args[1]"), "{e}");
+    }
+
+    #[test]
+    fn args_and_kwargs_together_are_refused() {
+        let k = json_to_struct(json!({"x": 1}).as_object().unwrap());
+        let e = call_args(&[json_to_value(&json!(1))], Some(&k)).unwrap_err();
+        assert!(e.to_string().starts_with("kwargs:"), "{e}");
+        assert_eq!(
+            call_args(&[], Some(&k)).unwrap(),
+            Args::Named(json!({"x": 1}).as_object().unwrap().clone())
+        );
+    }
+}

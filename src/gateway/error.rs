@@ -1,0 +1,67 @@
+//! The gateway's error type, and the one place it becomes a gRPC status.
+
+use thiserror::Error;
+use tonic::{Code, Status};
+
+use super::model::AgentState;
+use super::store::StoreError;
+
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("no task with task_id {0:?}")]
+    TaskNotFound(String),
+    #[error("no agent with agent_id {0:?} (see ListAgents)")]
+    AgentNotFound(String),
+    #[error(
+        "agent {0:?} is blacklisted; remove it from the blacklist or let the scheduler choose"
+    )]
+    AgentBlacklisted(String),
+    #[error("agent {agent_id:?} is {state:?}, not alive; it takes no tasks until it answers echoes again")]
+    AgentUnavailable { agent_id: String, state: AgentState },
+    #[error("no alive agent can take tasks (none registered, all gone, suspect or blacklisted)")]
+    NoAliveAgent,
+    #[error("procedure {procedure:?} is not offered by any alive agent{}", offered_hint(.offered_elsewhere))]
+    ProcedureNotOffered {
+        procedure: String,
+        offered_elsewhere: Vec<String>,
+    },
+    #[error("agent {agent_id:?} did not answer: {reason}")]
+    AgentUnreachable { agent_id: String, reason: String },
+    #[error("the task did not finish within {0:?}")]
+    DeadlineExceeded(std::time::Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn offered_hint(elsewhere: &[String]) -> String {
+    if elsewhere.is_empty() {
+        " (see ListProcedures)".to_string()
+    } else {
+        format!(
+            " (offered by {}, which cannot take tasks now)",
+            elsewhere.join(", ")
+        )
+    }
+}
+
+impl From<GatewayError> for Status {
+    fn from(e: GatewayError) -> Status {
+        let code = match &e {
+            GatewayError::InvalidArgument { .. } => Code::InvalidArgument,
+            GatewayError::TaskNotFound(_) | GatewayError::AgentNotFound(_) => Code::NotFound,
+            GatewayError::ProcedureNotOffered {
+                offered_elsewhere, ..
+            } if offered_elsewhere.is_empty() => Code::NotFound,
+            GatewayError::AgentBlacklisted(_) => Code::FailedPrecondition,
+            GatewayError::ProcedureNotOffered { .. }
+            | GatewayError::AgentUnavailable { .. }
+            | GatewayError::NoAliveAgent
+            | GatewayError::AgentUnreachable { .. } => Code::Unavailable,
+            GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            GatewayError::Store(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,48 @@
+//! The gateway's ARPCP side: where agents send SIGNALs and announce themselves.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::membership::Membership;
+use super::scheduler::Scheduler;
+use crate::arpcp::server::{Handler, PeerInfo};
+use crate::arpcp::{ProtocolError, Request, Response, VERSION};
+
+pub struct ControllerService {
+    pub scheduler: Arc<Scheduler>,
+    pub membership: Arc<Membership>,
+}
+
+impl Handler for ControllerService {
+    async fn handle(&self, req: Request, peer: PeerInfo) -> Response {
+        let answer = match req {
+            Request::Signal(sig) => self
+                .scheduler
+                .on_signal(sig)
+                .map(|()| Response::ok(serde_json::Value::Null)),
+            Request::Id { port, .. } => {
+                if let Some(port) = port {
+                    // An agent announcing itself: probe it back on its own port.
+                    let addr = std::net::SocketAddr::new(peer.peer.ip(), port).to_string();
+                    let membership = self.membership.clone();
+                    tokio::spawn(async move { membership.announced(addr).await });
+                }
+                Ok(Response::ok(
+                    json!({"role": "controller", "version": VERSION}),
+                ))
+            }
+            other => Err(ProtocolError::MethodNotServed {
+                method: other.method().as_str(),
+                served: "SIGNAL and ID (a controller)",
+            }),
+        };
+        answer.unwrap_or_else(|e| Response::error(&e))
+    }
+}
+
+impl From<super::store::StoreError> for ProtocolError {
+    fn from(e: super::store::StoreError) -> Self {
+        ProtocolError::Internal(e.to_string())
+    }
+}

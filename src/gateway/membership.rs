@@ -1,0 +1,413 @@
+//! Cluster membership: which agents exist, whether they answer, and what they offer.
+//! The echo loop probes every known agent with ARPCP ID each interval (plus the
+//! configured addresses, announced agents and scanned ranges that are not agents
+//! yet); an answer registers or refreshes the agent, a miss counts up from alive to
+//! suspect to gone. Identity is MAC + port, so agents sharing a host stay distinct.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::model::{now_ms, AgentRecord, AgentState};
+use super::store::{GatewayStore, StoreError};
+use super::GatewayError;
+use crate::arpcp::{ArpcpClient, IdData, Request};
+
+/// Probes in flight at once during an echo round.
+pub const MAX_CONCURRENT_PROBES: usize = 64;
+/// Largest scan range accepted (a /16 of IPv4).
+pub const MAX_SCAN_ADDRESSES: u64 = 65_536;
+
+/// What the scheduler needs to hear about.
+#[derive(Debug, Clone)]
+pub enum MembershipEvent {
+    /// Missed too many echoes: out of the cluster.
+    Gone(String),
+    /// Answers (again): tasks can be placed on it.
+    Alive(String),
+}
+
+pub struct MembershipConfig {
+    pub echo_interval: Duration,
+    pub max_misses: u32,
+    /// Addresses given with --agent.
+    pub seeds: Vec<String>,
+    pub scan: Vec<IpNet>,
+    pub scan_port: u16,
+    /// Our ARPCP address as agents should use it (sent in ID's `controller`).
+    pub advertise: String,
+}
+
+pub struct Membership {
+    agents: RwLock<HashMap<String, AgentRecord>>,
+    /// Tasks placed on each agent and not yet ended (for least-loaded placement).
+    load: Mutex<HashMap<String, u32>>,
+    /// Addresses to probe that are not registered agents (yet).
+    candidates: Mutex<BTreeSet<String>>,
+    store: GatewayStore,
+    client: ArpcpClient,
+    config: MembershipConfig,
+    events: mpsc::Sender<MembershipEvent>,
+}
+
+/// Why no agent could be chosen.
+#[derive(Debug)]
+pub enum NoPlacement {
+    NoAgents,
+    NotOffered {
+        procedure: String,
+        offered_elsewhere: Vec<String>,
+    },
+    Requested(GatewayError),
+}
+
+impl Membership {
+    pub fn new(
+        store: GatewayStore,
+        config: MembershipConfig,
+        events: mpsc::Sender<MembershipEvent>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let timeout = config
+            .echo_interval
+            .clamp(Duration::from_millis(200), Duration::from_secs(3));
+        let agents = store
+            .agents()?
+            .into_iter()
+            .map(|a| (a.agent_id.clone(), a))
+            .collect();
+        let candidates = config.seeds.iter().cloned().collect();
+        Ok(Arc::new(Membership {
+            agents: RwLock::new(agents),
+            load: Mutex::new(HashMap::new()),
+            candidates: Mutex::new(candidates),
+            store,
+            client: ArpcpClient::new(timeout, timeout),
+            config,
+            events,
+        }))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, AgentRecord>> {
+        self.agents.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, AgentRecord>> {
+        self.agents.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn load(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.load.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn list(&self) -> Vec<AgentRecord> {
+        let mut v: Vec<_> = self.read().values().cloned().collect();
+        v.sort_by_key(|a| agent_sort_key(&a.agent_id));
+        v
+    }
+
+    pub fn get(&self, agent_id: &str) -> Option<AgentRecord> {
+        self.read().get(agent_id).cloned()
+    }
+
+    /// Procedure name → agents that can take tasks and offer it.
+    pub fn procedures(&self) -> Vec<(String, Vec<String>)> {
+        let mut by_name: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for a in self.list().into_iter().filter(AgentRecord::can_take_tasks) {
+            for p in &a.procedures {
+                by_name
+                    .entry(p.clone())
+                    .or_default()
+                    .push(a.agent_id.clone());
+            }
+        }
+        by_name.into_iter().collect()
+    }
+
+    /// Chooses where `procedure` runs: the requested agent, or the least loaded
+    /// alive, non-blacklisted agent offering it.
+    pub fn pick(
+        &self,
+        procedure: &str,
+        requested: Option<&str>,
+    ) -> Result<AgentRecord, NoPlacement> {
+        let agents = self.read();
+        if let Some(id) = requested {
+            let a = agents.get(id).ok_or_else(|| {
+                NoPlacement::Requested(GatewayError::AgentNotFound(id.to_string()))
+            })?;
+            if a.blacklisted {
+                return Err(NoPlacement::Requested(GatewayError::AgentBlacklisted(
+                    id.to_string(),
+                )));
+            }
+            if a.state != AgentState::Alive {
+                return Err(NoPlacement::Requested(GatewayError::AgentUnavailable {
+                    agent_id: id.to_string(),
+                    state: a.state,
+                }));
+            }
+            if !a.offers(procedure) {
+                return Err(NoPlacement::NotOffered {
+                    procedure: procedure.to_string(),
+                    offered_elsewhere: vec![],
+                });
+            }
+            return Ok(a.clone());
+        }
+        let usable: Vec<&AgentRecord> = agents.values().filter(|a| a.can_take_tasks()).collect();
+        if usable.is_empty() {
+            return Err(NoPlacement::NoAgents);
+        }
+        let load = self.load();
+        usable
+            .into_iter()
+            .filter(|a| a.offers(procedure))
+            .min_by(|a, b| {
+                let la = f64::from(load.get(&a.agent_id).copied().unwrap_or(0))
+                    / f64::from(a.capacity.max(1));
+                let lb = f64::from(load.get(&b.agent_id).copied().unwrap_or(0))
+                    / f64::from(b.capacity.max(1));
+                la.total_cmp(&lb).then_with(|| a.agent_id.cmp(&b.agent_id))
+            })
+            .cloned()
+            .ok_or_else(|| NoPlacement::NotOffered {
+                procedure: procedure.to_string(),
+                offered_elsewhere: agents
+                    .values()
+                    .filter(|a| a.offers(procedure))
+                    .map(|a| a.agent_id.clone())
+                    .collect(),
+            })
+    }
+
+    pub fn task_placed(&self, agent_id: &str) {
+        *self.load().entry(agent_id.to_string()).or_default() += 1;
+    }
+
+    pub fn task_left(&self, agent_id: &str) {
+        if let Some(n) = self.load().get_mut(agent_id) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    pub fn set_blacklisted(&self, agent_id: &str, on: bool) -> Result<AgentRecord, GatewayError> {
+        let mut agents = self.write();
+        let a = agents
+            .get_mut(agent_id)
+            .ok_or_else(|| GatewayError::AgentNotFound(agent_id.to_string()))?;
+        a.blacklisted = on;
+        self.store.put_agent(a)?;
+        info!(agent_id, blacklisted = on, "blacklist changed");
+        Ok(a.clone())
+    }
+
+    /// An agent announced itself: probe it now, and keep probing it.
+    pub async fn announced(&self, addr: String) {
+        self.candidates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.clone());
+        self.probe(addr, None).await;
+    }
+
+    /// Probes `addr`; `known` is the agent we believe lives there. Returns whether
+    /// it answered.
+    async fn probe(&self, addr: String, known: Option<String>) -> bool {
+        let req = Request::Id {
+            agent_id: known.clone(),
+            controller: Some(self.config.advertise.clone()),
+            port: None,
+        };
+        let answer = match self.client.call(&addr, &req).await {
+            Ok(r) if r.is_ok() => {
+                serde_json::from_value::<IdData>(r.data).map_err(|e| e.to_string())
+            }
+            Ok(r) => Err(format!("answered {}: {}", r.code, r.description)),
+            Err(e) => Err(e.to_string()),
+        };
+        match answer {
+            Ok(id) => {
+                if let Err(e) = self.register(&addr, id).await {
+                    warn!(%addr, "cannot register agent: {e}");
+                }
+                true
+            }
+            Err(e) => {
+                debug!(%addr, "no echo: {e}");
+                self.client.forget(&addr);
+                if let Some(agent_id) = known {
+                    self.missed(&agent_id).await;
+                }
+                false
+            }
+        }
+    }
+
+    async fn register(&self, addr: &str, id: IdData) -> Result<(), StoreError> {
+        let identity = AgentRecord::identity(&id.mac, id.port);
+        let agent_id = self.store.agent_id_for(&identity).await?;
+        let previous = self.get(&agent_id);
+        let rec = AgentRecord {
+            agent_id: agent_id.clone(),
+            mac: id.mac.to_lowercase(),
+            ip: id.ip.clone(),
+            port: id.port,
+            address: addr.to_string(),
+            hostname: id.hostname,
+            version: id.version,
+            procedures: id.procedures,
+            capacity: id.capacity,
+            running: id.running,
+            state: AgentState::Alive,
+            misses: 0,
+            last_seen_ms: now_ms(),
+            blacklisted: previous.as_ref().is_some_and(|p| p.blacklisted),
+        };
+        let changed = previous.as_ref().is_none_or(|p| {
+            p.state != AgentState::Alive
+                || p.address != rec.address
+                || p.procedures != rec.procedures
+                || p.ip != rec.ip
+        });
+        self.write().insert(agent_id.clone(), rec.clone());
+        self.store.put_agent(&rec)?;
+        self.candidates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
+        if changed {
+            info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, "agent alive");
+            let _ = self
+                .events
+                .try_send(MembershipEvent::Alive(agent_id.clone()));
+        }
+        if id.agent_id.as_deref() != Some(agent_id.as_str()) {
+            // Tell the agent its id (it reports it in SIGNALs and ID from now on).
+            let req = Request::Id {
+                agent_id: Some(agent_id.clone()),
+                controller: Some(self.config.advertise.clone()),
+                port: None,
+            };
+            if let Err(e) = self.client.call(addr, &req).await {
+                debug!(%addr, "cannot tell the agent its id yet: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn missed(&self, agent_id: &str) {
+        let changed = {
+            let mut agents = self.write();
+            let Some(a) = agents.get_mut(agent_id) else {
+                return;
+            };
+            let before = a.state;
+            let after = a.missed(self.config.max_misses);
+            if let Err(e) = self.store.put_agent(a) {
+                warn!(agent_id, "cannot store agent: {e}");
+            }
+            (before != after).then_some(after)
+        };
+        match changed {
+            Some(AgentState::Gone) => {
+                warn!(
+                    agent_id,
+                    "agent missed {} echoes: it left the cluster", self.config.max_misses
+                );
+                // Must reach the scheduler: its tasks depend on it.
+                let _ = self
+                    .events
+                    .send(MembershipEvent::Gone(agent_id.to_string()))
+                    .await;
+            }
+            Some(state) => info!(agent_id, ?state, "agent missed an echo"),
+            None => {}
+        }
+    }
+
+    /// One echo round: every known agent, every candidate, every scanned address.
+    pub async fn echo_round(&self) {
+        let known: Vec<(String, String)> = self
+            .read()
+            .values()
+            .map(|a| (a.address.clone(), a.agent_id.clone()))
+            .collect();
+        let known_addrs: BTreeSet<String> = known.iter().map(|(addr, _)| addr.clone()).collect();
+        let mut targets: Vec<(String, Option<String>)> = known
+            .into_iter()
+            .map(|(addr, id)| (addr, Some(id)))
+            .collect();
+        let candidates: Vec<String> = self
+            .candidates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|a| !known_addrs.contains(*a))
+            .cloned()
+            .collect();
+        targets.extend(candidates.into_iter().map(|a| (a, None)));
+        for net in &self.config.scan {
+            for ip in net.hosts() {
+                let addr = socket_addr(ip, self.config.scan_port);
+                if !known_addrs.contains(&addr) {
+                    targets.push((addr, None));
+                }
+            }
+        }
+        futures::stream::iter(targets)
+            .for_each_concurrent(MAX_CONCURRENT_PROBES, |(addr, id)| async move {
+                self.probe(addr, id).await;
+            })
+            .await;
+    }
+
+    /// Runs echo rounds every interval until `stop`.
+    pub async fn echo_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.echo_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.echo_round() => {}
+            }
+        }
+    }
+}
+
+fn socket_addr(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+/// `agent-10` sorts after `agent-9`.
+fn agent_sort_key(id: &str) -> (u64, String) {
+    let n = id
+        .strip_prefix("agent-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    (n, id.to_string())
+}
+
+/// Parses and bounds a --scan range.
+pub fn parse_scan(cidr: &str) -> Result<IpNet, String> {
+    let net: IpNet = cidr
+        .parse()
+        .map_err(|e| format!("--scan {cidr:?} is not a CIDR range such as 10.0.0.0/24 ({e})"))?;
+    let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
+    if host_bits >= 64 || (1u64 << host_bits) > MAX_SCAN_ADDRESSES {
+        return Err(format!(
+            "--scan {cidr:?} has more than {MAX_SCAN_ADDRESSES} addresses; use a smaller range"
+        ));
+    }
+    Ok(net)
+}

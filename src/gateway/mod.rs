@@ -1,0 +1,210 @@
+//! The gateway (`arpcp gateway`), the cluster's controller: a gRPC service for
+//! clients in front, ARPCP towards the agents behind, every task kept in sled.
+//!
+//! `service` checks requests and answers them; `scheduler` places tasks and follows
+//! them to their end; `membership` tracks the agents with echo requests; `listener`
+//! receives agents' SIGNALs; `store` persists; `model` holds the records and their
+//! rules; `watch` wakes clients waiting on a task.
+
+mod convert;
+mod error;
+mod listener;
+pub mod membership;
+pub mod model;
+mod scheduler;
+mod service;
+mod store;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use error::GatewayError;
+
+/// A gRPC `TaskStatus` number as a status (`None` for unspecified or unknown).
+pub(crate) fn convert_status(n: i32) -> Option<model::TaskStatus> {
+    convert::status_from_pb(n).ok().flatten()
+}
+use membership::{Membership, MembershipConfig};
+use scheduler::Scheduler;
+use store::GatewayStore;
+use watch::TaskWatchers;
+
+/// Membership events waiting for the scheduler.
+const MEMBERSHIP_EVENTS: usize = 1024;
+/// How often retention runs.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub data_dir: PathBuf,
+    /// Our ARPCP address as agents should use it; default the listener's.
+    pub advertise: Option<String>,
+    pub agents: Vec<String>,
+    pub scan: Vec<IpNet>,
+    pub scan_port: u16,
+    pub echo_interval: Duration,
+    pub max_misses: u32,
+    /// Finished tasks are kept this long...
+    pub retention: Duration,
+    /// ...and at most this many.
+    pub retention_count: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+fn advertised(config: &GatewayConfig, arpcp: SocketAddr) -> String {
+    if let Some(a) = &config.advertise {
+        return a.clone();
+    }
+    if arpcp.ip().is_unspecified() {
+        warn!("the ARPCP listener is on {arpcp}; agents are told 127.0.0.1 (set --advertise HOST:PORT)");
+        return SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), arpcp.port()).to_string();
+    }
+    arpcp.to_string()
+}
+
+/// Runs the gateway until `shutdown` is cancelled.
+pub async fn run(
+    config: GatewayConfig,
+    grpc: TcpListener,
+    arpcp: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store = GatewayStore::open(&config.data_dir)?;
+    let advertise = advertised(&config, arpcp.local_addr().map_err(StartError::Listener)?);
+    let (events_tx, events_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
+    let membership = Membership::new(
+        store.clone(),
+        MembershipConfig {
+            echo_interval: config.echo_interval,
+            max_misses: config.max_misses,
+            seeds: config.agents.clone(),
+            scan: config.scan.clone(),
+            scan_port: config.scan_port,
+            advertise: advertise.clone(),
+        },
+        events_tx,
+    )?;
+    let watchers = Arc::new(TaskWatchers::default());
+    let (scheduler, queue_rx) = Scheduler::new(
+        store.clone(),
+        membership.clone(),
+        watchers.clone(),
+        advertise.clone(),
+    );
+    scheduler.recover().await?;
+
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(membership.clone().echo_loop(shutdown.clone()));
+    background.spawn(scheduler.clone().run(queue_rx, events_rx, shutdown.clone()));
+    background.spawn(retention_loop(
+        store.clone(),
+        watchers.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
+    background.spawn(crate::arpcp::server::serve(
+        arpcp,
+        Arc::new(listener::ControllerService {
+            scheduler: scheduler.clone(),
+            membership: membership.clone(),
+        }),
+        shutdown.clone(),
+    ));
+
+    let service = pb_server(service::GatewayService {
+        store,
+        scheduler,
+        membership,
+        watchers,
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<crate::pb::gateway_server::GatewayServer<service::GatewayService>>()
+        .await;
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    // grpcurl as shipped on PyPI asks only the v1alpha service.
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+
+    info!(arpcp = %advertise, "gateway ready");
+    let grpc_shutdown = shutdown.clone();
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            async move { grpc_shutdown.cancelled().await },
+        )
+        .await?;
+    shutdown.cancel();
+    while background.join_next().await.is_some() {}
+    info!("gateway stopped");
+    Ok(())
+}
+
+fn pb_server(
+    s: service::GatewayService,
+) -> crate::pb::gateway_server::GatewayServer<service::GatewayService> {
+    crate::pb::gateway_server::GatewayServer::new(s)
+}
+
+async fn retention_loop(
+    store: GatewayStore,
+    watchers: Arc<TaskWatchers>,
+    config: GatewayConfig,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let max_age = config.retention.as_millis() as u64;
+        match store.apply_retention(model::now_ms(), max_age, config.retention_count) {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "retention dropped finished tasks"),
+            Err(e) => warn!("retention: {e}"),
+        }
+        watchers.prune();
+    }
+}

@@ -1,0 +1,591 @@
+//! Task placement and follow-up. Places queued tasks on agents (ATASK with an
+//! `atask_id` of `<task_id>.<attempt>` and our `reply_to`), turns agents' SIGNALs
+//! into stored status changes, fetches results with GET after `done`, stores them
+//! durably and only then tells the agent to `terminate` its copy. Also applies the
+//! failure policy when an agent leaves the cluster, and reconciles placed tasks
+//! after a restart or when nothing was heard of them for a while.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::membership::{Membership, MembershipEvent, NoPlacement};
+use super::model::{now_ms, parse_atask_id, AgentRecord, Outcome, TaskRecord, TaskStatus};
+use super::store::{GatewayStore, StoreError};
+use super::watch::TaskWatchers;
+use super::GatewayError;
+use crate::arpcp::{
+    ArpcpClient, AtaskStatus, ClientError, Code, GetData, ProtocolError, Request, Response,
+    SignalRequest,
+};
+
+/// Task ids waiting for placement in memory; when full, the sweep finds the rest
+/// in the store.
+pub const DISPATCH_QUEUE_LEN: usize = 16 * 1024;
+/// ATASK exchanges in flight at once.
+pub const MAX_CONCURRENT_DISPATCHES: usize = 512;
+/// How often queued tasks are retried and quiet tasks reconciled.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// A placed task not heard of for this long is asked about (GET).
+pub const RECONCILE_AFTER: Duration = Duration::from_secs(10);
+/// Tries of a `terminate` SIGNAL to an agent.
+pub const TERMINATE_TRIES: u32 = 5;
+/// Tries of a GET after a `done` SIGNAL before leaving it to reconciliation.
+pub const COLLECT_TRIES: u32 = 3;
+/// Default limit of a synchronous call.
+pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Scheduler {
+    store: GatewayStore,
+    membership: Arc<Membership>,
+    watchers: Arc<TaskWatchers>,
+    client: ArpcpClient,
+    /// Our ARPCP address for agents' SIGNALs.
+    reply_to: String,
+    queue: mpsc::Sender<String>,
+    /// Tasks that have not ended (so sweeps need not scan the store).
+    open: Mutex<HashSet<String>>,
+    dispatch_slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+impl Scheduler {
+    pub fn new(
+        store: GatewayStore,
+        membership: Arc<Membership>,
+        watchers: Arc<TaskWatchers>,
+        reply_to: String,
+    ) -> (Arc<Self>, mpsc::Receiver<String>) {
+        let (queue, rx) = mpsc::channel(DISPATCH_QUEUE_LEN);
+        let s = Scheduler {
+            store,
+            membership,
+            watchers,
+            client: ArpcpClient::default(),
+            reply_to,
+            queue,
+            open: Mutex::new(HashSet::new()),
+            dispatch_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DISPATCHES)),
+            tracker: TaskTracker::new(),
+        };
+        (Arc::new(s), rx)
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a change to a stored task, keeps the bookkeeping (open tasks, agent
+    /// load) in step and tells watchers. `None` for an unknown task; the flag says
+    /// whether `change` changed anything.
+    fn save(
+        &self,
+        task_id: &str,
+        change: impl FnMut(&mut TaskRecord) -> bool,
+    ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
+        let mut change = change;
+        let mut before: Option<(TaskStatus, Option<String>)> = None;
+        let out = self.store.update_task(task_id, |t| {
+            before = Some((t.status, t.agent_id.clone()));
+            change(t)
+        })?;
+        if let (Some((t, true)), Some((status, agent))) = (&out, before) {
+            let was_on = agent.filter(|_| status.is_placed());
+            let now_on = t.agent_id.clone().filter(|_| t.status.is_placed());
+            if was_on != now_on {
+                if let Some(a) = &was_on {
+                    self.membership.task_left(a);
+                }
+                if let Some(a) = &now_on {
+                    self.membership.task_placed(a);
+                }
+            }
+            if t.status.is_final() {
+                self.open().remove(task_id);
+            } else {
+                self.open().insert(task_id.to_string());
+            }
+            self.watchers.publish(t);
+        }
+        Ok(out)
+    }
+
+    async fn save_durable(
+        &self,
+        task_id: &str,
+        change: impl FnMut(&mut TaskRecord) -> bool,
+    ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
+        let out = self.save(task_id, change)?;
+        if matches!(out, Some((_, true))) {
+            self.store.commit().await?;
+        }
+        Ok(out)
+    }
+
+    fn enqueue(&self, task_id: &str) {
+        // A full queue is fine: the sweep finds queued tasks in the open set.
+        let _ = self.queue.try_send(task_id.to_string());
+    }
+
+    fn placement(
+        &self,
+        procedure: &str,
+        requested: Option<&str>,
+    ) -> Result<AgentRecord, GatewayError> {
+        self.membership
+            .pick(procedure, requested)
+            .map_err(|e| match e {
+                NoPlacement::NoAgents => GatewayError::NoAliveAgent,
+                NoPlacement::NotOffered {
+                    procedure,
+                    offered_elsewhere,
+                } => GatewayError::ProcedureNotOffered {
+                    procedure,
+                    offered_elsewhere,
+                },
+                NoPlacement::Requested(e) => e,
+            })
+    }
+
+    /// Stores a new task durably and queues it for placement. Refused at once when
+    /// no agent could run it now.
+    pub async fn submit(&self, task: TaskRecord) -> Result<TaskRecord, GatewayError> {
+        self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
+        self.store.insert_task(&task).await?;
+        self.open().insert(task.task_id.clone());
+        self.enqueue(&task.task_id);
+        Ok(task)
+    }
+
+    /// Runs a task with ARPCP TASK and returns it finished (or interrupted when the
+    /// agent did not answer in time). Stored before the call and after it.
+    pub async fn submit_sync(
+        &self,
+        mut task: TaskRecord,
+        timeout: Duration,
+    ) -> Result<TaskRecord, GatewayError> {
+        let agent = self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
+        task.sync = true;
+        task.dispatch(&agent.agent_id);
+        self.store.insert_task(&task).await?;
+        self.open().insert(task.task_id.clone());
+        self.membership.task_placed(&agent.agent_id);
+        let req = Request::Task {
+            procedure: task.procedure.clone(),
+            args: task.args.clone(),
+            timeout_ms: Some(timeout.as_millis().max(1) as u64),
+        };
+        // A little longer than the agent's own limit, so its answer can arrive.
+        let wait = timeout + Duration::from_secs(2);
+        let outcome = match self
+            .client
+            .call_with_timeout(&agent.address, &req, wait)
+            .await
+        {
+            Ok(r) => outcome_of_task_response(r),
+            Err(ClientError::Timeout { .. }) => Outcome::Interrupted(format!(
+                "agent {} gave no answer within {wait:?}",
+                agent.agent_id
+            )),
+            Err(e) => Outcome::Interrupted(format!("agent {} unreachable: {e}", agent.agent_id)),
+        };
+        let attempt = task.attempt;
+        let saved = self
+            .save_durable(&task.task_id, |t| t.finish(attempt, outcome.clone()))
+            .await?;
+        saved
+            .map(|(t, _)| t)
+            .ok_or_else(|| GatewayError::TaskNotFound(task.task_id.clone()))
+    }
+
+    /// Places one queued task.
+    async fn dispatch(self: Arc<Self>, task_id: String) {
+        if let Err(e) = self.try_dispatch(&task_id).await {
+            warn!(%task_id, "dispatch failed: {e}");
+        }
+    }
+
+    async fn try_dispatch(self: &Arc<Self>, task_id: &str) -> Result<(), StoreError> {
+        let Some(task) = self.store.get_task(task_id)? else {
+            return Ok(());
+        };
+        if task.status != TaskStatus::Queued {
+            return Ok(());
+        }
+        let agent = match self.placement(&task.procedure, task.requested_agent_id.as_deref()) {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(%task_id, "waiting for an agent: {e}");
+                return Ok(());
+            }
+        };
+        let Some((task, true)) = self.save(task_id, |t| t.dispatch(&agent.agent_id))? else {
+            return Ok(());
+        };
+        let req = Request::Atask {
+            procedure: task.procedure.clone(),
+            args: task.args.clone(),
+            atask_id: Some(task.atask_id()),
+            reply_to: Some(self.reply_to.clone()),
+        };
+        let attempt = task.attempt;
+        let requeue = |reason: String| {
+            let r = self.save(task_id, |t| {
+                t.attempt == attempt && t.requeue(reason.clone())
+            });
+            if let Ok(Some((_, true))) = r {
+                debug!(%task_id, "requeued: {reason}");
+            }
+            r.map(|_| ())
+        };
+        match self.client.call(&agent.address, &req).await {
+            Ok(r) if r.is_ok() => {}
+            Ok(r) => match r.code {
+                Code::UnknownProcedure | Code::Internal => requeue(format!(
+                    "agent {} refused the task ({}): {}",
+                    agent.agent_id, r.code, r.description
+                ))?,
+                code => {
+                    let description = r.description;
+                    let code = code.as_u16();
+                    let outcome = if code == 400 {
+                        Outcome::Failed { code, description }
+                    } else {
+                        Outcome::ClientError { code, description }
+                    };
+                    self.save_durable(task_id, |t| t.finish(attempt, outcome.clone()))
+                        .await?;
+                }
+            },
+            Err(e) if e.is_unreachable() => {
+                self.client.forget(&agent.address);
+                requeue(format!("agent {} unreachable: {e}", agent.agent_id))?;
+            }
+            // The agent may have stored it: reconciliation asks it later.
+            Err(e) => warn!(%task_id, agent = %agent.agent_id, "no answer to ATASK: {e}"),
+        }
+        Ok(())
+    }
+
+    /// A SIGNAL from an agent.
+    pub fn on_signal(self: &Arc<Self>, sig: SignalRequest) -> Result<(), ProtocolError> {
+        let unknown = || ProtocolError::UnknownTask(sig.atask_id.clone());
+        let (task_id, attempt) = parse_atask_id(&sig.atask_id).ok_or_else(unknown)?;
+        let task = self.store.get_task(task_id)?.ok_or_else(unknown)?;
+        if attempt == 0 || attempt > task.attempt {
+            return Err(unknown());
+        }
+        match sig.status {
+            AtaskStatus::Accepted => {
+                self.save(task_id, |t| t.accepted(attempt, sig.progress.clone()))?;
+            }
+            AtaskStatus::Done | AtaskStatus::ClientError | AtaskStatus::Interrupted => {
+                let this = self.clone();
+                let task_id = task_id.to_string();
+                self.tracker.spawn(async move { this.collect(&task_id, attempt).await });
+            }
+            AtaskStatus::Terminate => {
+                return Err(ProtocolError::BadHeader {
+                    header: "atask_status",
+                    expected: "\"accepted\", \"done\", \"client_error\" or \"interrupted\" (terminate is sent by a controller)",
+                    got: "\"terminate\"".into(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the agent of `attempt` about the task (GET) and stores what it says;
+    /// once the result is durable, the agent is told to delete its copy.
+    async fn collect(self: &Arc<Self>, task_id: &str, attempt: u32) {
+        if let Err(e) = self.try_collect(task_id, attempt).await {
+            warn!(%task_id, "cannot collect the result: {e}");
+        }
+    }
+
+    async fn try_collect(self: &Arc<Self>, task_id: &str, attempt: u32) -> Result<(), StoreError> {
+        let Some(task) = self.store.get_task(task_id)? else {
+            return Ok(());
+        };
+        let Some(agent) = task
+            .agent_of_attempt(attempt)
+            .and_then(|a| self.membership.get(a))
+        else {
+            return Ok(());
+        };
+        let atask_id = format!("{task_id}.{attempt}");
+        let req = Request::Get {
+            atask_id: atask_id.clone(),
+        };
+        let mut delay = Duration::from_millis(100);
+        let mut response = None;
+        for _ in 0..COLLECT_TRIES {
+            match self.client.call(&agent.address, &req).await {
+                Ok(r) => {
+                    response = Some(r);
+                    break;
+                }
+                Err(e) => {
+                    debug!(%task_id, agent = %agent.agent_id, "GET failed: {e}");
+                    self.client.forget(&agent.address);
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        let Some(r) = response else {
+            return Ok(());
+        };
+        let outcome = match r.code {
+            Code::UnknownTask => {
+                let why = format!("agent {} no longer has the task", agent.agent_id);
+                let requeued = self.save(task_id, |t| {
+                    t.attempt == attempt
+                        && !t.sync
+                        && (t.requeue(why.clone()) || t.interrupt(why.clone()))
+                })?;
+                if let Some((t, true)) = requeued {
+                    if t.status == TaskStatus::Queued {
+                        self.enqueue(task_id);
+                    }
+                }
+                return Ok(());
+            }
+            Code::Ok => {
+                let Ok(data) = serde_json::from_value::<GetData>(r.data) else {
+                    warn!(%task_id, agent = %agent.agent_id, "GET answered without valid data");
+                    return Ok(());
+                };
+                match data.atask_status {
+                    AtaskStatus::Accepted => {
+                        self.save(task_id, |t| {
+                            t.accepted(attempt, data.progress.clone());
+                            t.updated_ms = now_ms();
+                            true
+                        })?;
+                        return Ok(());
+                    }
+                    AtaskStatus::Done => Outcome::Done(data.result.unwrap_or(Value::Null)),
+                    AtaskStatus::Interrupted | AtaskStatus::Terminate => Outcome::Interrupted(
+                        data.error
+                            .map(|e| e.description)
+                            .unwrap_or_else(|| "interrupted on the agent".into()),
+                    ),
+                    AtaskStatus::ClientError => Outcome::ClientError {
+                        code: data.error.as_ref().map_or(204, |e| e.code.as_u16()),
+                        description: data.error.map(|e| e.description).unwrap_or_default(),
+                    },
+                }
+            }
+            Code::Execution => Outcome::Failed {
+                code: 400,
+                description: r.description,
+            },
+            code => Outcome::ClientError {
+                code: code.as_u16(),
+                description: r.description,
+            },
+        };
+        self.save_durable(task_id, |t| t.finish(attempt, outcome.clone()))
+            .await?;
+        // Durable (or the task ended otherwise): the agent's copy is not needed.
+        self.terminate_on(&agent, atask_id).await;
+        Ok(())
+    }
+
+    async fn terminate_on(&self, agent: &AgentRecord, atask_id: String) {
+        let req = Request::Signal(SignalRequest {
+            atask_id: atask_id.clone(),
+            status: AtaskStatus::Terminate,
+            progress: None,
+            agent_id: None,
+            error: None,
+        });
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..TERMINATE_TRIES {
+            match self.client.call(&agent.address, &req).await {
+                Ok(_) => return,
+                Err(e) => {
+                    debug!(%atask_id, agent = %agent.agent_id, "terminate not delivered: {e}");
+                    self.client.forget(&agent.address);
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        warn!(%atask_id, agent = %agent.agent_id, "agent keeps its copy of the task: terminate not delivered");
+    }
+
+    /// CancelTask: marks the task cancelled (durably) and stops it on its agent.
+    pub async fn cancel(self: &Arc<Self>, task_id: &str) -> Result<TaskRecord, GatewayError> {
+        let before = self
+            .store
+            .get_task(task_id)?
+            .ok_or_else(|| GatewayError::TaskNotFound(task_id.to_string()))?;
+        let (task, changed) = self
+            .save_durable(task_id, |t| t.cancel())
+            .await?
+            .ok_or_else(|| GatewayError::TaskNotFound(task_id.to_string()))?;
+        if changed && before.status.is_placed() && !before.sync {
+            if let Some(agent) = before
+                .agent_id
+                .as_deref()
+                .and_then(|a| self.membership.get(a))
+            {
+                let this = self.clone();
+                let atask_id = before.atask_id();
+                self.tracker
+                    .spawn(async move { this.terminate_on(&agent, atask_id).await });
+            }
+        }
+        Ok(task)
+    }
+
+    /// The failure policy for an agent that left the cluster: its tasks that had
+    /// not started go back to the queue; those that were running are interrupted
+    /// (a result the agent delivers later is still taken).
+    fn agent_gone(&self, agent_id: &str) {
+        let ids: Vec<String> = self.open().iter().cloned().collect();
+        let (mut requeued, mut interrupted) = (0, 0);
+        for id in ids {
+            let r = self.save(&id, |t| {
+                if t.agent_id.as_deref() != Some(agent_id) || t.sync {
+                    return false;
+                }
+                match t.status {
+                    TaskStatus::Dispatched => t.requeue(format!(
+                        "agent {agent_id} left the cluster before starting the task"
+                    )),
+                    TaskStatus::Running => t.interrupt(format!(
+                        "agent {agent_id} left the cluster while running the task"
+                    )),
+                    _ => false,
+                }
+            });
+            match r {
+                Ok(Some((t, true))) if t.status == TaskStatus::Queued => {
+                    requeued += 1;
+                    self.enqueue(&id);
+                }
+                Ok(Some((_, true))) => interrupted += 1,
+                Ok(_) => {}
+                Err(e) => warn!(task_id = %id, "{e}"),
+            }
+        }
+        if requeued + interrupted > 0 {
+            info!(
+                agent_id,
+                requeued, interrupted, "applied the policy for an agent that left"
+            );
+        }
+    }
+
+    /// Queues what waits for an agent; asks agents about placed tasks not heard of
+    /// for a while.
+    fn sweep(self: &Arc<Self>, reconcile_all: bool) {
+        let ids: Vec<String> = self.open().iter().cloned().collect();
+        let now = now_ms();
+        let quiet = RECONCILE_AFTER.as_millis() as u64;
+        for id in ids {
+            let Ok(Some(t)) = self.store.get_task(&id) else {
+                self.open().remove(&id);
+                continue;
+            };
+            match t.status {
+                TaskStatus::Queued
+                    if now.saturating_sub(t.updated_ms) >= SWEEP_INTERVAL.as_millis() as u64
+                        || reconcile_all =>
+                {
+                    self.enqueue(&id)
+                }
+                s if s.is_placed()
+                    && !t.sync
+                    && (reconcile_all || now.saturating_sub(t.updated_ms) >= quiet) =>
+                {
+                    let this = self.clone();
+                    let attempt = t.attempt;
+                    self.tracker
+                        .spawn(async move { this.collect(&id, attempt).await });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// After a restart: rebuilds the bookkeeping from the store, interrupts
+    /// synchronous calls that were cut off, and reconciles everything else.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), StoreError> {
+        let open = self.store.scan_tasks(|t| !t.status.is_final());
+        let n = open.len();
+        for t in open {
+            if t.sync && t.status.is_placed() {
+                self.save_durable(&t.task_id, |r| {
+                    r.interrupt("the gateway restarted during the synchronous call".into())
+                })
+                .await?;
+                continue;
+            }
+            if let (Some(a), true) = (&t.agent_id, t.status.is_placed()) {
+                self.membership.task_placed(a);
+            }
+            self.open().insert(t.task_id.clone());
+        }
+        if n > 0 {
+            info!(tasks = n, "recovered unfinished tasks from the store");
+        }
+        Ok(())
+    }
+
+    /// Places queued tasks, follows membership changes and sweeps, until `stop`.
+    pub async fn run(
+        self: Arc<Self>,
+        mut queue: mpsc::Receiver<String>,
+        mut events: mpsc::Receiver<MembershipEvent>,
+        stop: CancellationToken,
+    ) {
+        self.sweep(true);
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(id) = queue.recv() => {
+                    let Ok(permit) = self.dispatch_slots.clone().acquire_owned().await else { break };
+                    let this = self.clone();
+                    self.tracker.spawn(async move {
+                        this.dispatch(id).await;
+                        drop(permit);
+                    });
+                }
+                Some(ev) = events.recv() => match ev {
+                    MembershipEvent::Gone(a) => self.agent_gone(&a),
+                    MembershipEvent::Alive(_) => self.sweep(false),
+                },
+                _ = tick.tick() => self.sweep(false),
+            }
+        }
+        self.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+    }
+}
+
+/// What a TASK answer means for the task.
+fn outcome_of_task_response(r: Response) -> Outcome {
+    match r.code {
+        Code::Ok => Outcome::Done(r.data.get("result").cloned().unwrap_or(Value::Null)),
+        Code::Execution => Outcome::Failed {
+            code: 400,
+            description: r.description,
+        },
+        code => Outcome::ClientError {
+            code: code.as_u16(),
+            description: r.description,
+        },
+    }
+}

@@ -1,0 +1,262 @@
+//! The gRPC service (`arpcp.v1.Gateway`): checks each request's fields, then hands
+//! it to the scheduler, the store or membership. Errors become gRPC statuses in
+//! `error.rs` only.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{agent_to_pb, call_args, status_from_pb, task_to_pb};
+use super::membership::Membership;
+use super::model::TaskRecord;
+use super::scheduler::{Scheduler, DEFAULT_SYNC_TIMEOUT};
+use super::store::{GatewayStore, TaskFilter};
+use super::watch::TaskWatchers;
+use super::GatewayError;
+use crate::pb;
+
+/// Longest GetResult wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+/// Longest synchronous call.
+pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+pub struct GatewayService {
+    pub store: GatewayStore,
+    pub scheduler: Arc<Scheduler>,
+    pub membership: Arc<Membership>,
+    pub watchers: Arc<TaskWatchers>,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn duration(
+    field: &'static str,
+    d: Option<&prost_types::Duration>,
+    max: Duration,
+) -> Result<Option<Duration>, GatewayError> {
+    let Some(d) = d else { return Ok(None) };
+    let d = Duration::try_from(*d)
+        .map_err(|_| invalid(field, format!("must be a non-negative duration, got {d}")))?;
+    if d > max {
+        return Err(invalid(field, format!("at most {max:?}, got {d:?}")));
+    }
+    Ok(Some(d))
+}
+
+fn required_id(field: &'static str, id: &str) -> Result<(), GatewayError> {
+    if id.trim().is_empty() {
+        return Err(invalid(field, "required"));
+    }
+    Ok(())
+}
+
+impl GatewayService {
+    fn task(&self, id: &str) -> Result<TaskRecord, GatewayError> {
+        required_id("task_id", id)?;
+        self.store
+            .get_task(id)?
+            .ok_or_else(|| GatewayError::TaskNotFound(id.to_string()))
+    }
+}
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for GatewayService {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let r = req.into_inner();
+        let procedure = r.procedure.trim().to_string();
+        if procedure.is_empty() {
+            return Err(invalid("procedure", "must name a procedure (see ListProcedures)").into());
+        }
+        if procedure.len() > 256 {
+            return Err(invalid(
+                "procedure",
+                format!("at most 256 bytes, got {}", procedure.len()),
+            )
+            .into());
+        }
+        let args = call_args(&r.args, r.kwargs.as_ref())?;
+        let timeout = duration("timeout", r.timeout.as_ref(), MAX_SYNC_TIMEOUT)?;
+        if timeout.is_some() && !r.sync {
+            return Err(invalid("timeout", "applies to synchronous calls only (set sync)").into());
+        }
+        let requested = Some(r.agent_id.trim().to_string()).filter(|a| !a.is_empty());
+        let task = TaskRecord::new(uuid::Uuid::now_v7().to_string(), procedure, args, requested);
+        let task = if r.sync {
+            self.scheduler
+                .submit_sync(task, timeout.unwrap_or(DEFAULT_SYNC_TIMEOUT))
+                .await?
+        } else {
+            self.scheduler.submit(task).await?
+        };
+        Ok(Response::new(pb::SubmitResponse {
+            task_id: task.task_id.clone(),
+            task: Some(task_to_pb(&task)),
+        }))
+    }
+
+    async fn get_result(
+        &self,
+        req: Request<pb::GetResultRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let r = req.into_inner();
+        let wait = duration("wait", r.wait.as_ref(), MAX_WAIT)?;
+        let task = self.task(&r.task_id)?;
+        let Some(wait) = wait.filter(|_| !task.status.is_final()) else {
+            return Ok(Response::new(task_to_pb(&task)));
+        };
+        let store = self.store.clone();
+        let id = r.task_id.clone();
+        let mut rx = self
+            .watchers
+            .subscribe(|| store.get_task(&id).ok().flatten())
+            .ok_or_else(|| GatewayError::TaskNotFound(r.task_id.clone()))?;
+        let ended = async {
+            loop {
+                if rx.borrow_and_update().status.is_final() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(wait, ended).await;
+        let latest = rx.borrow().as_ref().clone();
+        Ok(Response::new(task_to_pb(&latest)))
+    }
+
+    type WatchTaskStream = TaskStream;
+
+    async fn watch_task(
+        &self,
+        req: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let id = req.into_inner().task_id;
+        self.task(&id)?;
+        let store = self.store.clone();
+        let rx = self
+            .watchers
+            .subscribe(|| store.get_task(&id).ok().flatten())
+            .ok_or_else(|| GatewayError::TaskNotFound(id.clone()))?;
+        // Yields the task now and at each change, ending after it ends.
+        let stream = futures::stream::unfold(Some((rx, true)), |state| async move {
+            let (mut rx, first) = state?;
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let task = rx.borrow_and_update().as_ref().clone();
+            let next = (!task.status.is_final()).then_some((rx, false));
+            Some((Ok(task_to_pb(&task)), next))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_task(
+        &self,
+        req: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let id = req.into_inner().task_id;
+        required_id("task_id", &id)?;
+        let task = self.scheduler.cancel(&id).await?;
+        Ok(Response::new(task_to_pb(&task)))
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let r = req.into_inner();
+        let limit = match r.page_size {
+            n if n < 0 => {
+                return Err(invalid("page_size", format!("must not be negative, got {n}")).into())
+            }
+            0 => DEFAULT_PAGE_SIZE,
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        let after = Some(r.page_token.as_str()).filter(|t| !t.is_empty());
+        if let Some(t) = after {
+            if uuid::Uuid::parse_str(t).is_err() {
+                return Err(invalid(
+                    "page_token",
+                    "not a token from a previous ListTasks response",
+                )
+                .into());
+            }
+        }
+        let filter = TaskFilter {
+            status: status_from_pb(r.status)?,
+            agent_id: Some(r.agent_id).filter(|a| !a.is_empty()),
+            procedure: Some(r.procedure).filter(|p| !p.is_empty()),
+        };
+        let (tasks, more) = self
+            .store
+            .list_tasks(&filter, after, limit)
+            .map_err(GatewayError::from)?;
+        let next_page_token = match (more, tasks.last()) {
+            (true, Some(t)) => t.task_id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.iter().map(task_to_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: self.membership.list().iter().map(agent_to_pb).collect(),
+        }))
+    }
+
+    async fn list_procedures(
+        &self,
+        _req: Request<pb::ListProceduresRequest>,
+    ) -> Result<Response<pb::ListProceduresResponse>, Status> {
+        Ok(Response::new(pb::ListProceduresResponse {
+            procedures: self
+                .membership
+                .procedures()
+                .into_iter()
+                .map(|(name, agent_ids)| pb::Procedure { name, agent_ids })
+                .collect(),
+        }))
+    }
+
+    async fn blacklist_agent(
+        &self,
+        req: Request<pb::BlacklistAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let id = req.into_inner().agent_id;
+        required_id("agent_id", &id)?;
+        let a = self.membership.set_blacklisted(&id, true)?;
+        Ok(Response::new(agent_to_pb(&a)))
+    }
+
+    async fn unblacklist_agent(
+        &self,
+        req: Request<pb::UnblacklistAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let id = req.into_inner().agent_id;
+        required_id("agent_id", &id)?;
+        let a = self.membership.set_blacklisted(&id, false)?;
+        Ok(Response::new(agent_to_pb(&a)))
+    }
+}

@@ -1,0 +1,64 @@
+//! Tells waiting clients (WatchTask, GetResult with a wait) when a task changes:
+//! one watch channel per watched task, created on demand and dropped when its last
+//! watcher goes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::model::TaskRecord;
+
+#[derive(Default)]
+pub struct TaskWatchers {
+    channels: Mutex<HashMap<String, watch::Sender<Arc<TaskRecord>>>>,
+}
+
+impl TaskWatchers {
+    fn channels(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Arc<TaskRecord>>>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts watching. `current` must be read from the store *after* this call
+    /// begins, so no change falls between the read and the subscription: the caller
+    /// passes a closure that reads it.
+    pub fn subscribe(
+        &self,
+        read_current: impl FnOnce() -> Option<TaskRecord>,
+    ) -> Option<watch::Receiver<Arc<TaskRecord>>> {
+        let mut channels = self.channels();
+        let current = read_current()?;
+        let tx = channels
+            .entry(current.task_id.clone())
+            .or_insert_with(|| watch::channel(Arc::new(current.clone())).0);
+        let rx = tx.subscribe();
+        tx.send_if_modified(|old| {
+            let newer =
+                current.history.len() > old.history.len() || current.updated_ms > old.updated_ms;
+            if newer {
+                *old = Arc::new(current);
+            }
+            newer
+        });
+        Some(rx)
+    }
+
+    /// Announces a stored change to the task's watchers, if any.
+    pub fn publish(&self, rec: &TaskRecord) {
+        let mut channels = self.channels();
+        if let Some(tx) = channels.get(&rec.task_id) {
+            if tx.receiver_count() == 0 {
+                channels.remove(&rec.task_id);
+            } else {
+                tx.send_replace(Arc::new(rec.clone()));
+            }
+        }
+    }
+
+    /// Drops channels nobody watches any more.
+    pub fn prune(&self) {
+        self.channels().retain(|_, tx| tx.receiver_count() > 0);
+    }
+}
