@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -23,6 +23,9 @@ use crate::arpcp::{Args, Code, GetData, Progress, ProtocolError, Response, TaskE
 pub const MAX_UNFINISHED_TASKS: usize = 100_000;
 /// Progress SIGNALs of one task are sent at most this often.
 pub const PROGRESS_SIGNAL_INTERVAL: Duration = Duration::from_millis(200);
+/// A task still running this long after its start is reported started (SIGNAL
+/// `accepted` with progress 0); one that ends sooner goes straight to its final SIGNAL.
+pub const STARTED_SIGNAL_DELAY: Duration = Duration::from_millis(20);
 /// Default limit of a synchronous TASK that names none.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -106,19 +109,26 @@ impl TaskRunner {
             )));
         }
         let atask_id = atask_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        // With a free slot the task is stored as running at once: one durable write
+        // covers both its acceptance and its start.
+        let slot = self.slots.clone().try_acquire_owned().ok();
         let rec = TaskRecord {
             atask_id: atask_id.clone(),
             procedure,
             args,
             reply_to,
-            state: TaskState::Queued,
+            state: if slot.is_some() {
+                TaskState::Running
+            } else {
+                TaskState::Queued
+            },
             result: None,
             error: None,
             final_signal_answered: false,
         };
         match self.store.insert_new(&rec).await? {
             Inserted::New => {
-                self.start(rec);
+                self.start(rec, slot);
                 Ok(atask_id)
             }
             Inserted::Existing(old) if old.same_call(&rec.procedure, &rec.args) => Ok(atask_id),
@@ -126,7 +136,7 @@ impl TaskRunner {
         }
     }
 
-    fn start(self: &Arc<Self>, rec: TaskRecord) {
+    fn start(self: &Arc<Self>, rec: TaskRecord, slot: Option<OwnedSemaphorePermit>) {
         let terminate = CancellationToken::new();
         self.live().insert(
             rec.atask_id.clone(),
@@ -140,7 +150,7 @@ impl TaskRunner {
         let this = self.clone();
         self.tracker.spawn(async move {
             let id = rec.atask_id.clone();
-            if let Err(e) = this.execute(rec, terminate).await {
+            if let Err(e) = this.execute(rec, terminate, slot).await {
                 error!(atask_id = %id, "task store failed: {e}");
             }
             this.live().remove(&id);
@@ -151,8 +161,10 @@ impl TaskRunner {
         self: &Arc<Self>,
         rec: TaskRecord,
         terminate: CancellationToken,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> Result<(), StoreError> {
-        let permit = match self.slots.clone().try_acquire_owned() {
+        let started_at_accept = slot.is_some() && rec.state == TaskState::Running;
+        let permit = match slot.map_or_else(|| self.slots.clone().try_acquire_owned(), Ok) {
             Ok(p) => p,
             Err(_) => {
                 self.signals.accepted(&rec);
@@ -169,33 +181,44 @@ impl TaskRunner {
         let id = rec.atask_id.clone();
         // Durable before the procedure starts: after a crash it is reported
         // interrupted, never silently run a second time.
-        let Some(rec) = self
-            .store
-            .update(&id, true, |r| r.state = TaskState::Running)
-            .await?
-        else {
-            return Ok(());
+        let rec = if started_at_accept {
+            rec
+        } else {
+            match self
+                .store
+                .update(&id, true, |r| r.state = TaskState::Running)
+                .await?
+            {
+                Some(rec) => rec,
+                None => return Ok(()),
+            }
         };
         if let Some(l) = self.live().get_mut(&id) {
             l.running = true;
         }
         self.running.fetch_add(1, Ordering::Relaxed);
-        self.signals.progress(
-            &rec,
-            Progress {
-                percent: 0.0,
-                comment: "started".into(),
-            },
-        );
         let outcome = match self.registry.get(&rec.procedure) {
             Err(e) => Outcome::Finished(Err(RunError::BadArguments(e.to_string()))),
             Ok(procedure) => {
                 let sink = self.progress_sink(&rec);
-                tokio::select! {
-                    biased;
-                    _ = terminate.cancelled() => Outcome::Terminated,
-                    _ = self.hard_stop.cancelled() => Outcome::Interrupted("agent shut down before the task finished"),
-                    r = procedure.run(&rec.args, sink) => Outcome::Finished(r),
+                let run = procedure.run(&rec.args, sink);
+                tokio::pin!(run);
+                let started_report = tokio::time::sleep(STARTED_SIGNAL_DELAY);
+                tokio::pin!(started_report);
+                let mut reported = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = terminate.cancelled() => break Outcome::Terminated,
+                        _ = self.hard_stop.cancelled() => break Outcome::Interrupted("agent shut down before the task finished"),
+                        r = &mut run => break Outcome::Finished(r),
+                        // A task that ends at once needs no "started" report: its
+                        // final SIGNAL follows right away.
+                        _ = &mut started_report, if !reported => {
+                            reported = true;
+                            self.signals.progress(&rec, Progress { percent: 0.0, comment: "started".into() });
+                        }
+                    }
                 }
             }
         };
@@ -358,7 +381,7 @@ impl TaskRunner {
             match rec.state {
                 TaskState::Queued => {
                     queued += 1;
-                    self.start(rec);
+                    self.start(rec, None);
                 }
                 TaskState::Running => {
                     interrupted += 1;

@@ -164,7 +164,9 @@ impl Scheduler {
     }
 
     /// Runs a task with ARPCP TASK and returns it finished (or interrupted when the
-    /// agent did not answer in time). Stored before the call and after it.
+    /// agent did not answer in time). Stored before the call, and durably with its
+    /// outcome before the answer: one flush per call, since the caller holds the
+    /// call open anyway (after a crash mid-call it is found and marked interrupted).
     pub async fn submit_sync(
         &self,
         mut task: TaskRecord,
@@ -173,7 +175,7 @@ impl Scheduler {
         let agent = self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
         task.sync = true;
         task.dispatch(&agent.agent_id);
-        self.store.insert_task(&task).await?;
+        self.store.put_task(&task)?;
         self.open().insert(task.task_id.clone());
         self.membership.task_placed(&agent.agent_id);
         let req = Request::Task {

@@ -83,9 +83,15 @@ impl GatewayStore {
 
     /// Stores a new task and waits until it is durable.
     pub async fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
+        self.put_task(t)?;
+        self.commit().await
+    }
+
+    /// Stores a task without waiting for disk (a later commit covers it).
+    pub fn put_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
         self.tasks
             .insert(t.task_id.as_bytes(), serde_json::to_vec(t)?)?;
-        self.commit().await
+        Ok(())
     }
 
     pub fn get_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
