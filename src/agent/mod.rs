@@ -195,12 +195,24 @@ pub async fn run(
         ));
     }
     info!(port, capacity = config.capacity, procedures = ?service.procedures, "agent ready");
+    // The grace period counts from the shutdown request for every running task,
+    // synchronous TASKs included: `serve` waits for their answers, so without this
+    // a long TASK would hold the agent up for as long as it runs.
+    let grace_over = {
+        let (runner, shutdown, grace) = (runner.clone(), shutdown.clone(), config.grace);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            runner.interrupt();
+        })
+    };
     serve(listener, service, shutdown).await;
     info!(
         "agent stopping: waiting up to {:?} for running tasks",
         config.grace
     );
     runner.shutdown(config.grace).await;
+    grace_over.abort();
     signals.shutdown(Duration::from_secs(1)).await;
     info!("agent stopped");
     Ok(())
