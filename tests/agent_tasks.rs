@@ -131,6 +131,41 @@ fn accepted_always_precedes_done() {
     }
 }
 
+/// A running task reports progress: in `accepted` SIGNALs and in GET.
+#[test]
+fn running_task_reports_progress() {
+    let controller = FakeController::start();
+    let agent = Daemon::agent(&[]);
+    let a = agent.arpcp();
+    let r = call(
+        &a,
+        &req::atask_with("nap", "sleep", json!([1]), Some(controller.addr())),
+    );
+    assert_response(&r, 100, &[]);
+    let progress = wait_for(WAIT, "GET to show progress", || {
+        let d = get_data(&a, "nap");
+        let p = d["progress"]["percent"].as_f64()?;
+        (d["running"] == true && p > 0.0).then_some(p)
+    });
+    assert!(progress < 1.0, "{progress}");
+    let sig = controller.wait_for(WAIT, "an accepted SIGNAL with progress", |m| {
+        m["atask_id"] == "nap"
+            && m["atask_status"] == "accepted"
+            && m["progress"]["percent"].as_f64().is_some_and(|p| p > 0.0)
+    });
+    assert!(sig["progress"]["comment"].is_string(), "{sig}");
+    controller.wait_signal("nap", "done", WAIT);
+    let signals = controller.signals("nap");
+    assert_eq!(
+        signals.last().map(|s| s["atask_status"].clone()),
+        Some(json!("done")),
+        "nothing may follow the final SIGNAL: {signals:?}"
+    );
+    let d = get_data(&a, "nap");
+    assert_eq!(d["atask_status"], "done");
+    assert_eq!(d["running"], false);
+}
+
 /// Without `atask_id` the agent makes a unique one, usable with GET.
 #[test]
 fn atask_without_id_gets_a_generated_unique_one() {

@@ -4,6 +4,9 @@
 //!
 //! Nothing here sleeps to synchronise: waiting is polling a condition against a
 //! deadline, and every loop is bounded in time.
+//!
+//! Daemons log at `info,arpcp=debug` to a file in their directory; set
+//! `ARPCP_TEST_LOG` to another filter to change that.
 
 #![allow(dead_code)]
 
@@ -181,13 +184,10 @@ impl Daemon {
         };
     }
 
+    /// Kills the process and fails the test; `Drop` prints the process's stderr.
     fn fail_start(&mut self, why: &str) -> ! {
         let _ = self.kill9();
-        panic!(
-            "arpcp {:?} did not start: {why}\n--- stderr ---\n{}",
-            self.args,
-            self.stderr()
-        );
+        panic!("arpcp {:?} did not start: {why}", self.args);
     }
 
     /// The JSON line the process printed once it listened.
