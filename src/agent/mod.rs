@@ -36,14 +36,22 @@ pub enum AgentError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("procedures: {0}")]
-    Procedures(#[from] procedures::RegistryError),
-    #[error("cannot create data directory {path}: {source}")]
+    Procedures(procedures::RegistryError),
+    #[error("cannot create data directory {path}: {error}")]
     DataDir {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("listener: {0}")]
     Listener(std::io::Error),
+}
+
+// The error texts above include their cause, so the causes are not also exposed as
+// `source()`: a caller printing the chain would repeat them.
+impl From<procedures::RegistryError> for AgentError {
+    fn from(e: procedures::RegistryError) -> Self {
+        AgentError::Procedures(e)
+    }
 }
 
 /// Answers ARPCP requests on behalf of the agent.
@@ -152,9 +160,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+    std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
         path: config.data_dir.clone(),
-        source,
+        error,
     })?;
     let registry = Arc::new(Registry::new(config.procedures.clone())?);
     let store = AgentStore::open(&config.data_dir)?;
@@ -187,12 +195,24 @@ pub async fn run(
         ));
     }
     info!(port, capacity = config.capacity, procedures = ?service.procedures, "agent ready");
+    // The grace period counts from the shutdown request for every running task,
+    // synchronous TASKs included: `serve` waits for their answers, so without this
+    // a long TASK would hold the agent up for as long as it runs.
+    let grace_over = {
+        let (runner, shutdown, grace) = (runner.clone(), shutdown.clone(), config.grace);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            runner.interrupt();
+        })
+    };
     serve(listener, service, shutdown).await;
     info!(
         "agent stopping: waiting up to {:?} for running tasks",
         config.grace
     );
     runner.shutdown(config.grace).await;
+    grace_over.abort();
     signals.shutdown(Duration::from_secs(1)).await;
     info!("agent stopped");
     Ok(())

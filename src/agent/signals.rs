@@ -3,11 +3,16 @@
 //! answers, and is sent again after a restart if it never was answered; the result
 //! stays in the store meanwhile. `accepted` is retried until the task ends; progress
 //! reports are best effort (a newer one supersedes a lost one).
+//!
+//! The SIGNALs of one task reach the controller in the order of the task's life: the
+//! final SIGNAL waits until no `accepted` of the same task is still on the wire, and
+//! none is sent after the final one has started.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -19,6 +24,32 @@ use crate::arpcp::{ArpcpClient, AtaskStatus, Code, Progress, Request, SignalRequ
 pub const SIGNAL_BACKOFF_START: Duration = Duration::from_millis(100);
 /// Retry delays double up to this cap.
 pub const SIGNAL_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// The SIGNALs of one task that have not ended.
+struct Lane {
+    /// `accepted` SIGNALs being sent right now.
+    interim: watch::Sender<usize>,
+    /// The final SIGNAL has started: no more `accepted`.
+    closed: bool,
+}
+
+/// Holds an `accepted` SIGNAL's place on its task's lane while it is being sent.
+struct InterimGuard {
+    inner: Arc<Inner>,
+    atask_id: String,
+}
+
+impl Drop for InterimGuard {
+    fn drop(&mut self) {
+        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lane) = lanes.get(&self.atask_id) {
+            lane.interim.send_modify(|n| *n = n.saturating_sub(1));
+            if *lane.interim.borrow() == 0 && !lane.closed {
+                lanes.remove(&self.atask_id);
+            }
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct SignalSender {
@@ -32,6 +63,8 @@ struct Inner {
     controller: RwLock<Option<String>>,
     agent_id: RwLock<Option<String>>,
     progress_in_flight: Mutex<HashSet<String>>,
+    /// Per task: `accepted` SIGNALs on the wire, and whether the final one started.
+    lanes: Mutex<HashMap<String, Lane>>,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -45,6 +78,7 @@ impl SignalSender {
                 controller: RwLock::new(controller),
                 agent_id: RwLock::new(agent_id),
                 progress_in_flight: Mutex::new(HashSet::new()),
+                lanes: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
             }),
@@ -102,6 +136,50 @@ impl SignalSender {
         })
     }
 
+    /// Takes a place for an `accepted` SIGNAL of `atask_id`, unless its final
+    /// SIGNAL has started.
+    fn begin_interim(&self, atask_id: &str) -> Option<InterimGuard> {
+        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let lane = lanes.entry(atask_id.to_string()).or_insert_with(|| Lane {
+            interim: watch::channel(0).0,
+            closed: false,
+        });
+        if lane.closed {
+            return None;
+        }
+        lane.interim.send_modify(|n| *n += 1);
+        Some(InterimGuard {
+            inner: self.inner.clone(),
+            atask_id: atask_id.to_string(),
+        })
+    }
+
+    /// Stops further `accepted` SIGNALs of `atask_id` and waits for those on the wire
+    /// (each attempt is bounded by the client's timeouts).
+    async fn close_lane(&self, atask_id: &str) {
+        let mut busy = {
+            let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            let lane = lanes.entry(atask_id.to_string()).or_insert_with(|| Lane {
+                interim: watch::channel(0).0,
+                closed: false,
+            });
+            lane.closed = true;
+            lane.interim.subscribe()
+        };
+        tokio::select! {
+            _ = busy.wait_for(|n| *n == 0) => {}
+            _ = self.inner.stop.cancelled() => {}
+        }
+    }
+
+    fn drop_lane(&self, atask_id: &str) {
+        self.inner
+            .lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(atask_id);
+    }
+
     /// `accepted` for a stored task that waits for a slot: retried while it waits.
     pub fn accepted(&self, rec: &TaskRecord) {
         let Some(dest) = self.destination(rec) else {
@@ -111,11 +189,13 @@ impl SignalSender {
         let this = self.clone();
         let id = rec.atask_id.clone();
         self.inner.tracker.spawn(async move {
-            this.deliver(
-                &dest,
-                &req,
-                || matches!(this.inner.store.get(&id), Ok(Some(r)) if !r.state.is_final()),
-            )
+            this.deliver(&dest, &req, || {
+                // The place first, then the state: a task that ends meanwhile either
+                // waits for this attempt or is seen as ended here.
+                let guard = this.begin_interim(&id)?;
+                matches!(this.inner.store.get(&id), Ok(Some(r)) if !r.state.is_final())
+                    .then_some(guard)
+            })
             .await;
         });
     }
@@ -139,10 +219,14 @@ impl SignalSender {
         let req = self.request(rec, AtaskStatus::Accepted, Some(progress));
         let this = self.clone();
         let id = rec.atask_id.clone();
+        let guard = self.begin_interim(&id);
         self.inner.tracker.spawn(async move {
-            if let Err(e) = this.inner.client.call(&dest, &req).await {
-                debug!(atask_id = %id, "progress SIGNAL not delivered: {e}");
+            if guard.is_some() {
+                if let Err(e) = this.inner.client.call(&dest, &req).await {
+                    debug!(atask_id = %id, "progress SIGNAL not delivered: {e}");
+                }
             }
+            drop(guard);
             this.inner
                 .progress_in_flight
                 .lock()
@@ -161,11 +245,14 @@ impl SignalSender {
         let this = self.clone();
         let id = rec.atask_id.clone();
         self.inner.tracker.spawn(async move {
+            this.close_lane(&id).await;
             let answered = this
                 .deliver(&dest, &req, || {
                     matches!(this.inner.store.get(&id), Ok(Some(r)) if !r.final_signal_answered)
+                        .then_some(())
                 })
                 .await;
+            this.drop_lane(&id);
             if let Some(code) = answered {
                 if code == Code::UnknownTask {
                     warn!(atask_id = %id, controller = %dest, "controller does not know this task; keeping its result for GET");
@@ -182,19 +269,21 @@ impl SignalSender {
         });
     }
 
-    /// Sends until answered (returns the code), until `still_wanted` says no, or
-    /// until the sender stops (`None`).
-    async fn deliver(
+    /// Sends until answered (returns the code), until `still_wanted` gives nothing,
+    /// or until the sender stops (`None`). What `still_wanted` gives is held during
+    /// the attempt.
+    async fn deliver<G>(
         &self,
         dest: &str,
         req: &Request,
-        still_wanted: impl Fn() -> bool,
+        still_wanted: impl Fn() -> Option<G>,
     ) -> Option<Code> {
         let mut delay = SIGNAL_BACKOFF_START;
         loop {
-            if self.inner.stop.is_cancelled() || !still_wanted() {
+            if self.inner.stop.is_cancelled() {
                 return None;
             }
+            let attempt = still_wanted()?;
             match self.inner.client.call(dest, req).await {
                 Ok(resp) => {
                     if !resp.is_ok() {
@@ -207,6 +296,7 @@ impl SignalSender {
                     self.inner.client.forget(dest);
                 }
             }
+            drop(attempt);
             tokio::select! {
                 _ = self.inner.stop.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}

@@ -17,13 +17,33 @@ const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("task store: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
     #[error("task store: {0}")]
-    Commit(#[from] CommitError),
+    Commit(CommitError),
     #[error("task store holds an unreadable record for {key:?}: {error}")]
     Corrupt { key: String, error: String },
     #[error("task store: {0}")]
-    Encode(#[from] serde_json::Error),
+    Encode(serde_json::Error),
+}
+
+// The texts above include their cause, so the causes are not also exposed as
+// `source()`: a caller printing the chain would repeat them.
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Sled(e)
+    }
+}
+
+impl From<CommitError> for StoreError {
+    fn from(e: CommitError) -> Self {
+        StoreError::Commit(e)
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Encode(e)
+    }
 }
 
 /// Where a task is in its life on the agent.

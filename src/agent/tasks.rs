@@ -416,6 +416,18 @@ impl TaskRunner {
         Ok(())
     }
 
+    /// Stops every running task (and synchronous TASK) now; each is recorded as
+    /// interrupted.
+    pub fn interrupt(&self) {
+        if !self.hard_stop.is_cancelled() {
+            warn!(
+                running = self.running(),
+                "grace period over; interrupting running tasks"
+            );
+            self.hard_stop.cancel();
+        }
+    }
+
     /// Lets running tasks finish for up to `grace`, then interrupts the rest.
     /// Tasks still waiting for a slot stay queued in the store for the next start.
     pub async fn shutdown(&self, grace: Duration) {
@@ -425,11 +437,7 @@ impl TaskRunner {
             .await
             .is_err()
         {
-            warn!(
-                running = self.running(),
-                "grace period over; interrupting running tasks"
-            );
-            self.hard_stop.cancel();
+            self.interrupt();
             self.tracker.wait().await;
         }
     }
