@@ -23,9 +23,6 @@ use crate::arpcp::{Args, Code, GetData, Progress, ProtocolError, Response, TaskE
 pub const MAX_UNFINISHED_TASKS: usize = 100_000;
 /// Progress SIGNALs of one task are sent at most this often.
 pub const PROGRESS_SIGNAL_INTERVAL: Duration = Duration::from_millis(200);
-/// A task still running this long after its start is reported started (SIGNAL
-/// `accepted` with progress 0); one that ends sooner goes straight to its final SIGNAL.
-pub const STARTED_SIGNAL_DELAY: Duration = Duration::from_millis(20);
 /// Default limit of a synchronous TASK that names none.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -201,24 +198,19 @@ impl TaskRunner {
             Err(e) => Outcome::Finished(Err(RunError::BadArguments(e.to_string()))),
             Ok(procedure) => {
                 let sink = self.progress_sink(&rec);
-                let run = procedure.run(&rec.args, sink);
-                tokio::pin!(run);
-                let started_report = tokio::time::sleep(STARTED_SIGNAL_DELAY);
-                tokio::pin!(started_report);
-                let mut reported = false;
-                loop {
-                    tokio::select! {
-                        biased;
-                        _ = terminate.cancelled() => break Outcome::Terminated,
-                        _ = self.hard_stop.cancelled() => break Outcome::Interrupted("agent shut down before the task finished"),
-                        r = &mut run => break Outcome::Finished(r),
-                        // A task that ends at once needs no "started" report: its
-                        // final SIGNAL follows right away.
-                        _ = &mut started_report, if !reported => {
-                            reported = true;
-                            self.signals.progress(&rec, Progress { percent: 0.0, comment: "started".into() });
-                        }
-                    }
+                // `accepted` with progress: the controller learns the task runs.
+                self.signals.progress(
+                    &rec,
+                    Progress {
+                        percent: 0.0,
+                        comment: "started".into(),
+                    },
+                );
+                tokio::select! {
+                    biased;
+                    _ = terminate.cancelled() => Outcome::Terminated,
+                    _ = self.hard_stop.cancelled() => Outcome::Interrupted("agent shut down before the task finished"),
+                    r = procedure.run(&rec.args, sink) => Outcome::Finished(r),
                 }
             }
         };
