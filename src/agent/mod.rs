@@ -152,70 +152,108 @@ impl AgentService {
         }
     }
 }
+/// A started agent: store open, procedures checked, earlier tasks recovered; not
+/// yet answering requests.
+pub struct Agent {
+    config: AgentConfig,
+    listener: TcpListener,
+    service: Arc<AgentService>,
+    runner: Arc<TaskRunner>,
+    signals: SignalSender,
+    port: u16,
+}
 
-/// Runs an agent on `listener` until `shutdown` is cancelled, then stops accepting,
-/// lets running tasks finish for the grace period and interrupts the rest.
+impl Agent {
+    /// Everything that can fail at start-up, so a caller can report readiness only
+    /// once the agent will really serve.
+    pub async fn start(config: AgentConfig, listener: TcpListener) -> Result<Agent, AgentError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
+            path: config.data_dir.clone(),
+            error,
+        })?;
+        let registry = Arc::new(Registry::new(config.procedures.clone())?);
+        let store = AgentStore::open(&config.data_dir)?;
+        let port = listener.local_addr().map_err(AgentError::Listener)?.port();
+        let controller = config.controller.clone().or(store.meta(META_CONTROLLER)?);
+        let signals = SignalSender::new(store.clone(), controller, store.meta(META_AGENT_ID)?);
+        let runner = TaskRunner::new(
+            store.clone(),
+            registry.clone(),
+            signals.clone(),
+            config.capacity,
+        );
+        runner.recover().await?;
+        let service = Arc::new(AgentService {
+            runner: runner.clone(),
+            store,
+            signals: signals.clone(),
+            identity: Identity::default(),
+            hostname: Identity::hostname(),
+            procedures: registry.names(),
+            capacity: config.capacity,
+            port,
+        });
+        Ok(Agent {
+            config,
+            listener,
+            service,
+            runner,
+            signals,
+            port,
+        })
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets running
+    /// tasks finish for the grace period and interrupts the rest.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let Agent {
+            config,
+            listener,
+            service,
+            runner,
+            signals,
+            port,
+        } = self;
+        if let Some(controller) = config.controller.clone() {
+            tokio::spawn(announce(
+                controller,
+                port,
+                signals.clone(),
+                shutdown.clone(),
+            ));
+        }
+        info!(port, capacity = config.capacity, procedures = ?service.procedures, "agent ready");
+        // The grace period counts from the shutdown request for every running task,
+        // synchronous TASKs included: `serve` waits for their answers, so without this
+        // a long TASK would hold the agent up for as long as it runs.
+        let grace_over = {
+            let (runner, shutdown, grace) = (runner.clone(), shutdown.clone(), config.grace);
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+                runner.interrupt();
+            })
+        };
+        serve(listener, service, shutdown).await;
+        info!(
+            "agent stopping: waiting up to {:?} for running tasks",
+            config.grace
+        );
+        runner.shutdown(config.grace).await;
+        grace_over.abort();
+        signals.shutdown(Duration::from_secs(1)).await;
+        info!("agent stopped");
+        Ok(())
+    }
+}
+
+/// Runs an agent on `listener` until `shutdown` is cancelled.
 pub async fn run(
     config: AgentConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
-        path: config.data_dir.clone(),
-        error,
-    })?;
-    let registry = Arc::new(Registry::new(config.procedures.clone())?);
-    let store = AgentStore::open(&config.data_dir)?;
-    let port = listener.local_addr().map_err(AgentError::Listener)?.port();
-    let controller = config.controller.clone().or(store.meta(META_CONTROLLER)?);
-    let signals = SignalSender::new(store.clone(), controller, store.meta(META_AGENT_ID)?);
-    let runner = TaskRunner::new(
-        store.clone(),
-        registry.clone(),
-        signals.clone(),
-        config.capacity,
-    );
-    runner.recover().await?;
-    let service = Arc::new(AgentService {
-        runner: runner.clone(),
-        store,
-        signals: signals.clone(),
-        identity: Identity::default(),
-        hostname: Identity::hostname(),
-        procedures: registry.names(),
-        capacity: config.capacity,
-        port,
-    });
-    if let Some(controller) = config.controller.clone() {
-        tokio::spawn(announce(
-            controller,
-            port,
-            signals.clone(),
-            shutdown.clone(),
-        ));
-    }
-    info!(port, capacity = config.capacity, procedures = ?service.procedures, "agent ready");
-    // The grace period counts from the shutdown request for every running task,
-    // synchronous TASKs included: `serve` waits for their answers, so without this
-    // a long TASK would hold the agent up for as long as it runs.
-    let grace_over = {
-        let (runner, shutdown, grace) = (runner.clone(), shutdown.clone(), config.grace);
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-            runner.interrupt();
-        })
-    };
-    serve(listener, service, shutdown).await;
-    info!(
-        "agent stopping: waiting up to {:?} for running tasks",
-        config.grace
-    );
-    runner.shutdown(config.grace).await;
-    grace_over.abort();
-    signals.shutdown(Duration::from_secs(1)).await;
-    info!("agent stopped");
-    Ok(())
+    Agent::start(config, listener).await?.serve(shutdown).await
 }
 
 /// Tells the controller this agent exists (ARPCP ID with our port), retrying with

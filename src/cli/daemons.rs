@@ -145,8 +145,10 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
         grace_secs: a.grace_secs,
     })?;
     let listener = bind(&config.listen.to_string()).await?;
-    announce_ready("agent", &[("arpcp", listener.local_addr()?.to_string())]);
-    agent::run(config, listener, shutdown_on_signal()).await?;
+    let addr = listener.local_addr()?.to_string();
+    let agent = agent::Agent::start(config, listener).await?;
+    announce_ready("agent", &[("arpcp", addr)]);
+    agent.serve(shutdown_on_signal()).await?;
     Ok(())
 }
 
@@ -176,14 +178,13 @@ pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
     let config = gateway_config(&g)?;
     let grpc = bind(&g.grpc).await?;
     let arpcp = bind(&g.arpcp).await?;
-    announce_ready(
-        "gateway",
-        &[
-            ("grpc", grpc.local_addr()?.to_string()),
-            ("arpcp", arpcp.local_addr()?.to_string()),
-        ],
-    );
-    gateway::run(config, grpc, arpcp, shutdown_on_signal()).await?;
+    let addrs = [
+        ("grpc", grpc.local_addr()?.to_string()),
+        ("arpcp", arpcp.local_addr()?.to_string()),
+    ];
+    let gateway = gateway::Gateway::start(config, grpc, arpcp).await?;
+    announce_ready("gateway", &addrs);
+    gateway.serve(shutdown_on_signal()).await?;
     Ok(())
 }
 
@@ -213,6 +214,12 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         retention: Duration::from_secs(7 * 24 * 3600),
         retention_count: 1_000_000,
     };
+    let agent = agent::Agent::start(agent_config, agent_listener)
+        .await
+        .context("agent")?;
+    let gateway = gateway::Gateway::start(gateway_config, grpc, arpcp)
+        .await
+        .context("gateway")?;
     announce_ready(
         "up",
         &[
@@ -224,17 +231,9 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let mut both = tokio::task::JoinSet::new();
     let stop = shutdown.clone();
-    both.spawn(async move {
-        agent::run(agent_config, agent_listener, stop)
-            .await
-            .context("agent")
-    });
+    both.spawn(async move { agent.serve(stop).await.context("agent") });
     let stop = shutdown.clone();
-    both.spawn(async move {
-        gateway::run(gateway_config, grpc, arpcp, stop)
-            .await
-            .context("gateway")
-    });
+    both.spawn(async move { gateway.serve(stop).await.context("gateway") });
     if !u.no_demo {
         let endpoint = format!("http://{grpc_addr}");
         tokio::spawn(async move {

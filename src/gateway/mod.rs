@@ -88,6 +88,143 @@ fn advertised(config: &GatewayConfig, arpcp: SocketAddr) -> String {
     arpcp.to_string()
 }
 
+/// A started gateway: store open, unfinished tasks recovered; not yet serving.
+pub struct Gateway {
+    config: GatewayConfig,
+    grpc: TcpListener,
+    arpcp: TcpListener,
+    store: GatewayStore,
+    membership: Arc<Membership>,
+    scheduler: Arc<Scheduler>,
+    watchers: Arc<TaskWatchers>,
+    queue_rx: mpsc::Receiver<String>,
+    events_rx: mpsc::Receiver<membership::MembershipEvent>,
+    advertise: String,
+}
+
+impl Gateway {
+    /// Everything that can fail at start-up, so a caller can report readiness only
+    /// once the gateway will really serve.
+    pub async fn start(
+        config: GatewayConfig,
+        grpc: TcpListener,
+        arpcp: TcpListener,
+    ) -> Result<Gateway, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = GatewayStore::open(&config.data_dir)?;
+        let advertise = advertised(&config, arpcp.local_addr().map_err(StartError::Listener)?);
+        let (events_tx, events_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
+        let membership = Membership::new(
+            store.clone(),
+            MembershipConfig {
+                echo_interval: config.echo_interval,
+                max_misses: config.max_misses,
+                seeds: config.agents.clone(),
+                scan: config.scan.clone(),
+                scan_port: config.scan_port,
+                advertise: advertise.clone(),
+            },
+            events_tx,
+        )?;
+        let watchers = Arc::new(TaskWatchers::default());
+        let (scheduler, queue_rx) = Scheduler::new(
+            store.clone(),
+            membership.clone(),
+            watchers.clone(),
+            advertise.clone(),
+        );
+        scheduler.recover().await?;
+        Ok(Gateway {
+            config,
+            grpc,
+            arpcp,
+            store,
+            membership,
+            scheduler,
+            watchers,
+            queue_rx,
+            events_rx,
+            advertise,
+        })
+    }
+
+    /// Serves gRPC and ARPCP until `shutdown` is cancelled.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let Gateway {
+            config,
+            grpc,
+            arpcp,
+            store,
+            membership,
+            scheduler,
+            watchers,
+            queue_rx,
+            events_rx,
+            advertise,
+        } = self;
+        let reflection = |b: tonic_reflection::server::Builder<'static>| {
+            b.register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        // grpcurl as shipped on PyPI asks only the v1alpha service.
+        let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1alpha()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(membership.clone().echo_loop(shutdown.clone()));
+        background.spawn(scheduler.clone().run(queue_rx, events_rx, shutdown.clone()));
+        background.spawn(retention_loop(
+            store.clone(),
+            watchers.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
+        background.spawn(crate::arpcp::server::serve(
+            arpcp,
+            Arc::new(listener::ControllerService {
+                scheduler: scheduler.clone(),
+                membership: membership.clone(),
+            }),
+            shutdown.clone(),
+        ));
+
+        let service = pb_server(service::GatewayService {
+            store,
+            scheduler,
+            membership,
+            watchers,
+        });
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<crate::pb::gateway_server::GatewayServer<service::GatewayService>>()
+            .await;
+
+        info!(arpcp = %advertise, "gateway ready");
+        let grpc_shutdown = shutdown.clone();
+        let served = tonic::transport::Server::builder()
+            .add_service(service)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                async move { grpc_shutdown.cancelled().await },
+            )
+            .await;
+        shutdown.cancel();
+        while background.join_next().await.is_some() {}
+        info!("gateway stopped");
+        Ok(served?)
+    }
+}
+
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(
     config: GatewayConfig,
@@ -95,90 +232,10 @@ pub async fn run(
     arpcp: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-    let store = GatewayStore::open(&config.data_dir)?;
-    let advertise = advertised(&config, arpcp.local_addr().map_err(StartError::Listener)?);
-    let (events_tx, events_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
-    let membership = Membership::new(
-        store.clone(),
-        MembershipConfig {
-            echo_interval: config.echo_interval,
-            max_misses: config.max_misses,
-            seeds: config.agents.clone(),
-            scan: config.scan.clone(),
-            scan_port: config.scan_port,
-            advertise: advertise.clone(),
-        },
-        events_tx,
-    )?;
-    let watchers = Arc::new(TaskWatchers::default());
-    let (scheduler, queue_rx) = Scheduler::new(
-        store.clone(),
-        membership.clone(),
-        watchers.clone(),
-        advertise.clone(),
-    );
-    scheduler.recover().await?;
-
-    let mut background = tokio::task::JoinSet::new();
-    background.spawn(membership.clone().echo_loop(shutdown.clone()));
-    background.spawn(scheduler.clone().run(queue_rx, events_rx, shutdown.clone()));
-    background.spawn(retention_loop(
-        store.clone(),
-        watchers.clone(),
-        config.clone(),
-        shutdown.clone(),
-    ));
-    background.spawn(crate::arpcp::server::serve(
-        arpcp,
-        Arc::new(listener::ControllerService {
-            scheduler: scheduler.clone(),
-            membership: membership.clone(),
-        }),
-        shutdown.clone(),
-    ));
-
-    let service = pb_server(service::GatewayService {
-        store,
-        scheduler,
-        membership,
-        watchers,
-    });
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<crate::pb::gateway_server::GatewayServer<service::GatewayService>>()
-        .await;
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(|e| StartError::Reflection(e.to_string()))?;
-    // grpcurl as shipped on PyPI asks only the v1alpha service.
-    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(|e| StartError::Reflection(e.to_string()))?;
-
-    info!(arpcp = %advertise, "gateway ready");
-    let grpc_shutdown = shutdown.clone();
-    tonic::transport::Server::builder()
-        .add_service(service)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
-            async move { grpc_shutdown.cancelled().await },
-        )
-        .await?;
-    shutdown.cancel();
-    while background.join_next().await.is_some() {}
-    info!("gateway stopped");
-    Ok(())
+    Gateway::start(config, grpc, arpcp)
+        .await?
+        .serve(shutdown)
+        .await
 }
 
 fn pb_server(
