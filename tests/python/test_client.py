@@ -252,9 +252,22 @@ def test_blacklist_refuses_the_agent_and_unblacklist_restores_it(client: Client)
     assert e.value.code == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_timed_out_call_frees_its_slot(client: Client) -> None:
+    agent = agent_ids(client)[0]
+    with pytest.raises(TaskFailed) as e:
+        client.call("sleep", 5, timeout=0.3, agent_id=agent)
+    assert "timed out" in e.value.error
+    # The agent stops counting it as running (it reports its running tasks in echoes).
+    poll(
+        "the agent to report no running task",
+        lambda: [a.running for a in client.agents() if a.agent_id == agent] == [0],
+    )
+
+
 def test_wait_gives_up_at_its_timeout(client: Client) -> None:
     task_id = client.submit("sleep", 30)
     try:
+        poll("the task to run", lambda: client.get(task_id).status == "running")
         start = time.monotonic()
         with pytest.raises(TimeoutError):
             client.wait(task_id, timeout=0.5)
