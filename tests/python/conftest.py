@@ -70,12 +70,8 @@ class Daemon:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            self.proc.kill()
+            self.proc.wait(timeout=10)
         if self.proc.stdout:
             self.proc.stdout.close()
 
