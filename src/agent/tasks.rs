@@ -60,6 +60,22 @@ enum Outcome {
     Interrupted(&'static str),
 }
 
+/// One procedure counted in `TaskRunner::running` while this lives.
+struct RunningGuard<'a>(&'a AtomicU32);
+
+impl<'a> RunningGuard<'a> {
+    fn new(running: &'a AtomicU32) -> Self {
+        running.fetch_add(1, Ordering::Relaxed);
+        RunningGuard(running)
+    }
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl TaskRunner {
     pub fn new(
         store: AgentStore,
@@ -342,9 +358,9 @@ impl TaskRunner {
                 .acquire()
                 .await
                 .map_err(|_| ProtocolError::Internal("agent is shutting down".into()))?;
-            self.running.fetch_add(1, Ordering::Relaxed);
+            // Counted down on drop too: a timeout or shutdown drops this future.
+            let _running = RunningGuard::new(&self.running);
             let r = p.run(args, Arc::new(|_| {})).await;
-            self.running.fetch_sub(1, Ordering::Relaxed);
             r.map_err(|e| match e {
                 RunError::BadArguments(reason) => ProtocolError::bad_args(procedure, reason),
                 other => ProtocolError::Execution(other.to_string()),

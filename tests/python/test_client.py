@@ -1,0 +1,278 @@
+"""The Python client against a real gateway with two agents (see conftest.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+import threading
+import time
+import uuid
+from typing import Callable, Optional, TypeVar
+
+import grpc
+import pytest
+
+from arpcp_client import Client, GatewayError, Task, TaskFailed
+
+# Every wait in these tests ends by this many seconds.
+WAIT = 20.0
+BUILTINS = {"add", "sub", "mul", "div", "echo", "sleep", "time", "memory_usage", "running_processes"}
+T = TypeVar("T")
+
+
+def poll(what: str, check: Callable[[], Optional[T]], timeout: float = WAIT) -> T:
+    """Calls ``check`` until it returns something truthy; fails after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() >= end:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def agent_ids(client: Client) -> list[str]:
+    return sorted(a.agent_id for a in client.agents())
+
+
+def test_submit_and_wait_returns_an_int_result(client: Client) -> None:
+    task_id = client.submit("add", 2, 3)
+    assert isinstance(task_id, str) and task_id
+    task = client.wait(task_id, timeout=WAIT)
+    assert isinstance(task, Task)
+    assert task.status == "done"
+    assert task.result == 5 and type(task.result) is int
+    assert task.args == [2, 3]
+    assert task.error == "" and task.error_code == 0
+    assert task.agent_id in agent_ids(client)
+    assert isinstance(task.created_at, dt.datetime) and task.created_at.tzinfo is not None
+    assert task.started_at is not None and task.finished_at is not None
+    assert task.created_at <= task.started_at <= task.finished_at
+    assert abs(dt.datetime.now(dt.timezone.utc) - task.created_at) < dt.timedelta(minutes=5)
+    # Without `wait`, get returns the stored task at once.
+    assert client.get(task_id) == task
+
+
+def test_call_runs_synchronously(client: Client) -> None:
+    assert client.call("mul", 4, 5, timeout=WAIT) == 20
+    assert client.call("div", 1, 4, timeout=WAIT) == 0.25
+    assert client.call("sub", 2, 3.5) == -1.5
+
+
+def test_kwargs_reach_echo(client: Client) -> None:
+    kwargs = {"name": "x", "n": 3, "ratio": 0.5, "flag": True, "nothing": None, "nested": {"a": [1, "b"]}}
+    assert client.call("echo", timeout=WAIT, **kwargs) == kwargs
+    task_id = client.submit("echo", **kwargs)
+    task = client.wait(task_id, timeout=WAIT)
+    assert task.status == "done"
+    assert task.kwargs == kwargs and task.args == []
+    assert task.result == kwargs
+    # Positional arguments come back as a list.
+    assert client.call("echo", 1, "two", [3]) == [1, "two", [3]]
+
+
+def test_a_failed_call_raises_task_failed(client: Client) -> None:
+    with pytest.raises(TaskFailed) as e:
+        client.call("div", 1, 0, timeout=WAIT)
+    assert e.value.status == "failed"
+    assert "division by zero" in e.value.error
+    assert e.value.error_code == 400
+    with pytest.raises(TaskFailed) as e:
+        client.call("add", 1, timeout=WAIT)
+    assert e.value.status == "client_error"
+    assert "add" in e.value.error
+    assert e.value.error_code == 204
+
+
+def test_unknown_procedure_is_not_found_and_names_it(client: Client) -> None:
+    with pytest.raises(GatewayError) as e:
+        client.submit("no_such_procedure_xyz", 1)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    assert "no_such_procedure_xyz" in e.value.message
+    with pytest.raises(GatewayError) as e:
+        client.call("no_such_procedure_xyz")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_empty_procedure_is_invalid_argument_naming_the_field(client: Client) -> None:
+    with pytest.raises(GatewayError) as e:
+        client.submit("")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "procedure" in e.value.message
+    assert "INVALID_ARGUMENT" in str(e.value)
+
+
+def test_unknown_task_is_not_found(client: Client) -> None:
+    missing = str(uuid.uuid4())
+    for call in (
+        lambda: client.get(missing),
+        lambda: client.get(missing, wait=1),
+        lambda: list(client.watch(missing, timeout=WAIT)),
+        lambda: client.cancel(missing),
+    ):
+        with pytest.raises(GatewayError) as e:
+            call()
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        assert missing in e.value.message
+
+
+def test_watch_follows_progress_until_done(client: Client) -> None:
+    task_id = client.submit("sleep", 1)
+    seen = list(client.watch(task_id, timeout=WAIT))
+    assert seen, "watch yielded nothing"
+    assert seen[-1].status == "done"
+    assert all(not t.ended for t in seen[:-1]), [t.status for t in seen]
+    fractions = [t.progress.fraction for t in seen if t.status == "running" and t.progress]
+    assert len(set(f for f in fractions if 0 < f < 1)) >= 2, fractions
+    assert fractions == sorted(fractions), fractions
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+
+
+def test_on_done_calls_back_from_another_thread(client: Client) -> None:
+    called = threading.Event()
+    got: list[tuple[Task, threading.Thread]] = []
+
+    def callback(task: Task) -> None:
+        got.append((task, threading.current_thread()))
+        called.set()
+
+    task_id = client.submit("sleep", 0.3)
+    future = client.on_done(task_id, callback)
+    assert called.wait(WAIT), "the callback was not called"
+    task, thread = got[0]
+    assert task.task_id == task_id and task.status == "done"
+    assert thread is not threading.main_thread()
+    assert future.result(timeout=WAIT) == task
+
+
+def test_cancel_stops_a_running_task(client: Client) -> None:
+    task_id = client.submit("sleep", 30)
+    poll("the task to run", lambda: client.get(task_id).status == "running")
+    cancelled = client.cancel(task_id)
+    assert cancelled.status == "cancelled"
+    assert cancelled.finished_at is not None
+    assert client.wait(task_id, timeout=WAIT).status == "cancelled"
+    # The agent's slot is free again: nothing runs there any more.
+    agent = cancelled.agent_id
+    poll(
+        "the agent to report no running task",
+        lambda: [a.running for a in client.agents() if a.agent_id == agent] == [0],
+    )
+    # Cancelling an ended task leaves it as it is.
+    done = client.wait(client.submit("add", 1, 1), timeout=WAIT)
+    assert client.cancel(done.task_id).status == "done"
+
+
+def test_tasks_filters_and_pages(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `mul` with these arguments is submitted by this test only.
+    ids = [client.submit("mul", i, 1000) for i in range(5)]
+    for task_id in ids:
+        assert client.wait(task_id, timeout=WAIT).status == "done"
+    bad = client.submit("mul", "x", 1000)
+    assert client.wait(bad, timeout=WAIT).status == "client_error"
+
+    tokens: list[str] = []
+    list_tasks = client._stub.ListTasks
+
+    def spy(req, **kw):
+        tokens.append(req.page_token)
+        return list_tasks(req, **kw)
+
+    monkeypatch.setattr(client._stub, "ListTasks", spy)
+    mine = [t for t in client.tasks(procedure="mul", page_size=2) if t.task_id in ids + [bad]]
+    # Newest first, every task once, across several pages.
+    assert [t.task_id for t in mine] == [bad] + ids[::-1]
+    assert len(tokens) >= 3 and tokens[0] == "" and all(tokens[1:]), tokens
+    assert len(set(tokens)) == len(tokens)
+
+    done = list(client.tasks(status="done", procedure="mul", page_size=2))
+    assert all(t.status == "done" and t.procedure == "mul" for t in done)
+    assert set(ids) <= {t.task_id for t in done}
+    assert bad not in {t.task_id for t in done}
+    errors = list(client.tasks(status="client_error", procedure="mul"))
+    assert bad in {t.task_id for t in errors}
+    assert all(t.status == "client_error" for t in errors)
+
+    agent = client.get(ids[0]).agent_id
+    on_agent = list(client.tasks(agent_id=agent, page_size=3))
+    assert on_agent and all(t.agent_id == agent for t in on_agent)
+    assert ids[0] in {t.task_id for t in on_agent}
+
+    with pytest.raises(ValueError):
+        list(client.tasks(status="no_such_status"))
+
+
+def test_agents_shows_two_alive_agents(client: Client, cluster) -> None:
+    agents = client.agents()
+    assert len(agents) == 2
+    assert sorted(a.port for a in agents) == sorted(cluster.agent_ports)
+    assert len({a.agent_id for a in agents}) == 2
+    for a in agents:
+        assert a.state == "alive"
+        assert re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", a.mac), a.mac
+        ipaddress.ip_address(a.ip)
+        assert a.address.endswith(f":{a.port}")
+        assert BUILTINS <= set(a.procedures)
+        assert a.capacity >= 1 and not a.blacklisted
+        assert isinstance(a.last_seen, dt.datetime)
+
+
+def test_procedures_lists_builtins_on_both_agents(client: Client) -> None:
+    procedures = client.procedures()
+    both = agent_ids(client)
+    assert BUILTINS <= set(procedures)
+    for name in BUILTINS:
+        assert sorted(procedures[name]) == both, (name, procedures[name])
+
+
+def test_blacklist_refuses_the_agent_and_unblacklist_restores_it(client: Client) -> None:
+    black, other = agent_ids(client)
+    try:
+        assert client.blacklist(black).blacklisted
+        with pytest.raises(GatewayError) as e:
+            client.submit("add", 1, 2, agent_id=black)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert black in e.value.message
+        # The scheduler places tasks on the other agent meanwhile.
+        for _ in range(3):
+            task = client.wait(client.submit("add", 1, 2), timeout=WAIT)
+            assert task.status == "done" and task.agent_id == other
+        assert client.procedures()["add"] == [other]
+        assert {a.agent_id: a.blacklisted for a in client.agents()} == {black: True, other: False}
+    finally:
+        restored = client.unblacklist(black)
+    assert not restored.blacklisted
+    task = client.wait(client.submit("add", 1, 2, agent_id=black), timeout=WAIT)
+    assert task.status == "done" and task.agent_id == black and task.requested_agent_id == black
+    assert sorted(client.procedures()["add"]) == [black, other]
+    with pytest.raises(GatewayError) as e:
+        client.blacklist("agent-does-not-exist")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_timed_out_call_frees_its_slot(client: Client) -> None:
+    agent = agent_ids(client)[0]
+    with pytest.raises(TaskFailed) as e:
+        client.call("sleep", 5, timeout=0.3, agent_id=agent)
+    assert "timed out" in e.value.error
+    # The agent stops counting it as running (it reports its running tasks in echoes).
+    poll(
+        "the agent to report no running task",
+        lambda: [a.running for a in client.agents() if a.agent_id == agent] == [0],
+    )
+
+
+def test_wait_gives_up_at_its_timeout(client: Client) -> None:
+    task_id = client.submit("sleep", 30)
+    try:
+        poll("the task to run", lambda: client.get(task_id).status == "running")
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            client.wait(task_id, timeout=0.5)
+        assert time.monotonic() - start < WAIT
+        task = client.get(task_id, wait=0.2)
+        assert not task.ended
+    finally:
+        client.cancel(task_id)
