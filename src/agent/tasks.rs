@@ -144,7 +144,20 @@ impl TaskRunner {
                 self.start(rec, slot);
                 Ok(atask_id)
             }
-            Inserted::Existing(old) if old.same_call(&rec.procedure, &rec.args) => Ok(atask_id),
+            Inserted::Existing(old) if old.same_call(&rec.procedure, &rec.args) => {
+                // A controller repeating an ATASK may have lost what we told it
+                // (it crashed before storing): tell it again how the task ended.
+                if old.state.is_final() {
+                    let again = self
+                        .store
+                        .update(&atask_id, false, |r| r.final_signal_answered = false)
+                        .await?;
+                    if let Some(rec) = again {
+                        self.signals.finished(&rec);
+                    }
+                }
+                Ok(atask_id)
+            }
             Inserted::Existing(_) => Err(ProtocolError::TaskIdReused(atask_id)),
         }
     }

@@ -247,7 +247,16 @@ impl Scheduler {
             r.map(|_| ())
         };
         match self.client.call(&agent.address, &req).await {
-            Ok(r) if r.is_ok() => {}
+            Ok(r) if r.is_ok() => {
+                // A cancel that raced ahead of this ATASK found nothing to terminate
+                // on the agent: stop the task now that the agent has it.
+                let cancelled = self.store.get_task(task_id)?.is_some_and(|t| {
+                    t.status == TaskStatus::Cancelled && t.attempt == attempt
+                });
+                if cancelled {
+                    self.terminate_on(&agent, task.atask_id()).await;
+                }
+            }
             Ok(r) => match r.code {
                 Code::UnknownProcedure | Code::Internal => requeue(format!(
                     "agent {} refused the task ({}): {}",
