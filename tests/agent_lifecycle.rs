@@ -101,14 +101,17 @@ command = ["sh", "-c", "echo $$ > \"$0\"; sleep 30"]
     assert_eq!(get(&a, "queued")["data"]["running"], false);
 
     agent.kill9();
-    // The program of the killed agent is not ours to reap; stop it so it cannot
-    // touch the test's files after the test.
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
-    }
+    assert!(
+        process_alive(pid),
+        "the program outlives the agent's kill -9"
+    );
     agent.restart();
     let a = agent.arpcp();
+    // The restarted agent stops the program its crash left running: a task
+    // reported interrupted does not go on.
+    wait_until(WAIT, "the orphaned program to be stopped", || {
+        !process_alive(pid)
+    });
 
     let r = get(&a, "long");
     assert_response(&r, 100, &[]);

@@ -103,6 +103,8 @@ pub struct AgentStore {
     tasks: sled::Tree,
     meta: sled::Tree,
     commits: GroupCommit,
+    /// A random id made when the store was created, naming it to programs it runs.
+    id: std::sync::Arc<str>,
 }
 
 /// What an insert found.
@@ -116,11 +118,33 @@ impl AgentStore {
         let db = open_db(&dir.join("agent.sled"), CACHE_BYTES)?;
         let commits = GroupCommit::start(db.clone(), "agent-store")
             .map_err(|e| StoreError::Commit(CommitError::Flush(e.to_string())))?;
+        let meta = db.open_tree("meta")?;
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let id = match meta.compare_and_swap(
+            "store_id",
+            None as Option<&[u8]>,
+            Some(fresh.as_bytes()),
+        )? {
+            Ok(()) => {
+                db.flush()?;
+                fresh
+            }
+            Err(cas) => cas
+                .current
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or(fresh),
+        };
         Ok(AgentStore {
             tasks: db.open_tree("tasks")?,
-            meta: db.open_tree("meta")?,
+            meta,
             commits,
+            id: id.into(),
         })
+    }
+
+    /// The store's id (stable across restarts).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Inserts `rec` unless its id exists, atomically, and makes it durable.

@@ -13,10 +13,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::procedures::{ProgressSink, Registry, RunError};
+use super::procedures::{kill_marked_processes, ProgressSink, Registry, RunContext, RunError};
 use super::signals::SignalSender;
 use super::store::{AgentStore, Inserted, StoreError, TaskRecord, TaskState};
 use crate::arpcp::{Args, Code, GetData, Progress, ProtocolError, Response, TaskError};
+
+/// Environment variables that mark a program as started for a task of this agent
+/// (`ARPCP_AGENT_STORE` names the agent's store; `ARPCP_ATASK_ID` the task).
+pub const ENV_STORE: &str = "ARPCP_AGENT_STORE";
+pub const ENV_TASK: &str = "ARPCP_ATASK_ID";
 
 /// Unfinished tasks an agent holds at once; ATASK beyond it is refused (300), so a
 /// flood of requests cannot grow memory without bound.
@@ -226,7 +231,10 @@ impl TaskRunner {
         let outcome = match self.registry.get(&rec.procedure) {
             Err(e) => Outcome::Finished(Err(RunError::BadArguments(e.to_string()))),
             Ok(procedure) => {
-                let sink = self.progress_sink(&rec);
+                let ctx = RunContext {
+                    progress: self.progress_sink(&rec),
+                    env: self.task_marks(&rec.atask_id),
+                };
                 // `accepted` with progress: the controller learns the task runs.
                 self.signals.progress(
                     &rec,
@@ -239,7 +247,7 @@ impl TaskRunner {
                     biased;
                     _ = terminate.cancelled() => Outcome::Terminated,
                     _ = self.hard_stop.cancelled() => Outcome::Interrupted("agent shut down before the task finished"),
-                    r = procedure.run(&rec.args, sink) => Outcome::Finished(r),
+                    r = procedure.run(&rec.args, ctx) => Outcome::Finished(r),
                 }
             }
         };
@@ -279,6 +287,14 @@ impl TaskRunner {
             self.signals.finished(&rec);
         }
         Ok(())
+    }
+
+    /// The environment that marks a task's programs as this agent's and this task's.
+    fn task_marks(&self, atask_id: &str) -> Vec<(String, String)> {
+        vec![
+            (ENV_STORE.to_string(), self.store.id().to_string()),
+            (ENV_TASK.to_string(), atask_id.to_string()),
+        ]
     }
 
     fn progress_sink(self: &Arc<Self>, rec: &TaskRecord) -> ProgressSink {
@@ -373,7 +389,7 @@ impl TaskRunner {
                 .map_err(|_| ProtocolError::Internal("agent is shutting down".into()))?;
             // Counted down on drop too: a timeout or shutdown drops this future.
             let _running = RunningGuard::new(&self.running);
-            let r = p.run(args, Arc::new(|_| {})).await;
+            let r = p.run(args, RunContext::detached()).await;
             r.map_err(|e| match e {
                 RunError::BadArguments(reason) => ProtocolError::bad_args(procedure, reason),
                 other => ProtocolError::Execution(other.to_string()),
@@ -406,6 +422,12 @@ impl TaskRunner {
                 }
                 TaskState::Running => {
                     interrupted += 1;
+                    // Its program may have outlived the agent's crash: a task
+                    // reported interrupted must not go on running.
+                    let killed = kill_marked_processes(&self.task_marks(&rec.atask_id));
+                    if killed > 0 {
+                        info!(atask_id = %rec.atask_id, killed, "stopped the processes a crash left running");
+                    }
                     let err = TaskError {
                         code: Code::Execution,
                         description: "agent stopped while the task was running".into(),

@@ -250,9 +250,10 @@ impl Scheduler {
             Ok(r) if r.is_ok() => {
                 // A cancel that raced ahead of this ATASK found nothing to terminate
                 // on the agent: stop the task now that the agent has it.
-                let cancelled = self.store.get_task(task_id)?.is_some_and(|t| {
-                    t.status == TaskStatus::Cancelled && t.attempt == attempt
-                });
+                let cancelled = self
+                    .store
+                    .get_task(task_id)?
+                    .is_some_and(|t| t.status == TaskStatus::Cancelled && t.attempt == attempt);
                 if cancelled {
                     self.terminate_on(&agent, task.atask_id()).await;
                 }

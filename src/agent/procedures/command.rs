@@ -56,12 +56,13 @@ impl CommandProcedure {
         argv_tail(args).map(|_| ())
     }
 
-    pub async fn run(&self, args: &Args) -> Result<Value, RunError> {
+    pub async fn run(&self, args: &Args, env: &[(String, String)]) -> Result<Value, RunError> {
         let tail = argv_tail(args).map_err(RunError::BadArguments)?;
         let program = &self.spec.command[0];
         let mut child = tokio::process::Command::new(program)
             .args(&self.spec.command[1..])
             .args(&tail)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -123,14 +124,57 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0.and_then(|p| i32::try_from(p).ok()) {
-            // SAFETY: killpg has no memory-safety preconditions; the group id is the
-            // one our child was put in with `process_group(0)`.
+        if let Some(pgid) = self.0 {
+            kill_process_group(pgid);
+        }
+    }
+}
+
+/// Kills every process of a group this agent started (`process_group(0)` made the
+/// program the leader of a group of its own).
+fn kill_process_group(pgid: u32) {
+    if let Ok(pgid) = i32::try_from(pgid) {
+        if pgid > 1 {
+            // SAFETY: killpg has no memory-safety preconditions.
             unsafe {
                 libc::killpg(pgid, libc::SIGKILL);
             }
         }
     }
+}
+
+/// Kills every process whose environment holds all of `marks` (`KEY=VALUE`): the
+/// programs of tasks that an agent's crash left running. Returns how many.
+pub fn kill_marked_processes(marks: &[(String, String)]) -> usize {
+    let wanted: Vec<Vec<u8>> = marks
+        .iter()
+        .map(|(k, v)| format!("{k}={v}").into_bytes())
+        .collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+        if wanted.iter().all(|w| vars.contains(&w.as_slice())) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            killed += 1;
+        }
+    }
+    killed
 }
 
 fn argv_tail(args: &Args) -> Result<Vec<String>, String> {

@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::arpcp::{Args, Code, Progress, ProtocolError, TaskError};
 
 pub use builtin::Builtin;
-pub use command::{CommandProcedure, CommandSpec};
+pub use command::{kill_marked_processes, CommandProcedure, CommandSpec};
 
 /// Why a procedure did not produce a value.
 #[derive(Debug, Error, PartialEq)]
@@ -49,6 +49,25 @@ impl RunError {
 /// decides what reaches the controller.
 pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
 
+/// What a running procedure can tell its runner.
+#[derive(Clone)]
+pub struct RunContext {
+    pub progress: ProgressSink,
+    /// Environment given to programs the procedure starts: it marks them as this
+    /// task's, so an agent restarted after a crash can find and stop them.
+    pub env: Vec<(String, String)>,
+}
+
+impl RunContext {
+    /// A context that reports nowhere (synchronous calls keep no record).
+    pub fn detached() -> RunContext {
+        RunContext {
+            progress: Arc::new(|_| {}),
+            env: Vec::new(),
+        }
+    }
+}
+
 pub enum Procedure {
     Builtin(Builtin),
     Command(CommandProcedure),
@@ -65,10 +84,10 @@ impl Procedure {
     }
 
     /// Runs the procedure. Dropping the future stops it (and kills its processes).
-    pub async fn run(&self, args: &Args, progress: ProgressSink) -> Result<Value, RunError> {
+    pub async fn run(&self, args: &Args, ctx: RunContext) -> Result<Value, RunError> {
         match self {
-            Procedure::Builtin(b) => b.run(args, progress).await,
-            Procedure::Command(c) => c.run(args).await,
+            Procedure::Builtin(b) => b.run(args, ctx.progress).await,
+            Procedure::Command(c) => c.run(args, &ctx.env).await,
         }
     }
 }
