@@ -1,13 +1,17 @@
 //! The requesting side of ARPCP, used by the gateway (ATASK, GET, TASK, ID, SIGNAL
-//! terminate) and by agents (SIGNALs, announcements). Keeps a few idle connections
-//! per peer for reuse, and bounds every exchange by a timeout.
+//! terminate) and by agents (SIGNALs, announcements). Keeps one pipelined
+//! connection per peer, and bounds every exchange by a timeout.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
 use thiserror::Error;
 use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::codec::CodecError;
 use super::connection::Connection;
@@ -15,11 +19,6 @@ use super::{Method, ProtocolError, Request, Response};
 
 /// Longest response line accepted: results can be larger than requests.
 pub const MAX_RESPONSE_LEN: usize = 16 * 1024 * 1024;
-/// Idle connections kept per peer.
-pub const MAX_POOLED_PER_PEER: usize = 64;
-/// A pooled connection idle longer than this is dropped rather than reused, well
-/// before the peer's idle timeout closes it under us.
-pub const POOL_IDLE: Duration = Duration::from_secs(20);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,8 +46,17 @@ impl ClientError {
     }
 }
 
+/// Requests written to one peer and not answered yet, per connection.
+pub const MAX_PIPELINED_PER_PEER: usize = 128;
+/// Requests queued for a peer's connection writer.
+const PIPELINE_QUEUE: usize = 1024;
+
+/// Sends requests to peers. Requests to one peer share one connection, pipelined:
+/// concurrent requests are written together (one write for many) and their answers
+/// matched in order. A TASK, which may run long, gets a connection of its own so it
+/// holds up nothing else.
 pub struct ArpcpClient {
-    pool: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
+    peers: Mutex<HashMap<String, Arc<Pipeline>>>,
     connect_timeout: Duration,
     request_timeout: Duration,
 }
@@ -59,10 +67,124 @@ impl Default for ArpcpClient {
     }
 }
 
+type Reply = oneshot::Sender<Result<Response, ClientError>>;
+
+struct Queued {
+    line: Bytes,
+    reply: Reply,
+    slot: OwnedSemaphorePermit,
+}
+
+/// One pipelined connection: a writer task and a reader task.
+struct Pipeline {
+    queue: mpsc::Sender<Queued>,
+    slots: Arc<Semaphore>,
+    dead: CancellationToken,
+}
+
+impl Pipeline {
+    fn open(addr: &str, conn: Connection) -> Pipeline {
+        let (queue, mut rx) = mpsc::channel::<Queued>(PIPELINE_QUEUE);
+        let dead = CancellationToken::new();
+        let waiting: Arc<Mutex<VecDeque<(Reply, OwnedSemaphorePermit)>>> = Arc::default();
+        let (mut sink, mut lines) = conn.split_raw();
+        let fail_all = {
+            let waiting = waiting.clone();
+            let addr = addr.to_string();
+            move || {
+                let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                for (reply, _) in w.drain(..) {
+                    let _ = reply.send(Err(ClientError::Closed { addr: addr.clone() }));
+                }
+            }
+        };
+        // Writer: everything queued so far goes out in one write.
+        {
+            let (dead, waiting, fail_all) = (dead.clone(), waiting.clone(), fail_all.clone());
+            tokio::spawn(async move {
+                loop {
+                    let first = tokio::select! {
+                        _ = dead.cancelled() => break,
+                        q = rx.recv() => match q { Some(q) => q, None => break },
+                    };
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let mut failed = false;
+                    for q in batch {
+                        // Registered before written, so the reader can never see
+                        // an answer it has no waiter for.
+                        waiting
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_back((q.reply, q.slot));
+                        if !failed && sink.feed(q.line).await.is_err() {
+                            failed = true;
+                        }
+                    }
+                    if failed || sink.flush().await.is_err() {
+                        break;
+                    }
+                }
+                dead.cancel();
+                fail_all();
+            });
+        }
+        // Reader: answers in request order.
+        {
+            let (dead, addr) = (dead.clone(), addr.to_string());
+            tokio::spawn(async move {
+                loop {
+                    let line = tokio::select! {
+                        _ = dead.cancelled() => break,
+                        l = lines.next() => l,
+                    };
+                    let answer = match line {
+                        Some(Ok(line)) => {
+                            Response::parse(&line).map_err(|error| ClientError::BadResponse {
+                                addr: addr.clone(),
+                                error,
+                            })
+                        }
+                        Some(Err(source)) => Err(ClientError::Io {
+                            addr: addr.clone(),
+                            source,
+                        }),
+                        None => break,
+                    };
+                    let next = waiting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pop_front();
+                    let fatal = answer.is_err();
+                    match next {
+                        Some((reply, _slot)) => {
+                            let _ = reply.send(answer);
+                        }
+                        // An answer nobody asked for: the peer is confused.
+                        None => break,
+                    }
+                    if fatal {
+                        break;
+                    }
+                }
+                dead.cancel();
+                fail_all();
+            });
+        }
+        Pipeline {
+            queue,
+            slots: Arc::new(Semaphore::new(MAX_PIPELINED_PER_PEER)),
+            dead,
+        }
+    }
+}
+
 impl ArpcpClient {
     pub fn new(connect_timeout: Duration, request_timeout: Duration) -> Self {
         ArpcpClient {
-            pool: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             connect_timeout,
             request_timeout,
         }
@@ -75,24 +197,129 @@ impl ArpcpClient {
     }
 
     /// Sends `req` and waits up to `timeout` for the response. A request that failed
-    /// on a reused connection is sent once more on a fresh one, unless it is a TASK
-    /// (not idempotent: the peer may have run it).
+    /// because an established connection broke is sent once more on a fresh one,
+    /// unless it is a TASK (not idempotent: the peer may have run it).
     pub async fn call_with_timeout(
         &self,
         addr: &str,
         req: &Request,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
-        let msg = req.to_json();
-        if let Some(conn) = self.take_pooled(addr) {
-            match self.exchange(conn, addr, &msg, timeout).await {
-                Ok(r) => return Ok(r),
-                Err(e) if req.method() == Method::Task => return Err(e),
-                Err(_) => {}
+        let mut line = serde_json::to_vec(&req.to_json()).unwrap_or_default();
+        line.extend_from_slice(b"\r\n");
+        let line = Bytes::from(line);
+        if req.method() == Method::Task {
+            return self.call_alone(addr, line, timeout).await;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        match self
+            .call_pipelined(addr, line.clone(), deadline, timeout)
+            .await
+        {
+            Err(ClientError::Closed { .. } | ClientError::Io { .. }) => {
+                self.call_pipelined(addr, line, deadline, timeout).await
+            }
+            other => other,
+        }
+    }
+
+    async fn pipeline(&self, addr: &str) -> Result<Arc<Pipeline>, ClientError> {
+        if let Some(p) = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+        {
+            if !p.dead.is_cancelled() {
+                return Ok(p.clone());
             }
         }
         let conn = self.connect(addr).await?;
-        self.exchange(conn, addr, &msg, timeout).await
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        // Another caller may have connected meanwhile: use one connection.
+        if let Some(p) = peers.get(addr).filter(|p| !p.dead.is_cancelled()) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(Pipeline::open(addr, conn));
+        peers.insert(addr.to_string(), p.clone());
+        Ok(p)
+    }
+
+    async fn call_pipelined(
+        &self,
+        addr: &str,
+        line: Bytes,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let timed_out = || ClientError::Timeout {
+            addr: addr.to_string(),
+            timeout,
+        };
+        let exchange = async {
+            let p = self.pipeline(addr).await?;
+            let slot = p
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ClientError::Closed {
+                    addr: addr.to_string(),
+                })?;
+            let (reply, answer) = oneshot::channel();
+            p.queue
+                .send(Queued { line, reply, slot })
+                .await
+                .map_err(|_| ClientError::Closed {
+                    addr: addr.to_string(),
+                })?;
+            let answer = answer.await.map_err(|_| ClientError::Closed {
+                addr: addr.to_string(),
+            })?;
+            Ok::<_, ClientError>((p, answer))
+        };
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok((_, answer))) => answer,
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                // A peer that does not answer in time holds up everything behind
+                // it on this connection: start afresh next time.
+                self.forget(addr);
+                Err(timed_out())
+            }
+        }
+    }
+
+    /// One request on a connection of its own.
+    async fn call_alone(
+        &self,
+        addr: &str,
+        line: Bytes,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let mut conn = self.connect(addr).await?;
+        let io = |source| ClientError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        let round_trip = async {
+            conn.send_raw(line).await.map_err(io)?;
+            match conn.read_line().await.map_err(io)? {
+                Some(line) => Response::parse(&line).map_err(|error| ClientError::BadResponse {
+                    addr: addr.to_string(),
+                    error,
+                }),
+                None => Err(ClientError::Closed {
+                    addr: addr.to_string(),
+                }),
+            }
+        };
+        tokio::time::timeout(timeout, round_trip)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            })?
     }
 
     async fn connect(&self, addr: &str) -> Result<Connection, ClientError> {
@@ -112,61 +339,15 @@ impl ArpcpClient {
         })
     }
 
-    async fn exchange(
-        &self,
-        mut conn: Connection,
-        addr: &str,
-        msg: &serde_json::Value,
-        timeout: Duration,
-    ) -> Result<Response, ClientError> {
-        let io = |source| ClientError::Io {
-            addr: addr.to_string(),
-            source,
-        };
-        let round_trip = async {
-            conn.send(msg).await.map_err(io)?;
-            match conn.read_line().await.map_err(io)? {
-                Some(line) => Response::parse(&line).map_err(|error| ClientError::BadResponse {
-                    addr: addr.to_string(),
-                    error,
-                }),
-                None => Err(ClientError::Closed {
-                    addr: addr.to_string(),
-                }),
-            }
-        };
-        let response = tokio::time::timeout(timeout, round_trip)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                addr: addr.to_string(),
-                timeout,
-            })??;
-        self.put_back(addr, conn);
-        Ok(response)
-    }
-
-    fn take_pooled(&self, addr: &str) -> Option<Connection> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = pool.get_mut(addr)?;
-        while let Some((conn, since)) = conns.pop() {
-            if since.elapsed() < POOL_IDLE {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    fn put_back(&self, addr: &str, conn: Connection) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = pool.entry(addr.to_string()).or_default();
-        if conns.len() < MAX_POOLED_PER_PEER {
-            conns.push((conn, Instant::now()));
-        }
-    }
-
-    /// Drops the idle connections to `addr` (after it failed, say).
+    /// Drops the connection to `addr` (after it failed, say).
     pub fn forget(&self, addr: &str) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.remove(addr);
+        let gone = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
+        if let Some(p) = gone {
+            p.dead.cancel();
+        }
     }
 }

@@ -97,6 +97,24 @@ impl<T: Serialize> Encoder<&T> for LineCodec {
     }
 }
 
+/// A line already encoded, terminator included.
+impl Encoder<bytes::Bytes> for LineCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, line: bytes::Bytes, dst: &mut BytesMut) -> Result<(), CodecError> {
+        dst.extend_from_slice(&line);
+        Ok(())
+    }
+}
+
+impl Encoder<super::Response> for LineCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, msg: super::Response, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.encode(&msg, dst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

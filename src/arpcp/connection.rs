@@ -10,6 +10,11 @@ use tokio_util::codec::Framed;
 
 use super::codec::{CodecError, LineCodec};
 
+/// The writing half of a split connection, taking items of type `T`.
+pub type Writer<T> = futures::stream::SplitSink<Framed<TcpStream, LineCodec>, T>;
+/// The reading half of a split connection: lines.
+pub type Reader = futures::stream::SplitStream<Framed<TcpStream, LineCodec>>;
+
 pub struct Connection {
     framed: Framed<TcpStream, LineCodec>,
     peer: SocketAddr,
@@ -39,6 +44,21 @@ impl Connection {
     /// The next non-empty line, or `None` when the peer closed cleanly.
     pub async fn read_line(&mut self) -> Result<Option<BytesMut>, CodecError> {
         self.framed.next().await.transpose()
+    }
+
+    /// The writing and reading halves, for serving several requests at once.
+    pub fn split(self) -> (Writer<super::Response>, Reader) {
+        self.framed.split()
+    }
+
+    /// The halves as raw lines: writing pre-encoded lines, reading responses.
+    pub fn split_raw(self) -> (Writer<bytes::Bytes>, Reader) {
+        self.framed.split()
+    }
+
+    /// Writes one pre-encoded line (terminator included) and flushes it.
+    pub async fn send_raw(&mut self, line: bytes::Bytes) -> Result<(), CodecError> {
+        self.framed.send(line).await
     }
 
     /// Writes one message as a line and flushes it.

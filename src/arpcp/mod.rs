@@ -31,5 +31,8 @@ pub const DEFAULT_CONTROLLER_PORT: u16 = 7019;
 pub const MAX_LINE_LEN: usize = 1024 * 1024;
 /// A connection with no complete request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests of one connection handled at once; a pipelining peer that sends more
+/// waits (we stop reading) until answers go out.
+pub const MAX_PIPELINED_REQUESTS: usize = 128;
 /// Connections a server serves at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 1024;

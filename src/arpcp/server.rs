@@ -1,12 +1,16 @@
 //! The ARPCP server loop shared by the agent and the gateway's SIGNAL listener:
 //! accepts connections up to a limit, answers the requests of each connection in
-//! order (pipelined ones too), closes idle and over-long-line connections, and on
-//! shutdown stops accepting and lets each connection finish its current request.
+//! order (pipelined ones too, handled side by side and answered in order, several
+//! answers per write), closes idle and over-long-line connections, and on shutdown
+//! stops accepting and reading and lets each connection answer what it has read.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures::future::Either;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +19,10 @@ use tracing::{debug, warn};
 
 use super::codec::CodecError;
 use super::connection::Connection;
-use super::{ProtocolError, Request, Response, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_LINE_LEN};
+use super::{
+    ProtocolError, Request, Response, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_LINE_LEN,
+    MAX_PIPELINED_REQUESTS,
+};
 
 /// Who sent a request, and on which of our addresses it arrived.
 #[derive(Debug, Clone, Copy)]
@@ -77,37 +84,62 @@ async fn serve_connection<H: Handler>(
     handler: &H,
     shutdown: &CancellationToken,
 ) -> Result<(), CodecError> {
-    let mut conn = Connection::new(stream, MAX_LINE_LEN)?;
+    let conn = Connection::new(stream, MAX_LINE_LEN)?;
     let peer = PeerInfo {
         peer: conn.peer_addr(),
         local: conn.local_addr(),
     };
+    let (mut sink, mut lines) = conn.split();
+    // Requests being handled, answered in the order they came. Each handler runs
+    // its state changes before it first waits (for a durable commit, say), and
+    // handlers are first polled in arrival order, so requests on one connection
+    // also take effect in order; waiting for disk overlaps across requests.
+    let mut in_flight = FuturesOrdered::new();
+    let mut reading = true;
+    let mut idle_since = tokio::time::Instant::now();
     loop {
-        let line = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = tokio::time::timeout(IDLE_TIMEOUT, conn.read_line()) => match r {
-                Err(_idle) => return Ok(()),
-                Ok(r) => r,
-            },
-        };
-        let line = match line {
-            Ok(Some(line)) => line,
-            Ok(None) => return Ok(()),
-            Err(CodecError::LineTooLong { limit }) => {
-                let e = ProtocolError::LineTooLong { limit };
-                warn!(peer = %peer.peer, "{e}");
-                conn.send(&Response::error(&e)).await?;
-                return Ok(());
+        if !reading && in_flight.is_empty() {
+            return Ok(());
+        }
+        let can_read = reading && in_flight.len() < MAX_PIPELINED_REQUESTS;
+        let idle = tokio::time::sleep_until(idle_since + IDLE_TIMEOUT);
+        tokio::select! {
+            _ = shutdown.cancelled(), if reading => reading = false,
+            _ = idle, if in_flight.is_empty() => return Ok(()),
+            line = lines.next(), if can_read => {
+                idle_since = tokio::time::Instant::now();
+                let answer = match line {
+                    None => {
+                        reading = false;
+                        continue;
+                    }
+                    Some(Ok(line)) => match Request::parse(&line) {
+                        Ok(req) => Either::Left(handler.handle(req, peer)),
+                        Err(e) => {
+                            debug!(peer = %peer.peer, "bad request: {e}");
+                            Either::Right(std::future::ready(Response::error(&e)))
+                        }
+                    },
+                    Some(Err(CodecError::LineTooLong { limit })) => {
+                        let e = ProtocolError::LineTooLong { limit };
+                        warn!(peer = %peer.peer, "{e}");
+                        // Answer it after the requests before it, then close.
+                        reading = false;
+                        Either::Right(std::future::ready(Response::error(&e)))
+                    }
+                    Some(Err(e)) => return Err(e),
+                };
+                in_flight.push_back(answer);
             }
-            Err(e) => return Err(e),
-        };
-        let response = match Request::parse(&line) {
-            Ok(req) => handler.handle(req, peer).await,
-            Err(e) => {
-                debug!(peer = %peer.peer, "bad request: {e}");
-                Response::error(&e)
+            Some(response) = in_flight.next() => {
+                sink.feed(response).await?;
+                // Answers that are ready too go out in the same write.
+                while let Some(Some(more)) = in_flight.next().now_or_never() {
+                    sink.feed(more).await?;
+                }
+                sink.flush().await?;
+                idle_since = tokio::time::Instant::now();
             }
-        };
-        conn.send(&response).await?;
+        }
     }
 }
