@@ -1,8 +1,9 @@
 //! Cluster membership: which agents exist, whether they answer, and what they offer.
 //! The echo loop probes every known agent with ARPCP ID each interval (plus the
-//! configured addresses, announced agents and scanned ranges that are not agents
-//! yet); an answer registers or refreshes the agent, a miss counts up from alive to
-//! suspect to gone. Identity is MAC + port, so agents sharing a host stay distinct.
+//! configured addresses and announced agents that are not agents yet), and beside
+//! it passes over the scanned ranges; an answer registers or refreshes the agent, a
+//! miss counts up from alive to suspect to gone. Identity is MAC + port, so agents
+//! sharing a host stay distinct.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -20,7 +21,7 @@ use super::store::{GatewayStore, StoreError};
 use super::GatewayError;
 use crate::arpcp::{ArpcpClient, IdData, Request};
 
-/// Probes in flight at once during an echo round.
+/// Probes in flight at once in an echo round, and in a scan pass.
 pub const MAX_CONCURRENT_PROBES: usize = 64;
 /// Largest scan range accepted (a /16 of IPv4).
 pub const MAX_SCAN_ADDRESSES: u64 = 65_536;
@@ -332,7 +333,8 @@ impl Membership {
         }
     }
 
-    /// One echo round: every known agent, every candidate, every scanned address.
+    /// One echo round: every known agent and every candidate (configured or
+    /// announced address not registered yet).
     pub async fn echo_round(&self) {
         let known: Vec<(String, String)> = self
             .read()
@@ -353,14 +355,26 @@ impl Membership {
             .cloned()
             .collect();
         targets.extend(candidates.into_iter().map(|a| (a, None)));
-        for net in &self.config.scan {
-            for ip in net.hosts() {
-                let addr = socket_addr(ip, self.config.scan_port);
-                if !known_addrs.contains(&addr) {
-                    targets.push((addr, None));
-                }
-            }
-        }
+        self.probe_all(targets).await;
+    }
+
+    /// One pass over the `--scan` ranges: every address that is no known agent's.
+    async fn scan_pass(&self) {
+        let known_addrs: BTreeSet<String> =
+            self.read().values().map(|a| a.address.clone()).collect();
+        let port = self.config.scan_port;
+        let targets = self
+            .config
+            .scan
+            .iter()
+            .flat_map(IpNet::hosts)
+            .map(|ip| socket_addr(ip, port))
+            .filter(|addr| !known_addrs.contains(addr))
+            .map(|addr| (addr, None));
+        self.probe_all(targets).await;
+    }
+
+    async fn probe_all(&self, targets: impl IntoIterator<Item = (String, Option<String>)>) {
         futures::stream::iter(targets)
             .for_each_concurrent(MAX_CONCURRENT_PROBES, |(addr, id)| async move {
                 self.probe(addr, id).await;
@@ -368,19 +382,38 @@ impl Membership {
             .await;
     }
 
-    /// Runs echo rounds every interval until `stop`.
+    /// Runs echo rounds every interval until `stop`, and beside them passes over
+    /// the scan ranges, at most one per interval. Kept apart so that a range whose
+    /// addresses do not answer (each probe waits for its timeout) never delays the
+    /// echoes that tell whether known agents are alive.
     pub async fn echo_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.config.echo_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+        let interval = self.config.echo_interval;
+        let echoes = every(interval, &stop, || self.echo_round());
+        let scans = async {
+            if !self.config.scan.is_empty() {
+                every(interval, &stop, || self.scan_pass()).await;
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = self.echo_round() => {}
-            }
+        };
+        tokio::join!(echoes, scans);
+    }
+}
+
+/// Runs `round` every `interval` (or back to back when it takes longer) until `stop`.
+async fn every<F: std::future::Future>(
+    interval: Duration,
+    stop: &CancellationToken,
+    mut round: impl FnMut() -> F,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = round() => {}
         }
     }
 }
@@ -410,4 +443,126 @@ pub fn parse_scan(cidr: &str) -> Result<IpNet, String> {
         ));
     }
     Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use serde_json::json;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Answers ID like an agent on a loopback port; aborting the task closes the
+    /// listener and every connection, as if the agent's host went away.
+    async fn fake_agent() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(_)) = lines.next_line().await {
+                        let data = IdData {
+                            mac: "02:00:00:00:00:01".into(),
+                            ip: addr.ip().to_string(),
+                            hostname: "fake".into(),
+                            port: addr.port(),
+                            version: "1.0".into(),
+                            procedures: vec!["add".into()],
+                            capacity: 1,
+                            running: 0,
+                            agent_id: None,
+                        };
+                        let line = json!({"code": 100, "description": "OK", "data": data});
+                        if write
+                            .write_all(format!("{line}\r\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr.to_string(), server)
+    }
+
+    /// Listeners on every host address of 127.77.0.0/24, on one port, that take
+    /// connections and never answer: a range where every probe runs into its timeout.
+    fn silent_range() -> (IpNet, u16, Vec<std::net::TcpListener>) {
+        let net: IpNet = "127.77.0.0/24".parse().expect("a range");
+        for _ in 0..10 {
+            let first = std::net::TcpListener::bind("127.77.0.1:0").expect("bind");
+            let port = first.local_addr().expect("address").port();
+            let rest: Result<Vec<_>, _> = net
+                .hosts()
+                .skip(1)
+                .map(|ip| std::net::TcpListener::bind((ip, port)))
+                .collect();
+            if let Ok(mut all) = rest {
+                all.push(first);
+                return (net, port, all);
+            }
+        }
+        panic!("no port free on every address of {net}");
+    }
+
+    async fn next_event(heard: &mut mpsc::Receiver<MembershipEvent>) -> MembershipEvent {
+        tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the channel is open")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_scan_range_does_not_delay_the_echoes_of_known_agents() {
+        let (scan, scan_port, _silent) = silent_range();
+        let (agent, server) = fake_agent().await;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = GatewayStore::open(dir.path()).expect("a store");
+        let (events, mut heard) = mpsc::channel(16);
+        let interval = Duration::from_millis(300);
+        let membership = Membership::new(
+            store,
+            MembershipConfig {
+                // Probes time out after the interval too: a pass over the silent
+                // range takes 254 / 64 waves of 300 ms, about 1.2 s.
+                echo_interval: interval,
+                max_misses: 3,
+                seeds: vec![agent.clone()],
+                scan: vec![scan],
+                scan_port,
+                advertise: "127.0.0.1:1".into(),
+            },
+            events,
+        )
+        .expect("membership");
+        let stop = CancellationToken::new();
+        let echo = tokio::spawn(membership.clone().echo_loop(stop.clone()));
+        let MembershipEvent::Alive(id) = next_event(&mut heard).await else {
+            panic!("the seed should register first");
+        };
+
+        server.abort();
+        let left = Instant::now();
+        let MembershipEvent::Gone(gone) = next_event(&mut heard).await else {
+            panic!("the agent should leave");
+        };
+        let took = left.elapsed();
+        assert_eq!(gone, id);
+        // Three echoes 300 ms apart: under 1 s. Echoes waiting for each pass over
+        // the silent range would take at least two passes, about 2.4 s.
+        assert!(
+            took < Duration::from_secs(2),
+            "{id} left {took:?} after it stopped answering, with echoes every {interval:?}"
+        );
+        stop.cancel();
+        echo.await.expect("the echo loop ends");
+    }
 }

@@ -74,6 +74,8 @@ pub fn tempdir() -> Arc<TempDir> {
 /// and it is killed when dropped. If the test panics, its stderr is printed.
 pub struct Daemon {
     dir: Arc<TempDir>,
+    /// The program run: the `arpcp` binary, or a launcher that execs it.
+    program: String,
     args: Vec<String>,
     child: Option<Child>,
     ready: Value,
@@ -95,8 +97,11 @@ fn log_path(dir: &Path) -> PathBuf {
         .expect("a free log file name")
 }
 
-fn command(args: &[String], stderr: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arpcp"));
+/// The `arpcp` binary under test.
+pub const ARPCP: &str = env!("CARGO_BIN_EXE_arpcp");
+
+fn command(program: &str, args: &[String], stderr: &Path) -> Command {
+    let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -120,9 +125,21 @@ impl Daemon {
 
     /// Starts `arpcp ARGS` in `dir` (which may hold data of an earlier process).
     pub fn spawn_in(dir: Arc<TempDir>, args: &[&str]) -> Daemon {
+        Daemon::spawn_cmd_in(dir, ARPCP, args)
+    }
+
+    /// Starts `PROGRAM ARGS` in a new temporary directory, for a launcher that
+    /// execs `arpcp` in the same process (say `ip netns exec NS <ARPCP> agent ...`):
+    /// the ready line is read and the process killed like `arpcp`'s own.
+    pub fn spawn_cmd(program: &str, args: &[&str]) -> Daemon {
+        Daemon::spawn_cmd_in(tempdir(), program, args)
+    }
+
+    fn spawn_cmd_in(dir: Arc<TempDir>, program: &str, args: &[&str]) -> Daemon {
         let args = expand(args, dir.path());
         let mut d = Daemon {
             dir,
+            program: program.to_string(),
             args,
             child: None,
             ready: Value::Null,
@@ -154,7 +171,7 @@ impl Daemon {
     fn start(&mut self) {
         let log = log_path(self.dir.path());
         self.logs.push(log.clone());
-        let mut child = command(&self.args, &log)
+        let mut child = command(&self.program, &self.args, &log)
             .current_dir(self.dir.path())
             .spawn()
             .expect("start the arpcp binary");
@@ -335,7 +352,7 @@ fn tail_chars(s: &str, max: usize) -> &str {
 pub fn run_to_exit(dir: &Path, args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
     let args = expand(args, dir);
     let log = log_path(dir);
-    let mut child = command(&args, &log)
+    let mut child = command(ARPCP, &args, &log)
         .current_dir(dir)
         .spawn()
         .expect("start the arpcp binary");

@@ -1,0 +1,588 @@
+//! Cluster membership across real hosts: three agents, each in its own network
+//! namespace with its own IP and MAC behind a bridge, found by the gateway's scan of
+//! the bridge's range. One host's link goes down (suspect, then gone, its running
+//! task interrupted, new work placed elsewhere) and comes back (alive again, same id).
+//!
+//! Needs root and iproute2. When the namespaces cannot be made, the test prints
+//! `SKIPPED: network namespaces unavailable: <reason>` on stderr and returns; with
+//! `CI` set and root, that fails the test instead, unless the kernel forbids
+//! namespaces.
+//!
+//! Traffic goes only to addresses of the namespaces made here: the bridge has no
+//! uplink, and until teardown an `unreachable` route covers the test's /24, so no
+//! packet for that range takes the default route even when the bridge is gone.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arpcp::pb::gateway_client::GatewayClient;
+use arpcp::pb::{self, AgentState, TaskStatus};
+use common::{call, code, req, wait_for, wait_until, Daemon, ARPCP, WAIT};
+
+/// The agents' port, the one the gateway scans.
+const AGENT_PORT: u16 = 7018;
+/// Namespaced hosts, one agent each.
+const HOSTS: u8 = 3;
+/// Bound of one `ip` command.
+const IP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound of one gRPC call.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// The test network
+
+/// A namespaced host: `eth0` in namespace `ns`, its peer `veth` on the bridge.
+struct Host {
+    ns: String,
+    veth: String,
+    ip: String,
+    mac: String,
+}
+
+impl Host {
+    fn arpcp(&self) -> String {
+        format!("{}:{AGENT_PORT}", self.ip)
+    }
+}
+
+/// A bridge `10.213.N.1/24` in the root namespace and `HOSTS` namespaces on it.
+/// Names derive from the process id (several test processes may run at once);
+/// `Drop` removes everything made, also when the test panics.
+struct TestNet {
+    bridge: String,
+    /// `10.213.N.0/24`, once claimed with its `unreachable` route.
+    subnet: Option<String>,
+    bridge_ip: String,
+    hosts: Vec<Host>,
+}
+
+/// Why the network could not be made.
+#[derive(Debug)]
+struct SetupError {
+    reason: String,
+    /// The kernel refused network namespaces themselves (not a missing tool or a
+    /// broken step), so even CI skips.
+    kernel_forbids: bool,
+}
+
+impl SetupError {
+    fn step(reason: String) -> SetupError {
+        SetupError {
+            reason,
+            kernel_forbids: false,
+        }
+    }
+
+    /// A failure to make or enter a namespace: the kernel forbidding it says so.
+    fn namespace(reason: String) -> SetupError {
+        let forbids = [
+            "Operation not permitted",
+            "Permission denied",
+            "Invalid argument",
+            "not supported",
+            "Function not implemented",
+        ]
+        .iter()
+        .any(|s| reason.contains(s));
+        SetupError {
+            reason,
+            kernel_forbids: forbids,
+        }
+    }
+}
+
+/// Runs `ip ARGS`, bounded by `IP_TIMEOUT`; its stdout, or what went wrong.
+fn ip(args: &[&str]) -> Result<String, String> {
+    let shown = format!("ip {}", args.join(" "));
+    let mut child = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    let deadline = Instant::now() + IP_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("`{shown}` still ran after {IP_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("`{shown}`: {e}")),
+        }
+    };
+    // The output is a few lines, well within the pipes' buffers.
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    if status.success() {
+        Ok(out)
+    } else {
+        Err(format!("`{shown}` failed ({status}): {}", err.trim()))
+    }
+}
+
+impl TestNet {
+    fn setup() -> Result<TestNet, SetupError> {
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(SetupError::step("not running as root".into()));
+        }
+        ip(&["-V"]).map_err(SetupError::step)?;
+        let pid = std::process::id();
+        let mut net = TestNet {
+            bridge: format!("arpcp{pid}br"),
+            subnet: None,
+            bridge_ip: String::new(),
+            hosts: (1..=HOSTS)
+                .map(|i| Host {
+                    ns: format!("arpcp{pid}-a{i}"),
+                    veth: format!("arpcp{pid}v{i}"),
+                    ip: String::new(),
+                    mac: String::new(),
+                })
+                .collect(),
+        };
+        // Leftovers of an earlier process that had this pid and was killed.
+        net.remove_all();
+        // From here on, returning drops `net`, which removes what was made.
+        net.build()?;
+        Ok(net)
+    }
+
+    fn build(&mut self) -> Result<(), SetupError> {
+        // Namespaces first: the step a kernel or a sandbox may refuse.
+        for h in &self.hosts {
+            ip(&["netns", "add", &h.ns]).map_err(SetupError::namespace)?;
+        }
+        ip(&["netns", "exec", &self.hosts[0].ns, "true"]).map_err(SetupError::namespace)?;
+
+        let n = self.claim_subnet()?;
+        self.bridge_ip = format!("10.213.{n}.1");
+        for (i, h) in (1u8..).zip(self.hosts.iter_mut()) {
+            h.ip = format!("10.213.{n}.{}", 10 + i);
+            h.mac = format!("02:a7:{n:02x}:00:00:{i:02x}");
+        }
+        let step = |args: &[&str]| ip(args).map(drop).map_err(SetupError::step);
+        let bridge_cidr = format!("{}/24", self.bridge_ip);
+        step(&["link", "add", &self.bridge, "type", "bridge"])?;
+        step(&["addr", "add", &bridge_cidr, "dev", &self.bridge])?;
+        step(&["link", "set", &self.bridge, "up"])?;
+        for h in &self.hosts {
+            let host_cidr = format!("{}/24", h.ip);
+            step(&[
+                "link", "add", &h.veth, "type", "veth", "peer", "name", "eth0", "address", &h.mac,
+                "netns", &h.ns,
+            ])?;
+            step(&["link", "set", &h.veth, "master", &self.bridge])?;
+            step(&["link", "set", &h.veth, "up"])?;
+            step(&["-n", &h.ns, "link", "set", "lo", "up"])?;
+            step(&["-n", &h.ns, "addr", "add", &host_cidr, "dev", "eth0"])?;
+            step(&["-n", &h.ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Picks N for `10.213.N.0/24`, starting from one derived from the pid, such
+    /// that no route of this machine lies in that range, and claims it by adding an
+    /// `unreachable` route for it (which a concurrent claimant's add would find).
+    fn claim_subnet(&mut self) -> Result<u8, SetupError> {
+        let start = std::process::id() % 254;
+        for k in 0..254 {
+            let n = (start + k) % 254 + 1;
+            let cidr = format!("10.213.{n}.0/24");
+            let used = ip(&["-4", "route", "show", "table", "all", "root", &cidr])
+                .map_err(SetupError::step)?;
+            if !used.trim().is_empty() {
+                continue;
+            }
+            match ip(&["route", "add", "unreachable", &cidr, "metric", "4000"]) {
+                Ok(_) => {
+                    self.subnet = Some(cidr);
+                    return Ok(u8::try_from(n).expect("n is at most 254"));
+                }
+                // Claimed by a concurrent run since we looked.
+                Err(e) if e.contains("File exists") => {}
+                Err(e) => return Err(SetupError::step(e)),
+            }
+        }
+        Err(SetupError::step(
+            "no free range 10.213.N.0/24 for the test's bridge".into(),
+        ))
+    }
+
+    /// The host-side end of host `i`'s link, up or down.
+    fn set_link(&self, i: usize, up: bool) {
+        let h = &self.hosts[i];
+        let state = if up { "up" } else { "down" };
+        if let Err(e) = ip(&["link", "set", &h.veth, state]) {
+            panic!("setting {}'s link {state}: {e}", h.ns);
+        }
+    }
+
+    /// Removes whatever of the network exists; every step may find nothing.
+    fn remove_all(&mut self) {
+        for h in &self.hosts {
+            // Deleting one end of a veth pair deletes both.
+            let _ = ip(&["link", "del", &h.veth]);
+            let _ = ip(&["netns", "del", &h.ns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+        // Last: until the bridge is gone, the range must not take the default route.
+        if let Some(cidr) = self.subnet.take() {
+            if let Err(e) = ip(&["route", "del", "unreachable", &cidr, "metric", "4000"]) {
+                eprintln!("teardown: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}
+
+/// Visible even when the test harness captures output.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A TCP connection to `addr` opens within `timeout` (retried until then).
+fn reachable(addr: &str, timeout: Duration) -> Result<(), String> {
+    let sock: SocketAddr = addr.parse().expect("a socket address");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match TcpStream::connect_timeout(&sock, left.max(Duration::from_millis(10))) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!(
+                    "no TCP connection to {addr} within {timeout:?}: {e}"
+                ))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// gRPC
+
+/// A blocking gRPC client of the gateway.
+struct Gateway {
+    rt: tokio::runtime::Runtime,
+    client: GatewayClient<tonic::transport::Channel>,
+}
+
+impl Gateway {
+    fn connect(addr: &str) -> Gateway {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let endpoint = format!("http://{addr}");
+        let client = rt
+            .block_on(async {
+                tokio::time::timeout(RPC_TIMEOUT, GatewayClient::connect(endpoint)).await
+            })
+            .unwrap_or_else(|_| panic!("no gRPC connection to {addr} within {RPC_TIMEOUT:?}"))
+            .unwrap_or_else(|e| panic!("gRPC connection to {addr}: {e}"));
+        Gateway { rt, client }
+    }
+
+    fn run<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> T {
+        self.rt
+            .block_on(async { tokio::time::timeout(RPC_TIMEOUT, f).await })
+            .unwrap_or_else(|_| panic!("{what}: no answer within {RPC_TIMEOUT:?}"))
+            .unwrap_or_else(|s| panic!("{what}: {s}"))
+            .into_inner()
+    }
+
+    fn agents(&self) -> Vec<pb::Agent> {
+        let mut c = self.client.clone();
+        self.run("ListAgents", c.list_agents(pb::ListAgentsRequest {}))
+            .agents
+    }
+
+    /// Submits `procedure(args...)`, on `agent_id` if given; the task id.
+    fn submit(&self, procedure: &str, args: &[f64], agent_id: Option<&str>) -> String {
+        let mut c = self.client.clone();
+        let args = args
+            .iter()
+            .map(|&n| prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(n)),
+            })
+            .collect();
+        let request = pb::SubmitRequest {
+            procedure: procedure.into(),
+            args,
+            agent_id: agent_id.unwrap_or_default().into(),
+            ..Default::default()
+        };
+        self.run(&format!("Submit {procedure}"), c.submit(request))
+            .task_id
+    }
+
+    /// The task now.
+    fn task(&self, task_id: &str) -> pb::Task {
+        self.task_after(task_id, Duration::ZERO)
+    }
+
+    /// The task once it ended, or after `wait`.
+    fn task_after(&self, task_id: &str, wait: Duration) -> pb::Task {
+        let mut c = self.client.clone();
+        let request = pb::GetResultRequest {
+            task_id: task_id.into(),
+            wait: (!wait.is_zero()).then(|| prost_types::Duration {
+                seconds: i64::try_from(wait.as_secs()).expect("a short wait"),
+                nanos: 0,
+            }),
+        };
+        self.run("GetResult", c.get_result(request))
+    }
+
+    /// Waits for `add` to finish and checks its result and where it ran.
+    fn expect_sum(&self, task_id: &str, sum: f64) -> pb::Task {
+        let t = self.task_after(task_id, WAIT);
+        assert_eq!(t.status(), TaskStatus::Done, "add task {t:?}");
+        let result = t.result.as_ref().and_then(|v| v.kind.as_ref());
+        assert_eq!(
+            result,
+            Some(&prost_types::value::Kind::NumberValue(sum)),
+            "add task {t:?}"
+        );
+        t
+    }
+}
+
+/// The agent registered with this IP.
+fn at_ip<'a>(agents: &'a [pb::Agent], ip: &str) -> &'a pb::Agent {
+    agents
+        .iter()
+        .find(|a| a.ip == ip)
+        .unwrap_or_else(|| panic!("no agent with IP {ip} in {agents:#?}"))
+}
+
+// ---------------------------------------------------------------------------
+// The test
+
+#[test]
+fn membership_follows_hosts_in_network_namespaces() {
+    let started = Instant::now();
+    // 1. The network. Declared first, so dropped last: every process in it is
+    // killed before it goes.
+    let net = match TestNet::setup() {
+        Ok(net) => net,
+        Err(e) => {
+            // SAFETY: geteuid(2) has no preconditions and cannot fail.
+            let root = unsafe { libc::geteuid() } == 0;
+            if std::env::var_os("CI").is_some() && root && !e.kernel_forbids {
+                panic!(
+                    "network namespaces are expected to work in CI as root: {}",
+                    e.reason
+                );
+            }
+            say(&format!(
+                "SKIPPED: network namespaces unavailable: {}",
+                e.reason
+            ));
+            return;
+        }
+    };
+
+    // 2. One agent in each namespace, then the gateway in the root namespace,
+    // scanning the bridge's range.
+    let _agents: Vec<Daemon> = net
+        .hosts
+        .iter()
+        .map(|h| {
+            let listen = h.arpcp();
+            Daemon::spawn_cmd(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &h.ns,
+                    ARPCP,
+                    "agent",
+                    "--listen",
+                    &listen,
+                    "--data-dir",
+                    "{dir}/agent-data",
+                    "--capacity",
+                    "2",
+                ],
+            )
+        })
+        .collect();
+    for h in &net.hosts {
+        if let Err(e) = reachable(&h.arpcp(), WAIT) {
+            if std::env::var_os("CI").is_some() {
+                panic!("the namespaced hosts are expected to be reachable in CI: {e}");
+            }
+            say(&format!("SKIPPED: network namespaces unavailable: {e}"));
+            return;
+        }
+        // Each agent reports the MAC of its own namespace's interface.
+        let id = call(&h.arpcp(), &req::id());
+        assert_eq!(code(&id), 100, "ID of {}: {id}", h.ns);
+        assert_eq!(id["data"]["mac"], h.mac.as_str(), "ID of {}: {id}", h.ns);
+        assert_eq!(id["data"]["ip"], h.ip.as_str(), "ID of {}: {id}", h.ns);
+    }
+    let scan = format!(
+        "{}.0/24",
+        net.bridge_ip.rsplit_once('.').expect("an IPv4").0
+    );
+    let arpcp_listen = format!("{}:0", net.bridge_ip);
+    let gateway = Daemon::spawn(&[
+        "gateway",
+        "--grpc",
+        "127.0.0.1:0",
+        "--arpcp",
+        &arpcp_listen,
+        "--data-dir",
+        "{dir}/gateway-data",
+        "--scan",
+        &scan,
+        "--scan-port",
+        &AGENT_PORT.to_string(),
+        "--echo-interval-ms",
+        "200",
+        "--max-misses",
+        "3",
+    ]);
+    let gw = Gateway::connect(&gateway.addr("grpc"));
+
+    // 3. The scan finds exactly the three hosts, each with its own IP and MAC.
+    let agents = wait_for(WAIT, "3 alive agents", || {
+        let list = gw.agents();
+        (list.len() == usize::from(HOSTS) && list.iter().all(|a| a.state() == AgentState::Alive))
+            .then_some(list)
+    });
+    for h in &net.hosts {
+        let a = at_ip(&agents, &h.ip);
+        assert_eq!(a.mac, h.mac, "MAC of the agent in {}: {a:?}", h.ns);
+        assert_eq!(a.port, u32::from(AGENT_PORT), "{a:?}");
+        assert_eq!(a.address, h.arpcp(), "{a:?}");
+        assert_eq!(a.misses, 0, "{a:?}");
+    }
+    let ids: Vec<String> = net
+        .hosts
+        .iter()
+        .map(|h| at_ip(&agents, &h.ip).agent_id.clone())
+        .collect();
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        ids.len(),
+        "agent ids must be distinct: {agents:#?}"
+    );
+    let (id1, id2, id3) = (&ids[0], &ids[1], &ids[2]);
+    say(&format!(
+        "netns: {} agents alive after {:?}: {ids:?}",
+        HOSTS,
+        started.elapsed()
+    ));
+
+    // 4. A long task on a2, a quick one on each agent.
+    let sleeper = gw.submit("sleep", &[30.0], Some(id2));
+    for id in &ids {
+        let t = gw.submit("add", &[2.0, 3.0], Some(id));
+        let t = gw.expect_sum(&t, 5.0);
+        assert_eq!(&t.agent_id, id, "a task targeted at {id} ran on {t:?}");
+    }
+    wait_until(WAIT, "the sleep task to run on a2", || {
+        gw.task(&sleeper).status() == TaskStatus::Running
+    });
+    assert_eq!(&gw.task(&sleeper).agent_id, id2);
+
+    // 5. a2's link goes down: suspect, then gone; the others stay in.
+    let down = Instant::now();
+    net.set_link(1, false);
+    let mut suspect: Option<pb::Agent> = None;
+    let gone = wait_for(WAIT, "a2 to leave the cluster", || {
+        let list = gw.agents();
+        assert_eq!(list.len(), ids.len(), "{list:#?}");
+        for id in [id1, id3] {
+            let a = list.iter().find(|a| &a.agent_id == id).expect("listed");
+            assert!(
+                a.state() == AgentState::Alive && a.misses == 0,
+                "{id} should stay alive while a2 is away: {a:?}"
+            );
+        }
+        let a2 = list.iter().find(|a| &a.agent_id == id2).expect("a2 listed");
+        match a2.state() {
+            AgentState::Suspect => {
+                suspect.get_or_insert_with(|| a2.clone());
+                None
+            }
+            AgentState::Gone => Some(a2.clone()),
+            _ => None,
+        }
+    });
+    let suspect = suspect.expect("a2 is SUSPECT before it is GONE");
+    assert!(suspect.misses >= 1, "{suspect:?}");
+    assert!(gone.misses >= 3, "{gone:?}");
+    say(&format!(
+        "netns: a2 suspect, then gone {:?} after its link went down",
+        down.elapsed()
+    ));
+
+    // Its running task is interrupted, as the failure policy says.
+    let t = wait_for(WAIT, "the sleep task to be interrupted", || {
+        let t = gw.task(&sleeper);
+        (t.status() == TaskStatus::Interrupted).then_some(t)
+    });
+    assert!(
+        t.error.contains(id2.as_str()) && t.error.contains("left the cluster"),
+        "the interruption should name {id2} and say it left the cluster: {t:?}"
+    );
+
+    // New work goes to the hosts still in the cluster.
+    let t = gw.submit("add", &[2.0, 3.0], None);
+    let t = gw.expect_sum(&t, 5.0);
+    assert!(
+        &t.agent_id == id1 || &t.agent_id == id3,
+        "an untargeted task ran on {} while a2 was gone",
+        t.agent_id
+    );
+
+    // 6. The link comes back: a2 is alive again, with the same id.
+    let up = Instant::now();
+    net.set_link(1, true);
+    wait_until(WAIT, "a2 alive again", || {
+        let list = gw.agents();
+        list.len() == ids.len()
+            && list.iter().any(|a| {
+                &a.agent_id == id2
+                    && a.state() == AgentState::Alive
+                    && a.ip == net.hosts[1].ip
+                    && a.mac == net.hosts[1].mac
+            })
+    });
+    assert!(gw
+        .agents()
+        .iter()
+        .all(|a| a.state() == AgentState::Alive && ids.contains(&a.agent_id)));
+    say(&format!(
+        "netns: a2 alive again {:?} after its link came up; test took {:?}",
+        up.elapsed(),
+        started.elapsed()
+    ));
+}
