@@ -119,7 +119,9 @@ async fn tonic_baseline(samples: usize) -> anyhow::Result<Vec<Duration>> {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
     );
     let client = tonic_health::pb::health_client::HealthClient::new(channel(&url).await?);
     latencies(samples, || {

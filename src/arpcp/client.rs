@@ -4,10 +4,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -46,6 +46,11 @@ impl ClientError {
     }
 }
 
+/// Idle connections kept per peer for TASKs.
+pub const MAX_IDLE_PER_PEER: usize = 16;
+/// An idle connection is reused only this soon, well before the peer's idle
+/// timeout closes it.
+pub const IDLE_REUSE: Duration = Duration::from_secs(20);
 /// Requests written to one peer and not answered yet, per connection.
 pub const MAX_PIPELINED_PER_PEER: usize = 128;
 /// Requests queued for a peer's connection writer.
@@ -57,6 +62,8 @@ const PIPELINE_QUEUE: usize = 1024;
 /// holds up nothing else.
 pub struct ArpcpClient {
     peers: Mutex<HashMap<String, Arc<Pipeline>>>,
+    /// Idle connections for TASKs, with the time each went idle.
+    idle: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
     connect_timeout: Duration,
     request_timeout: Duration,
 }
@@ -185,6 +192,7 @@ impl ArpcpClient {
     pub fn new(connect_timeout: Duration, request_timeout: Duration) -> Self {
         ArpcpClient {
             peers: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
             connect_timeout,
             request_timeout,
         }
@@ -290,14 +298,18 @@ impl ArpcpClient {
         }
     }
 
-    /// One request on a connection of its own.
+    /// One request on a connection of its own (an idle one, or a new one), which
+    /// goes back to the idle set after a clean answer.
     async fn call_alone(
         &self,
         addr: &str,
         line: Bytes,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
-        let mut conn = self.connect(addr).await?;
+        let mut conn = match self.take_idle(addr) {
+            Some(c) => c,
+            None => self.connect(addr).await?,
+        };
         let io = |source| ClientError::Io {
             addr: addr.to_string(),
             source,
@@ -314,12 +326,33 @@ impl ArpcpClient {
                 }),
             }
         };
-        tokio::time::timeout(timeout, round_trip)
+        let answer = tokio::time::timeout(timeout, round_trip)
             .await
             .map_err(|_| ClientError::Timeout {
                 addr: addr.to_string(),
                 timeout,
-            })?
+            })??;
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = idle.entry(addr.to_string()).or_default();
+        if conns.len() < MAX_IDLE_PER_PEER {
+            conns.push((conn, Instant::now()));
+        }
+        Ok(answer)
+    }
+
+    /// An idle connection that was used recently and that the peer has not closed.
+    fn take_idle(&self, addr: &str) -> Option<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = idle.get_mut(addr)?;
+        while let Some((mut conn, since)) = conns.pop() {
+            // Nothing may be waiting on an idle connection: anything readable is
+            // the peer closing it (or breaking the protocol).
+            let closed = conn.read_line().now_or_never().is_some();
+            if since.elapsed() < IDLE_REUSE && !closed {
+                return Some(conn);
+            }
+        }
+        None
     }
 
     async fn connect(&self, addr: &str) -> Result<Connection, ClientError> {
@@ -349,5 +382,9 @@ impl ArpcpClient {
         if let Some(p) = gone {
             p.dead.cancel();
         }
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
     }
 }
