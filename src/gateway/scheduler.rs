@@ -299,8 +299,8 @@ impl Scheduler {
             }
             AtaskStatus::Done | AtaskStatus::ClientError | AtaskStatus::Interrupted => {
                 let this = self.clone();
-                let task_id = task_id.to_string();
-                self.tracker.spawn(async move { this.collect(&task_id, attempt).await });
+                self.tracker
+                    .spawn(async move { this.collect(Some(task), attempt).await });
             }
             AtaskStatus::Terminate => {
                 return Err(ProtocolError::BadHeader {
@@ -315,16 +315,24 @@ impl Scheduler {
 
     /// Asks the agent of `attempt` about the task (GET) and stores what it says;
     /// once the result is durable, the agent is told to delete its copy.
-    async fn collect(self: &Arc<Self>, task_id: &str, attempt: u32) {
-        if let Err(e) = self.try_collect(task_id, attempt).await {
+    /// `task` is the stored task when the caller has just read it (only its
+    /// history is used: which agent held `attempt`).
+    async fn collect(self: &Arc<Self>, task: Option<TaskRecord>, attempt: u32) {
+        let task_id = task.as_ref().map(|t| t.task_id.clone()).unwrap_or_default();
+        if let Err(e) = self.try_collect(task, attempt).await {
             warn!(%task_id, "cannot collect the result: {e}");
         }
     }
 
-    async fn try_collect(self: &Arc<Self>, task_id: &str, attempt: u32) -> Result<(), StoreError> {
-        let Some(task) = self.store.get_task(task_id)? else {
+    async fn try_collect(
+        self: &Arc<Self>,
+        task: Option<TaskRecord>,
+        attempt: u32,
+    ) -> Result<(), StoreError> {
+        let Some(task) = task else {
             return Ok(());
         };
+        let task_id = task.task_id.as_str();
         let Some(agent) = task
             .agent_of_attempt(attempt)
             .and_then(|a| self.membership.get(a))
@@ -523,7 +531,7 @@ impl Scheduler {
                     let this = self.clone();
                     let attempt = t.attempt;
                     self.tracker
-                        .spawn(async move { this.collect(&id, attempt).await });
+                        .spawn(async move { this.collect(Some(t), attempt).await });
                 }
                 _ => {}
             }

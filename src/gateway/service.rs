@@ -115,10 +115,10 @@ impl pb::gateway_server::Gateway for GatewayService {
     ) -> Result<Response<pb::Task>, Status> {
         let r = req.into_inner();
         let wait = duration("wait", r.wait.as_ref(), MAX_WAIT)?;
-        let task = self.task(&r.task_id)?;
-        let Some(wait) = wait.filter(|_| !task.status.is_final()) else {
-            return Ok(Response::new(task_to_pb(&task)));
+        let Some(wait) = wait.filter(|w| !w.is_zero()) else {
+            return Ok(Response::new(task_to_pb(&self.task(&r.task_id)?)));
         };
+        required_id("task_id", &r.task_id)?;
         let store = self.store.clone();
         let id = r.task_id.clone();
         let mut rx = self
