@@ -18,7 +18,11 @@ const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
 /// A protobuf Value as JSON; `field` names the request field in errors.
 pub fn value_to_json(v: &prost_types::Value, field: &str) -> Result<Value, GatewayError> {
     let bad = |reason: String| GatewayError::InvalidArgument {
-        field: "args",
+        field: if field.starts_with("kwargs") {
+            "kwargs"
+        } else {
+            "args"
+        },
         reason: format!("{field}: {reason}"),
     };
     Ok(match &v.kind {
@@ -218,8 +222,12 @@ mod tests {
         let nan = prost_types::Value {
             kind: Some(Kind::NumberValue(f64::NAN)),
         };
-        let e = call_args(&[json_to_value(&json!(1)), nan], None).unwrap_err();
+        let e = call_args(&[json_to_value(&json!(1)), nan.clone()], None).unwrap_err();
         assert!(e.to_string().starts_with("args: args[1]"), "{e}");
+        let mut named = json_to_struct(json!({"x": 1}).as_object().unwrap());
+        named.fields.insert("y".into(), nan);
+        let e = call_args(&[], Some(&named)).unwrap_err();
+        assert!(e.to_string().starts_with("kwargs: kwargs.y"), "{e}");
     }
 
     #[test]
