@@ -156,7 +156,12 @@ pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
         args,
         kwargs,
         status: status_to_pb(t.status) as i32,
-        result: t.result.as_ref().map(json_to_value),
+        // A stored `null` result reads back as none: a done task's result is null then.
+        result: match (&t.result, t.status) {
+            (Some(v), _) => Some(json_to_value(v)),
+            (None, TaskStatus::Done) => Some(json_to_value(&Value::Null)),
+            (None, _) => None,
+        },
         error: t.error.clone().unwrap_or_default(),
         agent_id: t.agent_id.clone().unwrap_or_default(),
         progress: t.progress.as_ref().map(|p| pb::Progress {
@@ -228,6 +233,26 @@ mod tests {
         named.fields.insert("y".into(), nan);
         let e = call_args(&[], Some(&named)).unwrap_err();
         assert!(e.to_string().starts_with("kwargs: kwargs.y"), "{e}");
+    }
+
+    #[test]
+    fn a_done_task_has_a_result_even_when_it_is_null() {
+        let mut t = TaskRecord::new("t".into(), "sleep".into(), Args::default(), None);
+        t.dispatch("a1");
+        t.finish(1, crate::gateway::model::Outcome::Done(Value::Null));
+        let stored: TaskRecord = serde_json::from_slice(&serde_json::to_vec(&t).unwrap()).unwrap();
+        let pb = task_to_pb(&stored);
+        assert_eq!(pb.result, Some(json_to_value(&Value::Null)));
+        assert_eq!(
+            task_to_pb(&TaskRecord::new(
+                "u".into(),
+                "sleep".into(),
+                Args::default(),
+                None
+            ))
+            .result,
+            None
+        );
     }
 
     #[test]
