@@ -194,6 +194,26 @@ impl Membership {
             })
     }
 
+    /// The agent refused a connection when a task was placed on it: no new tasks
+    /// for it (suspect) until it answers an echo again.
+    pub fn unreachable(&self, agent_id: &str) {
+        let mut agents = self.write();
+        let Some(a) = agents.get_mut(agent_id) else {
+            return;
+        };
+        if a.state != AgentState::Alive {
+            return;
+        }
+        a.state = AgentState::Suspect;
+        if let Err(e) = self.store.put_agent(a) {
+            warn!(agent_id, "cannot store agent: {e}");
+        }
+        info!(
+            agent_id,
+            "agent unreachable: no new tasks until it answers an echo"
+        );
+    }
+
     pub fn task_placed(&self, agent_id: &str) {
         *self.load().entry(agent_id.to_string()).or_default() += 1;
     }

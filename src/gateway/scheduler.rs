@@ -195,7 +195,12 @@ impl Scheduler {
                 "agent {} gave no answer within {wait:?}",
                 agent.agent_id
             )),
-            Err(e) => Outcome::Interrupted(format!("agent {} unreachable: {e}", agent.agent_id)),
+            Err(e) => {
+                if e.is_unreachable() {
+                    self.membership.unreachable(&agent.agent_id);
+                }
+                Outcome::Interrupted(format!("agent {} unreachable: {e}", agent.agent_id))
+            }
         };
         let attempt = task.attempt;
         let saved = self
@@ -267,6 +272,7 @@ impl Scheduler {
             },
             Err(e) if e.is_unreachable() => {
                 self.client.forget(&agent.address);
+                self.membership.unreachable(&agent.agent_id);
                 requeue(format!("agent {} unreachable: {e}", agent.agent_id))?;
             }
             // The agent may have stored it: reconciliation asks it later.
