@@ -310,6 +310,22 @@ impl Daemon {
         }
     }
 
+    /// Like `restart`, but listens where the previous process did: port-0
+    /// addresses of `--listen`, `--arpcp` and `--grpc` become the ports it got.
+    pub fn restart_on_same_ports(&mut self) {
+        for i in 1..self.args.len() {
+            let key = match self.args[i - 1].as_str() {
+                "--listen" | "--arpcp" => "arpcp",
+                "--grpc" => "grpc",
+                _ => continue,
+            };
+            if self.args[i].ends_with(":0") {
+                self.args[i] = self.addr(key);
+            }
+        }
+        self.restart();
+    }
+
     /// Starts the same command again on the same directory. The previous process
     /// must have exited (use `kill9` or `sigterm` + `wait_exit` first).
     pub fn restart(&mut self) {
