@@ -235,6 +235,9 @@ impl Scheduler {
         let Some((task, true)) = self.save(task_id, |t| t.dispatch(&agent.agent_id))? else {
             return Ok(());
         };
+        // Durable before the agent hears of it: after a crash the gateway asks this
+        // agent about the attempt instead of placing it again on another one.
+        self.store.commit().await?;
         let req = Request::Atask {
             procedure: task.procedure.clone(),
             args: task.args.clone(),
