@@ -10,7 +10,7 @@ use arpcp::pb;
 use common::gateway::{
     agent_with_config, assert_task_status, describe, result_of, submit_req, Cluster,
 };
-use common::{Daemon, WAIT};
+use common::{call, code, req, wait_until, Daemon, WAIT};
 use serde_json::{json, Value};
 
 /// Fast failure detection: an agent is gone after 3 echoes of 200 ms.
@@ -52,6 +52,11 @@ fn agent_killed_mid_task() {
             t.agent_id == victim && t.status == pb::TaskStatus::Dispatched as i32
         });
     assert_eq!(t.attempts, 1);
+    // The victim holds it (a placement is recorded before its ATASK goes out).
+    let atask_id = format!("{waiting}.1");
+    wait_until(WAIT, "the victim to hold the waiting task", || {
+        code(&call(&c.agents[0].arpcp(), &req::get(&atask_id))) == 100
+    });
     c.gw.unblacklist(&other).unwrap();
     // Still waiting for the victim's only slot.
     assert_task_status(&c.gw.task(&waiting), pb::TaskStatus::Dispatched);
@@ -189,6 +194,11 @@ fn agent_restarting_quickly_reports_its_running_task_interrupted() {
     c.gw.wait_status(&running, pb::TaskStatus::Running, WAIT);
     let waiting = c.gw.submit_ok("mul", json!([3, 4]));
     c.gw.wait_status(&waiting, pb::TaskStatus::Dispatched, WAIT);
+    // The agent has stored it (a placement is recorded before its ATASK goes out).
+    let atask_id = format!("{waiting}.1");
+    wait_until(WAIT, "the agent to hold the waiting task", || {
+        code(&call(&c.agents[0].arpcp(), &req::get(&atask_id))) == 100
+    });
 
     c.agents[0].kill9();
     c.agents[0].restart_on_same_ports();
