@@ -430,7 +430,7 @@ fn blacklisted_agent_gets_no_tasks() {
     s.sync = true;
     assert_status(c.gw.submit(s), Code::FailedPrecondition, &[&black]);
     for p in c.gw.procedures() {
-        assert_eq!(p.agent_ids, [other.clone()], "{p:?}");
+        assert_eq!(p.agent_ids, std::slice::from_ref(&other), "{p:?}");
     }
 
     let a = c.gw.unblacklist(&black).expect("UnblacklistAgent");

@@ -107,7 +107,7 @@ fn agent_killed_mid_task() {
     let id = c.gw.submit_ok("mul", json!([2, 4]));
     assert_eq!(c.gw.wait_final(&id, WAIT).agent_id, other);
     for p in c.gw.procedures() {
-        assert_eq!(p.agent_ids, [other.clone()], "{p:?}");
+        assert_eq!(p.agent_ids, std::slice::from_ref(&other), "{p:?}");
     }
     let mut r = submit_req("add", json!([1, 1]));
     r.agent_id = victim.clone();

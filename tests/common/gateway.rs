@@ -360,18 +360,16 @@ impl Gw {
         what: &str,
         pred: impl Fn(&pb::Task) -> bool,
     ) -> pb::Task {
-        let mut last = None;
         let deadline = Instant::now() + timeout;
         loop {
             let t = self.task(task_id);
             if pred(&t) {
                 return t;
             }
-            last = Some(t);
             if Instant::now() >= deadline {
                 panic!(
                     "task {task_id}: timed out after {timeout:?} waiting for {what}; last: {}",
-                    last.as_ref().map(describe).unwrap_or_default()
+                    describe(&t)
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
