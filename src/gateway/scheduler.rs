@@ -255,7 +255,17 @@ impl Scheduler {
             r.map(|_| ())
         };
         match self.client.call(&agent.address, &req).await {
-            Ok(r) if r.is_ok() => {}
+            Ok(r) if r.is_ok() => {
+                // Cancelled while the ATASK was on its way: the cancel's terminate may
+                // have reached the agent before it held the task. It holds it now.
+                let cancelled = self
+                    .store
+                    .get_task(task_id)?
+                    .is_some_and(|t| t.attempt == attempt && t.status == TaskStatus::Cancelled);
+                if cancelled {
+                    self.terminate_on(&agent, task.atask_id()).await;
+                }
+            }
             Ok(r) => match r.code {
                 Code::UnknownProcedure | Code::Internal => requeue(format!(
                     "agent {} refused the task ({}): {}",
