@@ -14,7 +14,9 @@ use common::gateway::{
     agent_with_config, args_of, assert_status, assert_task_status, describe, pstruct, result_of,
     submit_req, Cluster,
 };
-use common::{call, code, live_processes_in_group, process_alive, req, wait_for_pid_file, WAIT};
+use common::{
+    call, code, live_processes_in_group, process_alive, req, wait_for_pid_file, Daemon, WAIT,
+};
 use serde_json::json;
 use tonic::Code;
 
@@ -254,6 +256,29 @@ fn cancel_stops_the_task_on_its_agent() {
 
     // Cancelling twice is harmless.
     assert_task_status(&c.gw.cancel(&id).unwrap(), pb::TaskStatus::Cancelled);
+}
+
+/// A task cancelled right after Submit, while its ATASK may still be on its way
+/// or being stored by the agent, does not keep running there.
+#[test]
+fn cancel_right_after_submit_leaves_nothing_running() {
+    let c = Cluster::start(vec![Daemon::agent(&["--capacity", "64"])], &[]);
+    let agent = c.agents[0].arpcp();
+    let ids: Vec<String> = (0..40)
+        .map(|_| {
+            let id = c.gw.submit_ok("sleep", json!([30]));
+            assert_task_status(&c.gw.cancel(&id).unwrap(), pb::TaskStatus::Cancelled);
+            id
+        })
+        .collect();
+    common::wait_until(WAIT, "the agent to run nothing", || {
+        call(&agent, &req::id())["data"]["running"] == 0
+    });
+    for id in &ids {
+        let r = call(&agent, &req::get(&format!("{id}.1")));
+        assert_eq!(code(&r), 205, "{id} is still on the agent: {r}");
+        assert_task_status(&c.gw.task(id), pb::TaskStatus::Cancelled);
+    }
 }
 
 /// ListTasks: newest first; pages of `page_size` give every task exactly once;
