@@ -157,8 +157,12 @@ impl Scheduler {
     /// no agent could run it now.
     pub async fn submit(&self, task: TaskRecord) -> Result<TaskRecord, GatewayError> {
         self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
-        self.store.insert_task(&task).await?;
+        self.store.put_task(&task)?;
+        // Known to the sweep before the wait for disk: a client that goes away
+        // meanwhile (the rest of this call is dropped) leaves a task that is placed,
+        // not one queued for ever.
         self.open().insert(task.task_id.clone());
+        self.store.commit().await?;
         self.enqueue(&task.task_id);
         Ok(task)
     }
