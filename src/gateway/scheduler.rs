@@ -172,7 +172,7 @@ impl Scheduler {
     /// outcome before the answer: one flush per call, since the caller holds the
     /// call open anyway (after a crash mid-call it is found and marked interrupted).
     pub async fn submit_sync(
-        &self,
+        self: &Arc<Self>,
         mut task: TaskRecord,
         timeout: Duration,
     ) -> Result<TaskRecord, GatewayError> {
@@ -182,6 +182,23 @@ impl Scheduler {
         self.store.put_task(&task)?;
         self.open().insert(task.task_id.clone());
         self.membership.task_placed(&agent.agent_id);
+        // The call goes on if the client goes away, so the task ends either way.
+        let this = self.clone();
+        let call = self
+            .tracker
+            .spawn(async move { this.run_sync(task, agent, timeout).await });
+        match call.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn run_sync(
+        &self,
+        task: TaskRecord,
+        agent: AgentRecord,
+        timeout: Duration,
+    ) -> Result<TaskRecord, GatewayError> {
         let req = Request::Task {
             procedure: task.procedure.clone(),
             args: task.args.clone(),
