@@ -15,7 +15,8 @@ use common::gateway::{
     submit_req, Cluster,
 };
 use common::{
-    call, code, live_processes_in_group, process_alive, req, wait_for_pid_file, Daemon, WAIT,
+    call, code, live_processes_in_group, process_alive, req, wait_for, wait_for_pid_file, Daemon,
+    WAIT,
 };
 use serde_json::json;
 use tonic::Code;
@@ -278,6 +279,64 @@ fn cancel_right_after_submit_leaves_nothing_running() {
         let r = call(&agent, &req::get(&format!("{id}.1")));
         assert_eq!(code(&r), 205, "{id} is still on the agent: {r}");
         assert_task_status(&c.gw.task(id), pb::TaskStatus::Cancelled);
+    }
+}
+
+/// Calls whose clients give up (a deadline passes, the stream is reset) leave no
+/// task behind that never ends: every stored task is placed and finishes, and a
+/// synchronous call runs to its end.
+#[test]
+fn calls_abandoned_by_their_clients_still_end() {
+    let c = Cluster::start(vec![Daemon::agent(&["--capacity", "16"])], &[]);
+    let mut client = c.gw.client();
+    let mut r = submit_req("sleep", json!([1]));
+    r.sync = true;
+    let abandoned = c.gw.rt().block_on(async move {
+        tokio::time::timeout(Duration::from_millis(300), client.submit(r)).await
+    });
+    assert!(abandoned.is_err(), "the sync call takes a second");
+    // Submits given up at every point of their life, from 0.2 to 3.2 ms.
+    for i in 0..300u64 {
+        let mut client = c.gw.client();
+        let r = submit_req("add", json!([i, 1]));
+        let limit = Duration::from_micros(200 + (i * 37) % 3000);
+        let _ =
+            c.gw.rt()
+                .block_on(async move { tokio::time::timeout(limit, client.submit(r)).await });
+    }
+    let stored = c.gw.list_all(pb::ListTasksRequest::default());
+    assert!(
+        stored.iter().any(|t| t.procedure == "sleep"),
+        "the abandoned sync call is stored"
+    );
+    let ended = wait_for(WAIT, "every stored task to end", || {
+        let all = c.gw.list_all(pb::ListTasksRequest::default());
+        all.iter()
+            .all(|t| common::gateway::is_final(t.status))
+            .then_some(all)
+    });
+    assert!(ended.len() >= stored.len());
+    for t in &ended {
+        assert_task_status(t, pb::TaskStatus::Done);
+    }
+}
+
+/// Unary calls on one connection answer in about a millisecond on loopback, not
+/// after a delayed ACK (the gRPC listener's sockets need TCP_NODELAY: gRPC writes a
+/// response as several small frames).
+#[test]
+#[ignore = "needs TCP_NODELAY on the gateway's gRPC sockets (src/gateway/mod.rs)"]
+fn unary_calls_are_not_delayed_by_nagle() {
+    let c = Cluster::start(vec![Daemon::agent(&[])], &[]);
+    let id = c.gw.submit_ok("add", json!([1, 2]));
+    c.gw.wait_final(&id, WAIT);
+    for _ in 0..5 {
+        let began = std::time::Instant::now();
+        for _ in 0..50 {
+            c.gw.task(&id);
+        }
+        let each = began.elapsed() / 50;
+        assert!(each < Duration::from_millis(20), "{each:?} per GetResult");
     }
 }
 
