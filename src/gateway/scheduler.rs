@@ -612,6 +612,7 @@ impl Scheduler {
                 _ = tick.tick() => self.sweep(false),
             }
         }
+        self.watchers.close();
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
     }

@@ -157,7 +157,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         let stream = futures::stream::unfold(Some((rx, true)), |state| async move {
             let (mut rx, first) = state?;
             if !first && rx.changed().await.is_err() {
-                return None;
+                let stopping = Status::unavailable("the gateway is shutting down; watch again");
+                return Some((Err(stopping), None));
             }
             let task = rx.borrow_and_update().as_ref().clone();
             let next = (!task.status.is_final()).then_some((rx, false));
