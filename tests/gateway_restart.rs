@@ -253,3 +253,81 @@ fn retention_drops_the_oldest_finished_tasks_at_start_up() {
     r.sync = true;
     assert_task_status(&gw.submit(r).unwrap().task.unwrap(), pb::TaskStatus::Done);
 }
+
+/// SIGTERM stops the gateway promptly even while clients wait on a task (a
+/// GetResult with a long wait, a WatchTask stream): the wait returns the task as
+/// it is, the stream ends with UNAVAILABLE. Restarted, the gateway still follows
+/// the task.
+#[test]
+fn sigterm_ends_open_waits_and_streams() {
+    let mut c = Cluster::start(vec![Daemon::agent(&[])], &[]);
+    let id = c.gw.submit_ok("sleep", json!([60]));
+    c.gw.wait_status(&id, pb::TaskStatus::Running, WAIT);
+
+    let mut client = c.gw.client();
+    let task_id = id.clone();
+    let wait = c.gw.rt().spawn(async move {
+        client
+            .get_result(pb::GetResultRequest {
+                task_id,
+                wait: Some(common::gateway::dur(Duration::from_secs(600))),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    });
+    let mut client = c.gw.client();
+    let task_id = id.clone();
+    let first = Arc::new(AtomicBool::new(false));
+    let got_first = first.clone();
+    let watch = c.gw.rt().spawn(async move {
+        let mut stream = client
+            .watch_task(pb::WatchTaskRequest { task_id })
+            .await?
+            .into_inner();
+        let mut seen = 0;
+        // Bounded by the timeout the test puts around this task.
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {
+                    seen += 1;
+                    got_first.store(true, Ordering::SeqCst);
+                }
+                Ok(None) => return Ok(seen),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    wait_until(WAIT, "the watch to send the task", || {
+        first.load(Ordering::SeqCst)
+    });
+
+    c.gateway.sigterm();
+    let began = std::time::Instant::now();
+    assert!(
+        c.gateway.wait_exit(WAIT).is_some(),
+        "the gateway still runs {:?} after SIGTERM",
+        began.elapsed()
+    );
+    // The wait was sent before the watch on the same connection; should it not
+    // have reached the gateway yet, it fails like any call to a stopped gateway.
+    match join(&c.gw, wait) {
+        Ok(t) => assert_task_status(&t, pb::TaskStatus::Running),
+        Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+    }
+    match join(&c.gw, watch) {
+        Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+        Ok(n) => panic!("the stream ended as if the task had ended, after {n} messages"),
+    }
+
+    c.restart_gateway();
+    assert_task_status(&c.gw.task(&id), pb::TaskStatus::Running);
+    assert_task_status(&c.gw.cancel(&id).unwrap(), pb::TaskStatus::Cancelled);
+}
+
+/// Waits (bounded) for a client task spawned on the client's runtime.
+fn join<T>(gw: &Gw, h: tokio::task::JoinHandle<T>) -> T {
+    gw.rt()
+        .block_on(async { tokio::time::timeout(WAIT, h).await })
+        .expect("the call ends when the gateway stops")
+        .expect("the client task")
+}
