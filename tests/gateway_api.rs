@@ -600,3 +600,88 @@ fn agent_id_targets_an_agent() {
     assert_eq!(t.agent_id, c.id(0));
     assert_eq!(result_of(&t), Some(json!(9)));
 }
+
+/// The standard health service says the gateway serves, and server reflection
+/// (v1 and v1alpha, which grpcurl asks) lists the services, so grpcurl works with
+/// no .proto at hand.
+#[test]
+fn health_and_reflection() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let c = Cluster::start(vec![Daemon::agent(&[])], &[]);
+    let url = c.gateway.grpc_url();
+    c.gw.rt().block_on(async {
+        tokio::time::timeout(WAIT, async {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect");
+            let mut health = HealthClient::new(channel.clone());
+            for service in ["", "arpcp.v1.Gateway"] {
+                let r = health
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("health of {service:?}: {e:?}"))
+                    .into_inner();
+                assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
+            }
+
+            use tonic_reflection::pb::v1 as v1;
+            use tonic_reflection::pb::v1alpha as v1alpha;
+            let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+            let req = v1::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                )),
+            };
+            let mut answers = client
+                .server_reflection_info(futures::stream::iter([req]))
+                .await
+                .expect("reflection v1")
+                .into_inner();
+            let answer = answers.message().await.unwrap().expect("an answer");
+            let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+                answer.message_response
+            else {
+                panic!("not a service list: {answer:?}")
+            };
+            let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+            for want in ["arpcp.v1.Gateway", "grpc.health.v1.Health"] {
+                assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+            }
+
+            let mut client =
+                v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+            let req = v1alpha::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(
+                    v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                        "arpcp.v1.Gateway".into(),
+                    ),
+                ),
+            };
+            let mut answers = client
+                .server_reflection_info(futures::stream::iter([req]))
+                .await
+                .expect("reflection v1alpha")
+                .into_inner();
+            let answer = answers.message().await.unwrap().expect("an answer");
+            assert!(
+                matches!(
+                    answer.message_response,
+                    Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
+                        if !f.file_descriptor_proto.is_empty()
+                ),
+                "{answer:?}"
+            );
+        })
+        .await
+        .expect("health and reflection answer in time")
+    });
+}
