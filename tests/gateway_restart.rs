@@ -324,6 +324,37 @@ fn sigterm_ends_open_waits_and_streams() {
     assert_task_status(&c.gw.cancel(&id).unwrap(), pb::TaskStatus::Cancelled);
 }
 
+/// A synchronous call cut off by a gateway crash: after the restart the task is
+/// INTERRUPTED with the reason (the agent keeps no copy to ask about).
+#[test]
+fn sync_call_cut_off_by_a_crash_is_interrupted() {
+    let mut c = Cluster::start(vec![Daemon::agent(&[])], &[]);
+    let mut client = c.gw.client();
+    let mut r = submit_req("sleep", json!([30]));
+    r.sync = true;
+    let call = c.gw.rt().spawn(async move { client.submit(r).await });
+    let sync = wait_for(WAIT, "the sync call to be stored", || {
+        c.gw.list_all(pb::ListTasksRequest {
+            procedure: "sleep".into(),
+            ..Default::default()
+        })
+        .pop()
+    });
+    assert_task_status(&sync, pb::TaskStatus::Dispatched);
+    // A Submit's commit makes everything written before it durable.
+    let other = c.gw.submit_ok("add", json!([1, 2]));
+    c.gw.wait_final(&other, WAIT);
+
+    c.gateway.kill9();
+    let cut = join(&c.gw, call);
+    assert!(cut.is_err(), "{cut:?}");
+    c.restart_gateway();
+    let t = c.gw.task(&sync.task_id);
+    assert_task_status(&t, pb::TaskStatus::Interrupted);
+    assert!(t.error.contains("restarted"), "{}", describe(&t));
+    assert_task_status(&c.gw.task(&other), pb::TaskStatus::Done);
+}
+
 /// Waits (bounded) for a client task spawned on the client's runtime.
 fn join<T>(gw: &Gw, h: tokio::task::JoinHandle<T>) -> T {
     gw.rt()
