@@ -248,6 +248,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         let id = req.into_inner().agent_id;
         required_id("agent_id", &id)?;
         let a = self.membership.set_blacklisted(&id, true)?;
+        // The operator's decision is durable before the answer.
+        self.store.commit().await.map_err(GatewayError::from)?;
         Ok(Response::new(agent_to_pb(&a)))
     }
 
@@ -258,6 +260,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         let id = req.into_inner().agent_id;
         required_id("agent_id", &id)?;
         let a = self.membership.set_blacklisted(&id, false)?;
+        // The operator's decision is durable before the answer.
+        self.store.commit().await.map_err(GatewayError::from)?;
         Ok(Response::new(agent_to_pb(&a)))
     }
 }
