@@ -355,6 +355,30 @@ fn sync_call_cut_off_by_a_crash_is_interrupted() {
     assert_task_status(&c.gw.task(&other), pb::TaskStatus::Done);
 }
 
+/// The blacklist is the operator's decision: once BlacklistAgent answered, it
+/// survives a crash of the gateway.
+#[test]
+fn blacklist_survives_a_crash() {
+    let mut c = Cluster::start(vec![Daemon::agent(&[]), Daemon::agent(&[])], &[]);
+    let (black, other) = (c.id(0).to_string(), c.id(1).to_string());
+    assert!(c.gw.blacklist(&black).unwrap().blacklisted);
+    c.gateway.kill9();
+    c.restart_gateway();
+    c.gw.wait_alive(2, WAIT);
+    assert!(c.gw.agent(&black).blacklisted, "{:?}", c.gw.agents());
+    assert!(!c.gw.agent(&other).blacklisted);
+    for i in 0..4 {
+        let t = c.gw.wait_final(&c.gw.submit_ok("add", json!([i, 1])), WAIT);
+        assert_eq!(t.agent_id, other, "{}", describe(&t));
+    }
+
+    assert!(!c.gw.unblacklist(&black).unwrap().blacklisted);
+    c.gateway.kill9();
+    c.restart_gateway();
+    c.gw.wait_alive(2, WAIT);
+    assert!(!c.gw.agent(&black).blacklisted);
+}
+
 /// Waits (bounded) for a client task spawned on the client's runtime.
 fn join<T>(gw: &Gw, h: tokio::task::JoinHandle<T>) -> T {
     gw.rt()
