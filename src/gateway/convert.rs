@@ -18,7 +18,11 @@ const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
 /// A protobuf Value as JSON; `field` names the request field in errors.
 pub fn value_to_json(v: &prost_types::Value, field: &str) -> Result<Value, GatewayError> {
     let bad = |reason: String| GatewayError::InvalidArgument {
-        field: "args",
+        field: if field.starts_with("kwargs") {
+            "kwargs"
+        } else {
+            "args"
+        },
         reason: format!("{field}: {reason}"),
     };
     Ok(match &v.kind {
@@ -152,7 +156,12 @@ pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
         args,
         kwargs,
         status: status_to_pb(t.status) as i32,
-        result: t.result.as_ref().map(json_to_value),
+        // A stored `null` result reads back as none: a done task's result is null then.
+        result: match (&t.result, t.status) {
+            (Some(v), _) => Some(json_to_value(v)),
+            (None, TaskStatus::Done) => Some(json_to_value(&Value::Null)),
+            (None, _) => None,
+        },
         error: t.error.clone().unwrap_or_default(),
         agent_id: t.agent_id.clone().unwrap_or_default(),
         progress: t.progress.as_ref().map(|p| pb::Progress {
@@ -218,8 +227,32 @@ mod tests {
         let nan = prost_types::Value {
             kind: Some(Kind::NumberValue(f64::NAN)),
         };
-        let e = call_args(&[json_to_value(&json!(1)), nan], None).unwrap_err();
+        let e = call_args(&[json_to_value(&json!(1)), nan.clone()], None).unwrap_err();
         assert!(e.to_string().starts_with("args: args[1]"), "{e}");
+        let mut named = json_to_struct(json!({"x": 1}).as_object().unwrap());
+        named.fields.insert("y".into(), nan);
+        let e = call_args(&[], Some(&named)).unwrap_err();
+        assert!(e.to_string().starts_with("kwargs: kwargs.y"), "{e}");
+    }
+
+    #[test]
+    fn a_done_task_has_a_result_even_when_it_is_null() {
+        let mut t = TaskRecord::new("t".into(), "sleep".into(), Args::default(), None);
+        t.dispatch("a1");
+        t.finish(1, crate::gateway::model::Outcome::Done(Value::Null));
+        let stored: TaskRecord = serde_json::from_slice(&serde_json::to_vec(&t).unwrap()).unwrap();
+        let pb = task_to_pb(&stored);
+        assert_eq!(pb.result, Some(json_to_value(&Value::Null)));
+        assert_eq!(
+            task_to_pb(&TaskRecord::new(
+                "u".into(),
+                "sleep".into(),
+                Args::default(),
+                None
+            ))
+            .result,
+            None
+        );
     }
 
     #[test]

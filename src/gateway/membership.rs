@@ -5,7 +5,7 @@
 //! miss counts up from alive to suspect to gone. Identity is MAC + port, so agents
 //! sharing a host stay distinct.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -25,6 +25,11 @@ use crate::arpcp::{ArpcpClient, IdData, Request};
 pub const MAX_CONCURRENT_PROBES: usize = 64;
 /// Largest scan range accepted (a /16 of IPv4).
 pub const MAX_SCAN_ADDRESSES: u64 = 65_536;
+/// An announced address that fails this many probes in a row is forgotten (it
+/// announces itself again when it is an agent that restarted).
+pub const ANNOUNCED_PROBES: u32 = 10;
+/// Announced addresses waiting to be registered, at most.
+pub const MAX_ANNOUNCED: usize = 1024;
 
 /// What the scheduler needs to hear about.
 #[derive(Debug, Clone)]
@@ -50,8 +55,10 @@ pub struct Membership {
     agents: RwLock<HashMap<String, AgentRecord>>,
     /// Tasks placed on each agent and not yet ended (for least-loaded placement).
     load: Mutex<HashMap<String, u32>>,
-    /// Addresses to probe that are not registered agents (yet).
-    candidates: Mutex<BTreeSet<String>>,
+    /// Addresses to probe that are not registered agents (yet): `None` for the
+    /// configured ones (probed until they answer), the failed probes in a row for
+    /// announced ones.
+    candidates: Mutex<BTreeMap<String, Option<u32>>>,
     store: GatewayStore,
     client: ArpcpClient,
     config: MembershipConfig,
@@ -83,7 +90,7 @@ impl Membership {
             .into_iter()
             .map(|a| (a.agent_id.clone(), a))
             .collect();
-        let candidates = config.seeds.iter().cloned().collect();
+        let candidates = config.seeds.iter().map(|s| (s.clone(), None)).collect();
         Ok(Arc::new(Membership {
             agents: RwLock::new(agents),
             load: Mutex::new(HashMap::new()),
@@ -188,6 +195,26 @@ impl Membership {
             })
     }
 
+    /// The agent refused a connection when a task was placed on it: no new tasks
+    /// for it (suspect) until it answers an echo again.
+    pub fn unreachable(&self, agent_id: &str) {
+        let mut agents = self.write();
+        let Some(a) = agents.get_mut(agent_id) else {
+            return;
+        };
+        if a.state != AgentState::Alive {
+            return;
+        }
+        a.state = AgentState::Suspect;
+        if let Err(e) = self.store.put_agent(a) {
+            warn!(agent_id, "cannot store agent: {e}");
+        }
+        info!(
+            agent_id,
+            "agent unreachable: no new tasks until it answers an echo"
+        );
+    }
+
     pub fn task_placed(&self, agent_id: &str) {
         *self.load().entry(agent_id.to_string()).or_default() += 1;
     }
@@ -209,13 +236,37 @@ impl Membership {
         Ok(a.clone())
     }
 
-    /// An agent announced itself: probe it now, and keep probing it.
+    fn candidates(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Option<u32>>> {
+        self.candidates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An agent announced itself: probe it now, and keep probing it until it
+    /// answers or has failed `ANNOUNCED_PROBES` probes in a row.
     pub async fn announced(&self, addr: String) {
-        self.candidates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr.clone());
+        {
+            let mut candidates = self.candidates();
+            let announced = candidates.values().filter(|v| v.is_some()).count();
+            if !candidates.contains_key(&addr) {
+                if announced >= MAX_ANNOUNCED {
+                    warn!(%addr, "too many announced addresses wait for registration; not keeping this one");
+                } else {
+                    candidates.insert(addr.clone(), Some(0));
+                }
+            }
+        }
         self.probe(addr, None).await;
+    }
+
+    /// An announced address failed a probe; forgets it after too many.
+    fn announced_probe_failed(&self, addr: &str) {
+        let mut candidates = self.candidates();
+        if let Some(Some(failures)) = candidates.get_mut(addr) {
+            *failures += 1;
+            if *failures >= ANNOUNCED_PROBES {
+                candidates.remove(addr);
+                info!(%addr, "announced address never answered like an agent; no longer probed");
+            }
+        }
     }
 
     /// Probes `addr`; `known` is the agent we believe lives there. Returns whether
@@ -243,8 +294,9 @@ impl Membership {
             Err(e) => {
                 debug!(%addr, "no echo: {e}");
                 self.client.forget(&addr);
-                if let Some(agent_id) = known {
-                    self.missed(&agent_id).await;
+                match known {
+                    Some(agent_id) => self.missed(&agent_id).await,
+                    None => self.announced_probe_failed(&addr),
                 }
                 false
             }
@@ -279,10 +331,7 @@ impl Membership {
         });
         self.write().insert(agent_id.clone(), rec.clone());
         self.store.put_agent(&rec)?;
-        self.candidates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(addr);
+        self.candidates().remove(addr);
         if changed {
             info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, "agent alive");
             let _ = self
@@ -347,10 +396,8 @@ impl Membership {
             .map(|(addr, id)| (addr, Some(id)))
             .collect();
         let candidates: Vec<String> = self
-            .candidates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
+            .candidates()
+            .keys()
             .filter(|a| !known_addrs.contains(*a))
             .cloned()
             .collect();

@@ -157,8 +157,12 @@ impl Scheduler {
     /// no agent could run it now.
     pub async fn submit(&self, task: TaskRecord) -> Result<TaskRecord, GatewayError> {
         self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
-        self.store.insert_task(&task).await?;
+        self.store.put_task(&task)?;
+        // Known to the sweep before the wait for disk: a client that goes away
+        // meanwhile (the rest of this call is dropped) leaves a task that is placed,
+        // not one queued for ever.
         self.open().insert(task.task_id.clone());
+        self.store.commit().await?;
         self.enqueue(&task.task_id);
         Ok(task)
     }
@@ -168,7 +172,7 @@ impl Scheduler {
     /// outcome before the answer: one flush per call, since the caller holds the
     /// call open anyway (after a crash mid-call it is found and marked interrupted).
     pub async fn submit_sync(
-        &self,
+        self: &Arc<Self>,
         mut task: TaskRecord,
         timeout: Duration,
     ) -> Result<TaskRecord, GatewayError> {
@@ -178,6 +182,23 @@ impl Scheduler {
         self.store.put_task(&task)?;
         self.open().insert(task.task_id.clone());
         self.membership.task_placed(&agent.agent_id);
+        // The call goes on if the client goes away, so the task ends either way.
+        let this = self.clone();
+        let call = self
+            .tracker
+            .spawn(async move { this.run_sync(task, agent, timeout).await });
+        match call.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn run_sync(
+        &self,
+        task: TaskRecord,
+        agent: AgentRecord,
+        timeout: Duration,
+    ) -> Result<TaskRecord, GatewayError> {
         let req = Request::Task {
             procedure: task.procedure.clone(),
             args: task.args.clone(),
@@ -195,7 +216,12 @@ impl Scheduler {
                 "agent {} gave no answer within {wait:?}",
                 agent.agent_id
             )),
-            Err(e) => Outcome::Interrupted(format!("agent {} unreachable: {e}", agent.agent_id)),
+            Err(e) => {
+                if e.is_unreachable() {
+                    self.membership.unreachable(&agent.agent_id);
+                }
+                Outcome::Interrupted(format!("agent {} unreachable: {e}", agent.agent_id))
+            }
         };
         let attempt = task.attempt;
         let saved = self
@@ -230,6 +256,9 @@ impl Scheduler {
         let Some((task, true)) = self.save(task_id, |t| t.dispatch(&agent.agent_id))? else {
             return Ok(());
         };
+        // Durable before the agent hears of it: after a crash the gateway asks this
+        // agent about the attempt instead of placing it again on another one.
+        self.store.commit().await?;
         let req = Request::Atask {
             procedure: task.procedure.clone(),
             args: task.args.clone(),
@@ -248,12 +277,12 @@ impl Scheduler {
         };
         match self.client.call(&agent.address, &req).await {
             Ok(r) if r.is_ok() => {
-                // A cancel that raced ahead of this ATASK found nothing to terminate
-                // on the agent: stop the task now that the agent has it.
+                // Cancelled while the ATASK was on its way: the cancel's terminate may
+                // have reached the agent before it held the task. It holds it now.
                 let cancelled = self
                     .store
                     .get_task(task_id)?
-                    .is_some_and(|t| t.status == TaskStatus::Cancelled && t.attempt == attempt);
+                    .is_some_and(|t| t.attempt == attempt && t.status == TaskStatus::Cancelled);
                 if cancelled {
                     self.terminate_on(&agent, task.atask_id()).await;
                 }
@@ -277,6 +306,7 @@ impl Scheduler {
             },
             Err(e) if e.is_unreachable() => {
                 self.client.forget(&agent.address);
+                self.membership.unreachable(&agent.agent_id);
                 requeue(format!("agent {} unreachable: {e}", agent.agent_id))?;
             }
             // The agent may have stored it: reconciliation asks it later.
@@ -590,6 +620,7 @@ impl Scheduler {
                 _ = tick.tick() => self.sweep(false),
             }
         }
+        self.watchers.close();
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
     }

@@ -157,7 +157,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         let stream = futures::stream::unfold(Some((rx, true)), |state| async move {
             let (mut rx, first) = state?;
             if !first && rx.changed().await.is_err() {
-                return None;
+                let stopping = Status::unavailable("the gateway is shutting down; watch again");
+                return Some((Err(stopping), None));
             }
             let task = rx.borrow_and_update().as_ref().clone();
             let next = (!task.status.is_final()).then_some((rx, false));
@@ -247,6 +248,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         let id = req.into_inner().agent_id;
         required_id("agent_id", &id)?;
         let a = self.membership.set_blacklisted(&id, true)?;
+        // The operator's decision is durable before the answer.
+        self.store.commit().await.map_err(GatewayError::from)?;
         Ok(Response::new(agent_to_pb(&a)))
     }
 
@@ -257,6 +260,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         let id = req.into_inner().agent_id;
         required_id("agent_id", &id)?;
         let a = self.membership.set_blacklisted(&id, false)?;
+        // The operator's decision is durable before the answer.
+        self.store.commit().await.map_err(GatewayError::from)?;
         Ok(Response::new(agent_to_pb(&a)))
     }
 }

@@ -3,6 +3,7 @@
 //! watcher goes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -12,6 +13,8 @@ use super::model::TaskRecord;
 #[derive(Default)]
 pub struct TaskWatchers {
     channels: Mutex<HashMap<String, watch::Sender<Arc<TaskRecord>>>>,
+    /// The gateway stops: watchers are woken with the channel closed.
+    closed: AtomicBool,
 }
 
 impl TaskWatchers {
@@ -30,6 +33,10 @@ impl TaskWatchers {
     ) -> Option<watch::Receiver<Arc<TaskRecord>>> {
         let mut channels = self.channels();
         let current = read_current()?;
+        if self.closed.load(Ordering::SeqCst) {
+            // The current state, and at once the end: nothing changes any more.
+            return Some(watch::channel(Arc::new(current)).1);
+        }
         let tx = channels
             .entry(current.task_id.clone())
             .or_insert_with(|| watch::channel(Arc::new(current.clone())).0);
@@ -55,6 +62,14 @@ impl TaskWatchers {
                 tx.send_replace(Arc::new(rec.clone()));
             }
         }
+    }
+
+    /// The gateway stops: wakes every watcher (their channel closes), so waits and
+    /// streams end instead of holding the shutdown.
+    pub fn close(&self) {
+        let mut channels = self.channels();
+        self.closed.store(true, Ordering::SeqCst);
+        channels.clear();
     }
 
     /// Drops channels nobody watches any more.

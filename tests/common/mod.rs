@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod gateway;
+
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -30,6 +32,8 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound for conditions that should come true quickly.
 pub const WAIT: Duration = Duration::from_secs(10);
+/// Lines of a daemon's stdout kept after its ready line.
+pub const MAX_KEPT_STDOUT_LINES: usize = 10_000;
 
 // ---------------------------------------------------------------------------
 // Waiting
@@ -82,6 +86,8 @@ pub struct Daemon {
     /// stderr files of every process started by this handle, oldest first.
     logs: Vec<PathBuf>,
     exit: Option<ExitStatus>,
+    /// Lines the current process printed on stdout after its ready line.
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 /// Replaces `{dir}` in an argument with the test's directory.
@@ -145,6 +151,7 @@ impl Daemon {
             ready: Value::Null,
             logs: Vec::new(),
             exit: None,
+            stdout: Arc::default(),
         };
         d.start();
         d
@@ -177,13 +184,22 @@ impl Daemon {
             .expect("start the arpcp binary");
         let stdout = child.stdout.take().expect("the child's stdout");
         let (tx, rx) = mpsc::channel();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        self.stdout = lines.clone();
         std::thread::spawn(move || {
             let mut reader = std::io::BufReader::new(stdout);
             let mut first = String::new();
             let r = std::io::BufRead::read_line(&mut reader, &mut first);
             let _ = tx.send(r.map(|_| first));
-            // Keep draining so the daemon never blocks on a full pipe.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            // Keep draining so the daemon never blocks on a full pipe; keep the
+            // first lines for `stdout_lines`.
+            for line in std::io::BufRead::lines(reader) {
+                let Ok(line) = line else { break };
+                let mut kept = lock(&lines);
+                if kept.len() < MAX_KEPT_STDOUT_LINES {
+                    kept.push(line);
+                }
+            }
         });
         self.child = Some(child);
         self.exit = None;
@@ -205,6 +221,12 @@ impl Daemon {
     fn fail_start(&mut self, why: &str) -> ! {
         let _ = self.kill9();
         panic!("arpcp {:?} did not start: {why}", self.args);
+    }
+
+    /// What the current process printed on stdout after its ready line so far
+    /// (the first `MAX_KEPT_STDOUT_LINES` lines).
+    pub fn stdout_lines(&self) -> Vec<String> {
+        lock(&self.stdout).clone()
     }
 
     /// The JSON line the process printed once it listened.
@@ -303,6 +325,22 @@ impl Daemon {
             std::thread::sleep(pause.min(deadline - now));
             pause = (pause * 2).min(Duration::from_millis(25));
         }
+    }
+
+    /// Like `restart`, but listens where the previous process did: port-0
+    /// addresses of `--listen`, `--arpcp` and `--grpc` become the ports it got.
+    pub fn restart_on_same_ports(&mut self) {
+        for i in 1..self.args.len() {
+            let key = match self.args[i - 1].as_str() {
+                "--listen" | "--arpcp" => "arpcp",
+                "--grpc" => "grpc",
+                _ => continue,
+            };
+            if self.args[i].ends_with(":0") {
+                self.args[i] = self.addr(key);
+            }
+        }
+        self.restart();
     }
 
     /// Starts the same command again on the same directory. The previous process

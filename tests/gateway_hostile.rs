@@ -1,0 +1,284 @@
+//! A hostile or confused ARPCP peer on the gateway's ARPCP listener (where agents
+//! send SIGNALs): garbage, over-long lines, SIGNALs for ids the gateway never issued
+//! or for tasks that ended, methods a controller does not serve. Every one gets a
+//! precise answer, the gateway keeps serving, and no stored task changes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arpcp::pb;
+use common::gateway::{assert_task_status, describe, submit_req, Cluster};
+use common::{assert_response, call, code, req, wait_until, Conn, Daemon, IO_TIMEOUT, WAIT};
+use serde_json::{json, Value};
+
+const MIB: usize = 1024 * 1024;
+
+/// Checks, over a window of `window`, that `f` keeps holding: for effects that must
+/// *not* happen (a stored task changing after a stranger's SIGNAL).
+fn holds_for(window: Duration, what: &str, mut f: impl FnMut() -> Result<(), String>) {
+    let end = Instant::now() + window;
+    for _ in 0..10_000 {
+        if let Err(e) = f() {
+            panic!("{what}: {e}");
+        }
+        if Instant::now() >= end {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal_with(id: &str, status: &str, extra: Value) -> Value {
+    let mut m = req::signal(id, status);
+    if let (Some(m), Value::Object(x)) = (m.as_object_mut(), extra) {
+        m.extend(x);
+    }
+    m
+}
+
+#[test]
+fn hostile_peer_on_the_arpcp_listener_changes_nothing() {
+    let c = Cluster::start(vec![Daemon::agent(&["--capacity", "4"])], &[]);
+    let gw = &c.gw;
+    let listener = c.gateway.addr("arpcp");
+
+    // Tasks in every final status, and one that runs.
+    let done = gw.submit_ok("add", json!([2, 3]));
+    let failed = gw.submit_ok("div", json!([1, 0]));
+    let client_error = gw.submit_ok("add", json!([1]));
+    let cancelled = gw.submit_ok("sleep", json!([30]));
+    gw.wait_status(&cancelled, pb::TaskStatus::Running, WAIT);
+    gw.cancel(&cancelled).unwrap();
+    let running = gw.submit_ok("sleep", json!([30]));
+    gw.wait_status(&running, pb::TaskStatus::Running, WAIT);
+    let mut stored: BTreeMap<String, pb::Task> = BTreeMap::new();
+    for (id, want) in [
+        (&done, pb::TaskStatus::Done),
+        (&failed, pb::TaskStatus::Failed),
+        (&client_error, pb::TaskStatus::ClientError),
+        (&cancelled, pb::TaskStatus::Cancelled),
+    ] {
+        let t = gw.wait_final(id, WAIT);
+        assert_task_status(&t, want);
+        stored.insert(id.clone(), t);
+    }
+    // The agent has let go of every finished task before the stranger comes.
+    for id in stored.keys() {
+        wait_until(WAIT, "the agent to delete its copy", || {
+            code(&call(&c.agents[0].arpcp(), &req::get(&format!("{id}.1")))) == 205
+        });
+    }
+
+    // Garbage: 200 each, and the connection stays open.
+    let mut conn = Conn::connect(&listener);
+    let garbage: Vec<Vec<u8>> = vec![
+        b"hello".to_vec(),
+        b"{not json".to_vec(),
+        b"[1, 2, 3]".to_vec(),
+        b"\"a string\"".to_vec(),
+        b"null".to_vec(),
+        vec![0xff, 0xfe, 0x80, b'{', b'}'],
+        b"\0\0\0".to_vec(),
+        [vec![b'['; 100_000], vec![b']'; 100_000]].concat(),
+        br#"{"method": "SIGNAL", "version": "1.0", "atask_id": 7, "atask_status": "done"}"#
+            .to_vec(),
+        br#"{"method": "SIGNAL", "version": "1.0", "atask_id": "a.1", "atask_status": "finished"}"#
+            .to_vec(),
+        br#"{"method": "ID", "version": "1.0", "port": 70000}"#.to_vec(),
+        br#"{"method": "ID", "version": "1.0", "port": "x"}"#.to_vec(),
+    ];
+    for line in &garbage {
+        let mut l = line.clone();
+        l.extend_from_slice(b"\r\n");
+        conn.send_raw(&l);
+        let r = conn.recv();
+        assert_eq!(
+            code(&r),
+            200,
+            "{:?} got {r}",
+            String::from_utf8_lossy(&line[..line.len().min(80)])
+        );
+    }
+    // Missing headers, other versions, unknown methods.
+    let r = conn.request(&json!({"version": "1.0"}));
+    assert_response(&r, 202, &["method"]);
+    let r = conn.request(&json!({"method": "SIGNAL"}));
+    assert_response(&r, 202, &["version"]);
+    let r = conn.request(&json!({"method": "SIGNAL", "version": "2.0"}));
+    assert_response(&r, 206, &[]);
+    let r = conn.request(&json!({"method": "FROB", "version": "1.0"}));
+    assert_response(&r, 201, &["FROB"]);
+    let r = conn.request(&json!({"method": "SIGNAL", "version": "1.0", "atask_id": "x"}));
+    assert_response(&r, 202, &["atask_status"]);
+    // Methods a controller does not serve.
+    for m in [
+        req::atask("add", json!([1, 2])),
+        req::task("add", json!([1, 2])),
+        req::get(&done),
+    ] {
+        assert_response(&conn.request(&m), 201, &[]);
+    }
+    // `terminate` is what a controller sends, not what it receives.
+    assert_response(
+        &conn.request(&req::signal(&format!("{done}.1"), "terminate")),
+        200,
+        &["terminate"],
+    );
+    // Ids the gateway never issued.
+    for id in [
+        "0190aaaa-0000-7000-8000-000000000000.1".to_string(),
+        "0190aaaa-0000-7000-8000-000000000000".to_string(),
+        "x.1".to_string(),
+        "nodot".to_string(),
+        "..".to_string(),
+        format!("{done}.99"),
+        format!("{done}.0"),
+        format!("{done}.-1"),
+        format!("{running}.2"),
+        done.clone(),
+    ] {
+        for status in ["accepted", "done", "interrupted", "client_error"] {
+            let r = conn.request(&req::signal(&id, status));
+            assert_response(&r, 205, &[]);
+        }
+    }
+    // The connection is still usable.
+    let r = conn.request(&req::id());
+    assert_response(&r, 100, &[]);
+    assert_eq!(r["data"]["role"], "controller");
+
+    // A stranger reports the end of tasks that ended, and of the one that runs.
+    for id in stored.keys().chain([&running]) {
+        for (status, extra) in [
+            ("done", json!({})),
+            (
+                "done",
+                json!({"error": {"code": 400, "description": "forged"}}),
+            ),
+            ("interrupted", json!({})),
+            (
+                "client_error",
+                json!({"error": {"code": 204, "description": "forged"}}),
+            ),
+        ] {
+            let r = conn.request(&signal_with(&format!("{id}.1"), status, extra));
+            assert!(
+                matches!(code(&r), 100 | 205),
+                "SIGNAL {status} for {id}: {r}"
+            );
+        }
+    }
+    holds_for(
+        Duration::from_secs(1),
+        "stored tasks stay as they were",
+        || {
+            for (id, t) in &stored {
+                let now = gw.task(id);
+                if &now != t {
+                    return Err(format!(
+                        "{id} changed:\n before {}\n now    {}",
+                        describe(t),
+                        describe(&now)
+                    ));
+                }
+            }
+            let now = gw.task(&running);
+            if now.status != pb::TaskStatus::Running as i32 || now.result.is_some() {
+                return Err(format!("the running task changed: {}", describe(&now)));
+            }
+            Ok(())
+        },
+    );
+
+    // Over-long line: 200 and the connection closes.
+    let mut long = Conn::connect(&listener);
+    let _ = long.try_send_raw(&vec![b'{'; 2 * MIB]);
+    assert_response(&long.recv(), 200, &["longer than the limit"]);
+    long.expect_closed(IO_TIMEOUT);
+
+    // The other connection still works, and so does the gateway.
+    assert_response(&conn.request(&req::id()), 100, &[]);
+    assert!(common::process_alive(c.gateway.pid()), "the gateway died");
+    for (id, t) in &stored {
+        assert_eq!(&gw.task(id), t, "{id}");
+    }
+    let t = gw.task(&running);
+    assert_task_status(&t, pb::TaskStatus::Running);
+    let after = gw.submit_ok("mul", json!([4, 5]));
+    let t = gw.wait_final(&after, WAIT);
+    assert_eq!(common::gateway::result_of(&t), Some(json!(20)));
+    assert_eq!(gw.agents().len(), 1);
+    gw.cancel(&running).unwrap();
+    let mut r = submit_req("add", json!([1, 1]));
+    r.sync = true;
+    assert_task_status(&gw.submit(r).unwrap().task.unwrap(), pb::TaskStatus::Done);
+}
+
+/// A peer that is no agent, announced with ID: probed, never listed as an agent,
+/// and not probed for ever.
+#[test]
+fn announcements_of_non_agents_are_not_registered_and_not_probed_for_ever() {
+    let c = Cluster::start(vec![Daemon::agent(&[])], &[]);
+    let listener = c.gateway.addr("arpcp");
+
+    // Something that accepts connections and never answers like an agent.
+    let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = impostor.local_addr().unwrap().port();
+    let probes = Arc::new(AtomicUsize::new(0));
+    let counted = probes.clone();
+    std::thread::spawn(move || {
+        for s in impostor.incoming() {
+            let Ok(mut s) = s else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = std::io::Write::write_all(&mut s, b"{\"code\": 100, \"data\": 5}\r\n");
+        }
+    });
+
+    let r = call(
+        &listener,
+        &json!({"method": "ID", "version": "1.0", "port": port}),
+    );
+    assert_response(&r, 100, &[]);
+    // Announcements of ports where nothing listens, and of the gateway itself.
+    for _ in 0..20 {
+        let free = common::reserve_port();
+        let p: u16 = free.rsplit_once(':').unwrap().1.parse().unwrap();
+        let r = call(
+            &listener,
+            &json!({"method": "ID", "version": "1.0", "port": p}),
+        );
+        assert_response(&r, 100, &[]);
+    }
+    let own = c.gateway.port("arpcp");
+    let r = call(
+        &listener,
+        &json!({"method": "ID", "version": "1.0", "port": own}),
+    );
+    assert_response(&r, 100, &[]);
+
+    wait_until(WAIT, "the gateway to probe the announced address", || {
+        probes.load(Ordering::SeqCst) >= 1
+    });
+    // The gateway gives up on it after a few echo rounds (100 ms each here).
+    let mut last = (probes.load(Ordering::SeqCst), Instant::now());
+    wait_until(Duration::from_secs(10), "the probes to stop", || {
+        let n = probes.load(Ordering::SeqCst);
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(1)
+    });
+    assert!(last.0 < 20, "probed {} times", last.0);
+    let agents = c.gw.agents();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert_eq!(agents[0].agent_id, c.id(0));
+}
