@@ -321,25 +321,6 @@ fn calls_abandoned_by_their_clients_still_end() {
     }
 }
 
-/// Unary calls on one connection answer in about a millisecond on loopback, not
-/// after a delayed ACK (the gRPC listener's sockets need TCP_NODELAY: gRPC writes a
-/// response as several small frames).
-#[test]
-#[ignore = "needs TCP_NODELAY on the gateway's gRPC sockets (src/gateway/mod.rs)"]
-fn unary_calls_are_not_delayed_by_nagle() {
-    let c = Cluster::start(vec![Daemon::agent(&[])], &[]);
-    let id = c.gw.submit_ok("add", json!([1, 2]));
-    c.gw.wait_final(&id, WAIT);
-    for _ in 0..5 {
-        let began = std::time::Instant::now();
-        for _ in 0..50 {
-            c.gw.task(&id);
-        }
-        let each = began.elapsed() / 50;
-        assert!(each < Duration::from_millis(20), "{each:?} per GetResult");
-    }
-}
-
 /// ListTasks: newest first; pages of `page_size` give every task exactly once;
 /// filters by status, agent and procedure.
 #[test]

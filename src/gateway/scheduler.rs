@@ -155,16 +155,36 @@ impl Scheduler {
 
     /// Stores a new task durably and queues it for placement. Refused at once when
     /// no agent could run it now.
-    pub async fn submit(&self, task: TaskRecord) -> Result<TaskRecord, GatewayError> {
-        self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
+    pub async fn submit(
+        self: &Arc<Self>,
+        mut task: TaskRecord,
+    ) -> Result<TaskRecord, GatewayError> {
+        let agent = self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
+        // Placed in the same durable write that stores it: one flush per Submit,
+        // and no ATASK ever goes out for a placement the store could forget (after
+        // a crash the gateway would place it again, maybe on another agent).
+        task.dispatch(&agent.agent_id);
         self.store.put_task(&task)?;
-        // Known to the sweep before the wait for disk: a client that goes away
-        // meanwhile (the rest of this call is dropped) leaves a task that is placed,
-        // not one queued for ever.
         self.open().insert(task.task_id.clone());
-        self.store.commit().await?;
-        self.enqueue(&task.task_id);
-        Ok(task)
+        self.membership.task_placed(&agent.agent_id);
+        // The rest goes on if the client goes away during the wait for disk.
+        let this = self.clone();
+        let stored = self.tracker.spawn(async move {
+            this.store.commit().await?;
+            let (sender, placed) = (this.clone(), task.clone());
+            this.tracker.spawn(async move {
+                // Bounded like every dispatch (see `run`).
+                let Ok(_slot) = sender.dispatch_slots.acquire().await else {
+                    return;
+                };
+                sender.send_atask(placed, agent).await
+            });
+            Ok::<_, GatewayError>(task)
+        });
+        match stored.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 
     /// Runs a task with ARPCP TASK and returns it finished (or interrupted when the
@@ -259,6 +279,24 @@ impl Scheduler {
         // Durable before the agent hears of it: after a crash the gateway asks this
         // agent about the attempt instead of placing it again on another one.
         self.store.commit().await?;
+        self.send_atask(task, agent).await;
+        Ok(())
+    }
+
+    /// Sends the ATASK of a stored placement and handles the agent's answer.
+    async fn send_atask(self: &Arc<Self>, task: TaskRecord, agent: AgentRecord) {
+        let task_id = task.task_id.clone();
+        if let Err(e) = self.try_send_atask(&task, &agent).await {
+            warn!(%task_id, "dispatch failed: {e}");
+        }
+    }
+
+    async fn try_send_atask(
+        self: &Arc<Self>,
+        task: &TaskRecord,
+        agent: &AgentRecord,
+    ) -> Result<(), StoreError> {
+        let task_id = task.task_id.as_str();
         let req = Request::Atask {
             procedure: task.procedure.clone(),
             args: task.args.clone(),
@@ -284,7 +322,7 @@ impl Scheduler {
                     .get_task(task_id)?
                     .is_some_and(|t| t.attempt == attempt && t.status == TaskStatus::Cancelled);
                 if cancelled {
-                    self.terminate_on(&agent, task.atask_id()).await;
+                    self.terminate_on(agent, task.atask_id()).await;
                 }
             }
             Ok(r) => match r.code {
