@@ -188,9 +188,10 @@ impl Scheduler {
     }
 
     /// Runs a task with ARPCP TASK and returns it finished (or interrupted when the
-    /// agent did not answer in time). Stored before the call, and durably with its
-    /// outcome before the answer: one flush per call, since the caller holds the
-    /// call open anyway (after a crash mid-call it is found and marked interrupted).
+    /// agent did not answer in time). Stored before the call and durable before the
+    /// answer (the flush overlaps the agent's work); the outcome is written at once
+    /// and flushed right after the answer (after a crash mid-call the task is found
+    /// and marked interrupted).
     pub async fn submit_sync(
         self: &Arc<Self>,
         mut task: TaskRecord,
@@ -226,11 +227,14 @@ impl Scheduler {
         };
         // A little longer than the agent's own limit, so its answer can arrive.
         let wait = timeout + Duration::from_secs(2);
-        let outcome = match self
-            .client
-            .call_with_timeout(&agent.address, &req, wait)
-            .await
-        {
+        // The placed task becomes durable while the agent works on it: the answer
+        // waits for both, so it costs the longer of the two, not their sum.
+        let (answer, stored) = tokio::join!(
+            self.client.call_with_timeout(&agent.address, &req, wait),
+            self.store.commit()
+        );
+        stored?;
+        let outcome = match answer {
             Ok(r) => outcome_of_task_response(r),
             Err(ClientError::Timeout { .. }) => Outcome::Interrupted(format!(
                 "agent {} gave no answer within {wait:?}",
@@ -244,9 +248,16 @@ impl Scheduler {
             }
         };
         let attempt = task.attempt;
-        let saved = self
-            .save_durable(&task.task_id, |t| t.finish(attempt, outcome.clone()))
-            .await?;
+        let saved = self.save(&task.task_id, |t| t.finish(attempt, outcome.clone()))?;
+        // The caller holds its result in the answer; the outcome reaches disk with
+        // the next group commit, started now. (A crash in between leaves the task
+        // marked interrupted after the restart.)
+        let store = self.store.clone();
+        self.tracker.spawn(async move {
+            if let Err(e) = store.commit().await {
+                warn!("cannot store a synchronous call's outcome: {e}");
+            }
+        });
         saved
             .map(|(t, _)| t)
             .ok_or_else(|| GatewayError::TaskNotFound(task.task_id.clone()))
