@@ -666,3 +666,31 @@ fn health_and_reflection() {
         .expect("health and reflection answer in time")
     });
 }
+
+/// Blacklist changes are not undone by echo rounds running at the same time
+/// (an echo answer re-registers the agent with the flag it read).
+#[test]
+#[ignore = "stress test: about 20 s (minutes without TCP_NODELAY on the gRPC sockets)"]
+fn blacklist_changes_are_not_lost_to_echo_rounds() {
+    let c = Cluster::start(
+        (0..4).map(|_| Daemon::agent(&[])).collect(),
+        &["--echo-interval-ms", "1"],
+    );
+    let mut lost = Vec::new();
+    for i in 0..3000 {
+        let a = c.id(i % 4);
+        let on = i % 8 < 4;
+        if on {
+            c.gw.blacklist(a).unwrap();
+        } else {
+            c.gw.unblacklist(a).unwrap();
+        }
+        for _ in 0..5 {
+            if c.gw.agent(a).blacklisted != on {
+                lost.push(i);
+                break;
+            }
+        }
+    }
+    assert!(lost.is_empty(), "changes undone at iterations {lost:?}");
+}

@@ -306,31 +306,37 @@ impl Membership {
     async fn register(&self, addr: &str, id: IdData) -> Result<(), StoreError> {
         let identity = AgentRecord::identity(&id.mac, id.port);
         let agent_id = self.store.agent_id_for(&identity).await?;
-        let previous = self.get(&agent_id);
-        let rec = AgentRecord {
-            agent_id: agent_id.clone(),
-            mac: id.mac.to_lowercase(),
-            ip: id.ip.clone(),
-            port: id.port,
-            address: addr.to_string(),
-            hostname: id.hostname,
-            version: id.version,
-            procedures: id.procedures,
-            capacity: id.capacity,
-            running: id.running,
-            state: AgentState::Alive,
-            misses: 0,
-            last_seen_ms: now_ms(),
-            blacklisted: previous.as_ref().is_some_and(|p| p.blacklisted),
+        let (rec, changed) = {
+            // Read and write under one lock, so a blacklist change made meanwhile is
+            // not overwritten with the flag read before it.
+            let mut agents = self.write();
+            let previous = agents.get(&agent_id);
+            let rec = AgentRecord {
+                agent_id: agent_id.clone(),
+                mac: id.mac.to_lowercase(),
+                ip: id.ip.clone(),
+                port: id.port,
+                address: addr.to_string(),
+                hostname: id.hostname,
+                version: id.version,
+                procedures: id.procedures,
+                capacity: id.capacity,
+                running: id.running,
+                state: AgentState::Alive,
+                misses: 0,
+                last_seen_ms: now_ms(),
+                blacklisted: previous.is_some_and(|p| p.blacklisted),
+            };
+            let changed = previous.is_none_or(|p| {
+                p.state != AgentState::Alive
+                    || p.address != rec.address
+                    || p.procedures != rec.procedures
+                    || p.ip != rec.ip
+            });
+            agents.insert(agent_id.clone(), rec.clone());
+            self.store.put_agent(&rec)?;
+            (rec, changed)
         };
-        let changed = previous.as_ref().is_none_or(|p| {
-            p.state != AgentState::Alive
-                || p.address != rec.address
-                || p.procedures != rec.procedures
-                || p.ip != rec.ip
-        });
-        self.write().insert(agent_id.clone(), rec.clone());
-        self.store.put_agent(&rec)?;
         self.candidates().remove(addr);
         if changed {
             info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, "agent alive");

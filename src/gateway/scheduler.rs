@@ -672,6 +672,10 @@ impl Scheduler {
         self.watchers.close();
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        // Status changes not yet on disk (progress, running, ...) survive a clean stop.
+        if let Err(e) = self.store.commit().await {
+            warn!("cannot flush the store on shutdown: {e}");
+        }
     }
 }
 

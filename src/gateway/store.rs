@@ -81,12 +81,6 @@ impl GatewayStore {
         Ok(self.commits.commit().await?)
     }
 
-    /// Stores a new task and waits until it is durable.
-    pub async fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
-        self.put_task(t)?;
-        self.commit().await
-    }
-
     /// Stores a task without waiting for disk (a later commit covers it).
     pub fn put_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
         self.tasks
