@@ -279,12 +279,14 @@ impl SignalSender {
         still_wanted: impl Fn() -> Option<G>,
     ) -> Option<Code> {
         let mut delay = SIGNAL_BACKOFF_START;
+        let first = dest;
+        let mut dest = dest.to_string();
         loop {
             if self.inner.stop.is_cancelled() {
                 return None;
             }
             let attempt = still_wanted()?;
-            match self.inner.client.call(dest, req).await {
+            match self.inner.client.call(&dest, req).await {
                 Ok(resp) => {
                     if !resp.is_ok() {
                         debug!(controller = %dest, code = %resp.code, "SIGNAL answered: {}", resp.description);
@@ -293,7 +295,13 @@ impl SignalSender {
                 }
                 Err(e) => {
                     debug!(controller = %dest, "SIGNAL not delivered, retrying in {delay:?}: {e}");
-                    self.inner.client.forget(dest);
+                    self.inner.client.forget(&dest);
+                    // The controller may have moved (restarted on another address,
+                    // which its echoes told us): try there too, in turns.
+                    dest = match self.controller() {
+                        Some(c) if c != dest => c,
+                        _ => first.to_string(),
+                    };
                 }
             }
             drop(attempt);

@@ -169,15 +169,23 @@ impl TaskRunner {
 
     fn start(self: &Arc<Self>, rec: TaskRecord, slot: Option<OwnedSemaphorePermit>) {
         let terminate = CancellationToken::new();
-        self.live().insert(
-            rec.atask_id.clone(),
-            Live {
-                terminate: terminate.clone(),
-                running: false,
-                progress: None,
-                last_progress_signal: None,
-            },
-        );
+        {
+            // Under the same lock as `terminate`: a terminate that came between the
+            // task's insert and this point deleted it, and it must not run.
+            let mut live = self.live();
+            if !matches!(self.store.get(&rec.atask_id), Ok(Some(_))) {
+                return;
+            }
+            live.insert(
+                rec.atask_id.clone(),
+                Live {
+                    terminate: terminate.clone(),
+                    running: false,
+                    progress: None,
+                    last_progress_signal: None,
+                },
+            );
+        }
         let this = self.clone();
         self.tracker.spawn(async move {
             let id = rec.atask_id.clone();
@@ -359,11 +367,13 @@ impl TaskRunner {
 
     /// SIGNAL terminate: stop the task if it runs and delete it.
     pub fn terminate(&self, id: &str) -> Result<(), ProtocolError> {
-        let live = self.live().remove(id);
+        let (live, stored) = {
+            let mut live = self.live();
+            (live.remove(id), self.store.remove(id)?)
+        };
         if let Some(l) = &live {
             l.terminate.cancel();
         }
-        let stored = self.store.remove(id)?;
         if live.is_none() && !stored {
             return Err(ProtocolError::UnknownTask(id.to_string()));
         }
