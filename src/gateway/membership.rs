@@ -52,7 +52,7 @@ pub struct MembershipConfig {
 }
 
 pub struct Membership {
-    agents: RwLock<HashMap<String, AgentRecord>>,
+    agents: RwLock<HashMap<String, Arc<AgentRecord>>>,
     /// Tasks placed on each agent and not yet ended (for least-loaded placement).
     load: Mutex<HashMap<String, u32>>,
     /// Addresses to probe that are not registered agents (yet): `None` for the
@@ -88,7 +88,7 @@ impl Membership {
         let agents = store
             .agents()?
             .into_iter()
-            .map(|a| (a.agent_id.clone(), a))
+            .map(|a| (a.agent_id.clone(), Arc::new(a)))
             .collect();
         let candidates = config.seeds.iter().map(|s| (s.clone(), None)).collect();
         Ok(Arc::new(Membership {
@@ -102,11 +102,11 @@ impl Membership {
         }))
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, AgentRecord>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<AgentRecord>>> {
         self.agents.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, AgentRecord>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<AgentRecord>>> {
         self.agents.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -114,20 +114,20 @@ impl Membership {
         self.load.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn list(&self) -> Vec<AgentRecord> {
+    pub fn list(&self) -> Vec<Arc<AgentRecord>> {
         let mut v: Vec<_> = self.read().values().cloned().collect();
         v.sort_by_key(|a| agent_sort_key(&a.agent_id));
         v
     }
 
-    pub fn get(&self, agent_id: &str) -> Option<AgentRecord> {
+    pub fn get(&self, agent_id: &str) -> Option<Arc<AgentRecord>> {
         self.read().get(agent_id).cloned()
     }
 
     /// Procedure name → agents that can take tasks and offer it.
     pub fn procedures(&self) -> Vec<(String, Vec<String>)> {
         let mut by_name: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for a in self.list().into_iter().filter(AgentRecord::can_take_tasks) {
+        for a in self.list().into_iter().filter(|a| a.can_take_tasks()) {
             for p in &a.procedures {
                 by_name
                     .entry(p.clone())
@@ -144,7 +144,7 @@ impl Membership {
         &self,
         procedure: &str,
         requested: Option<&str>,
-    ) -> Result<AgentRecord, NoPlacement> {
+    ) -> Result<Arc<AgentRecord>, NoPlacement> {
         let agents = self.read();
         if let Some(id) = requested {
             let a = agents.get(id).ok_or_else(|| {
@@ -169,7 +169,8 @@ impl Membership {
             }
             return Ok(a.clone());
         }
-        let usable: Vec<&AgentRecord> = agents.values().filter(|a| a.can_take_tasks()).collect();
+        let usable: Vec<&Arc<AgentRecord>> =
+            agents.values().filter(|a| a.can_take_tasks()).collect();
         if usable.is_empty() {
             return Err(NoPlacement::NoAgents);
         }
@@ -199,7 +200,7 @@ impl Membership {
     /// for it (suspect) until it answers an echo again.
     pub fn unreachable(&self, agent_id: &str) {
         let mut agents = self.write();
-        let Some(a) = agents.get_mut(agent_id) else {
+        let Some(a) = agents.get_mut(agent_id).map(Arc::make_mut) else {
             return;
         };
         if a.state != AgentState::Alive {
@@ -227,9 +228,11 @@ impl Membership {
 
     pub fn set_blacklisted(&self, agent_id: &str, on: bool) -> Result<AgentRecord, GatewayError> {
         let mut agents = self.write();
-        let a = agents
-            .get_mut(agent_id)
-            .ok_or_else(|| GatewayError::AgentNotFound(agent_id.to_string()))?;
+        let a = Arc::make_mut(
+            agents
+                .get_mut(agent_id)
+                .ok_or_else(|| GatewayError::AgentNotFound(agent_id.to_string()))?,
+        );
         a.blacklisted = on;
         self.store.put_agent(a)?;
         info!(agent_id, blacklisted = on, "blacklist changed");
@@ -333,7 +336,7 @@ impl Membership {
                     || p.procedures != rec.procedures
                     || p.ip != rec.ip
             });
-            agents.insert(agent_id.clone(), rec.clone());
+            agents.insert(agent_id.clone(), Arc::new(rec.clone()));
             self.store.put_agent(&rec)?;
             (rec, changed)
         };
@@ -361,7 +364,7 @@ impl Membership {
     async fn missed(&self, agent_id: &str) {
         let changed = {
             let mut agents = self.write();
-            let Some(a) = agents.get_mut(agent_id) else {
+            let Some(a) = agents.get_mut(agent_id).map(Arc::make_mut) else {
                 return;
             };
             let before = a.state;

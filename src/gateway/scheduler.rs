@@ -137,7 +137,7 @@ impl Scheduler {
         &self,
         procedure: &str,
         requested: Option<&str>,
-    ) -> Result<AgentRecord, GatewayError> {
+    ) -> Result<Arc<AgentRecord>, GatewayError> {
         self.membership
             .pick(procedure, requested)
             .map_err(|e| match e {
@@ -217,7 +217,7 @@ impl Scheduler {
     async fn run_sync(
         &self,
         task: TaskRecord,
-        agent: AgentRecord,
+        agent: Arc<AgentRecord>,
         timeout: Duration,
     ) -> Result<TaskRecord, GatewayError> {
         let req = Request::Task {
@@ -295,7 +295,7 @@ impl Scheduler {
     }
 
     /// Sends the ATASK of a stored placement and handles the agent's answer.
-    async fn send_atask(self: &Arc<Self>, task: TaskRecord, agent: AgentRecord) {
+    async fn send_atask(self: &Arc<Self>, task: TaskRecord, agent: Arc<AgentRecord>) {
         let task_id = task.task_id.clone();
         if let Err(e) = self.try_send_atask(&task, &agent).await {
             warn!(%task_id, "dispatch failed: {e}");

@@ -223,7 +223,12 @@ impl pb::gateway_server::Gateway for GatewayService {
         _req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: self.membership.list().iter().map(agent_to_pb).collect(),
+            agents: self
+                .membership
+                .list()
+                .iter()
+                .map(|a| agent_to_pb(a))
+                .collect(),
         }))
     }
 
