@@ -213,7 +213,7 @@ impl ArpcpClient {
         req: &Request,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
-        let mut line = serde_json::to_vec(&req.to_json()).unwrap_or_default();
+        let mut line = serde_json::to_vec(req).unwrap_or_default();
         line.extend_from_slice(b"\r\n");
         let line = Bytes::from(line);
         if req.method() == Method::Task {

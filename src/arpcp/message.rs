@@ -260,12 +260,18 @@ impl Request {
 
     /// The wire form: a JSON object with the method in upper case and version "1.0".
     pub fn to_json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("method".into(), self.method().as_str().into());
-        m.insert("version".into(), VERSION.into());
-        let mut put = |k: &str, v: Value| {
-            m.insert(k.to_string(), v);
-        };
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Written straight to the wire (no intermediate JSON tree): the method in upper
+/// case, version "1.0", then the method's headers.
+impl Serialize for Request {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("method", self.method().as_str())?;
+        m.serialize_entry("version", VERSION)?;
         match self {
             Request::Atask {
                 procedure,
@@ -273,13 +279,13 @@ impl Request {
                 atask_id,
                 reply_to,
             } => {
-                put("remote_procedure", procedure.clone().into());
-                put("remote_procedure_args", args.to_value());
+                m.serialize_entry("remote_procedure", procedure)?;
+                m.serialize_entry("remote_procedure_args", args)?;
                 if let Some(id) = atask_id {
-                    put("atask_id", id.clone().into());
+                    m.serialize_entry("atask_id", id)?;
                 }
                 if let Some(r) = reply_to {
-                    put("reply_to", r.clone().into());
+                    m.serialize_entry("reply_to", r)?;
                 }
             }
             Request::Task {
@@ -287,24 +293,24 @@ impl Request {
                 args,
                 timeout_ms,
             } => {
-                put("remote_procedure", procedure.clone().into());
-                put("remote_procedure_args", args.to_value());
+                m.serialize_entry("remote_procedure", procedure)?;
+                m.serialize_entry("remote_procedure_args", args)?;
                 if let Some(t) = timeout_ms {
-                    put("timeout_ms", (*t).into());
+                    m.serialize_entry("timeout_ms", t)?;
                 }
             }
-            Request::Get { atask_id } => put("atask_id", atask_id.clone().into()),
-            Request::Signal(s) => {
-                put("atask_id", s.atask_id.clone().into());
-                put("atask_status", s.status.as_str().into());
-                if let Some(p) = &s.progress {
-                    put("progress", serde_json::to_value(p).unwrap_or(Value::Null));
+            Request::Get { atask_id } => m.serialize_entry("atask_id", atask_id)?,
+            Request::Signal(sig) => {
+                m.serialize_entry("atask_id", &sig.atask_id)?;
+                m.serialize_entry("atask_status", sig.status.as_str())?;
+                if let Some(p) = &sig.progress {
+                    m.serialize_entry("progress", p)?;
                 }
-                if let Some(a) = &s.agent_id {
-                    put("agent_id", a.clone().into());
+                if let Some(a) = &sig.agent_id {
+                    m.serialize_entry("agent_id", a)?;
                 }
-                if let Some(e) = &s.error {
-                    put("error", serde_json::to_value(e).unwrap_or(Value::Null));
+                if let Some(e) = &sig.error {
+                    m.serialize_entry("error", e)?;
                 }
             }
             Request::Id {
@@ -313,17 +319,17 @@ impl Request {
                 port,
             } => {
                 if let Some(a) = agent_id {
-                    put("agent_id", a.clone().into());
+                    m.serialize_entry("agent_id", a)?;
                 }
                 if let Some(c) = controller {
-                    put("controller", c.clone().into());
+                    m.serialize_entry("controller", c)?;
                 }
                 if let Some(p) = port {
-                    put("port", (*p).into());
+                    m.serialize_entry("port", p)?;
                 }
             }
         }
-        Value::Object(m)
+        m.end()
     }
 }
 

@@ -366,29 +366,38 @@ impl Scheduler {
 
     /// A SIGNAL from an agent.
     pub fn on_signal(self: &Arc<Self>, sig: SignalRequest) -> Result<(), ProtocolError> {
+        // Header values before lookups, as the protocol orders its checks.
+        if sig.status == AtaskStatus::Terminate {
+            return Err(ProtocolError::BadHeader {
+                header: "atask_status",
+                expected: "\"accepted\", \"done\", \"client_error\" or \"interrupted\" (terminate is sent by a controller)",
+                got: "\"terminate\"".into(),
+            });
+        }
         let unknown = || ProtocolError::UnknownTask(sig.atask_id.clone());
         let (task_id, attempt) = parse_atask_id(&sig.atask_id).ok_or_else(unknown)?;
-        let task = self.store.get_task(task_id)?.ok_or_else(unknown)?;
-        if attempt == 0 || attempt > task.attempt {
+        if attempt == 0 {
             return Err(unknown());
         }
-        match sig.status {
-            AtaskStatus::Accepted => {
-                self.save(task_id, |t| t.accepted(attempt, sig.progress.clone()))?;
+        if sig.status == AtaskStatus::Accepted {
+            // One read-modify-write: checks the attempt and applies the progress.
+            let mut issued = false;
+            let saved = self.save(task_id, |t| {
+                issued = attempt <= t.attempt;
+                issued && t.accepted(attempt, sig.progress.clone())
+            })?;
+            if saved.is_none() || !issued {
+                return Err(unknown());
             }
-            AtaskStatus::Done | AtaskStatus::ClientError | AtaskStatus::Interrupted => {
-                let this = self.clone();
-                self.tracker
-                    .spawn(async move { this.collect(Some(task), attempt).await });
-            }
-            AtaskStatus::Terminate => {
-                return Err(ProtocolError::BadHeader {
-                    header: "atask_status",
-                    expected: "\"accepted\", \"done\", \"client_error\" or \"interrupted\" (terminate is sent by a controller)",
-                    got: "\"terminate\"".into(),
-                })
-            }
+            return Ok(());
         }
+        let task = self.store.get_task(task_id)?.ok_or_else(unknown)?;
+        if attempt > task.attempt {
+            return Err(unknown());
+        }
+        let this = self.clone();
+        self.tracker
+            .spawn(async move { this.collect(Some(task), attempt).await });
         Ok(())
     }
 
