@@ -115,8 +115,9 @@ pub enum Inserted {
 
 impl AgentStore {
     pub fn open(dir: &Path) -> Result<AgentStore, StoreError> {
-        let db = open_db(&dir.join("agent.sled"), CACHE_BYTES)?;
-        let commits = GroupCommit::start(db.clone(), "agent-store")
+        let path = dir.join("agent.sled");
+        let db = open_db(&path, CACHE_BYTES)?;
+        let commits = GroupCommit::start(db.clone(), &path, "agent-store")
             .map_err(|e| StoreError::Commit(CommitError::Flush(e.to_string())))?;
         let meta = db.open_tree("meta")?;
         let fresh = uuid::Uuid::new_v4().to_string();

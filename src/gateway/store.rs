@@ -64,8 +64,9 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T,
 
 impl GatewayStore {
     pub fn open(dir: &Path) -> Result<GatewayStore, StoreError> {
-        let db = open_db(&dir.join("gateway.sled"), CACHE_BYTES)?;
-        let commits = GroupCommit::start(db.clone(), "gateway-store")
+        let path = dir.join("gateway.sled");
+        let db = open_db(&path, CACHE_BYTES)?;
+        let commits = GroupCommit::start(db.clone(), &path, "gateway-store")
             .map_err(|e| StoreError::Commit(CommitError::Flush(e.to_string())))?;
         Ok(GatewayStore {
             tasks: db.open_tree("tasks")?,
