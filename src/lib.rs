@@ -11,6 +11,8 @@ pub mod gateway;
 pub mod pb {
     tonic::include_proto!("arpcp.v1");
 
+    pub mod json;
+
     /// The descriptor set that server reflection serves.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/arpcp_descriptor.bin"));

@@ -151,22 +151,7 @@ fn arg_value(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string()))
 }
 
-fn to_pb(v: &Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(to_pb).collect(),
-        }),
-        Value::Object(m) => Kind::StructValue(prost_types::Struct {
-            fields: m.iter().map(|(k, v)| (k.clone(), to_pb(v))).collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
+use crate::pb::json::from_json as to_pb;
 
 fn is_final(status: i32) -> bool {
     crate::gateway::model::TaskStatus::try_from_pb(status).is_some_and(TaskStatus::is_final)

@@ -4,23 +4,7 @@ use serde_json::{json, Value};
 
 use crate::pb;
 
-pub fn value_json(v: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => json!(b),
-        Some(Kind::StringValue(s)) => json!(s),
-        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => json!(*n as i64),
-        Some(Kind::NumberValue(n)) => json!(n),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_json).collect()),
-        Some(Kind::StructValue(s)) => Value::Object(
-            s.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), value_json(v)))
-                .collect(),
-        ),
-    }
-}
+pub use crate::pb::json::to_json as value_json;
 
 pub fn time(t: &Option<prost_types::Timestamp>) -> Value {
     match t {

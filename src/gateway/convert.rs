@@ -1,55 +1,27 @@
 //! Conversions between the gateway's records and the gRPC messages: JSON values
 //! and `google.protobuf.Value`, statuses, timestamps.
 
-use std::collections::BTreeMap;
-
-use prost_types::value::Kind;
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
 use super::model::{AgentRecord, AgentState, TaskRecord, TaskStatus};
 use super::GatewayError;
 use crate::arpcp::Args;
 use crate::pb;
 
-/// Integers up to this magnitude are exact in a double, so they come back as JSON
-/// integers (add(1, 2) is 3, not 3.0).
-const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
-
-/// A protobuf Value as JSON; `field` names the request field in errors.
+/// A request's protobuf Value as JSON; `field` (`args[0]`, `kwargs.x`) names it in
+/// the error for a number JSON cannot hold.
 pub fn value_to_json(v: &prost_types::Value, field: &str) -> Result<Value, GatewayError> {
-    let bad = |reason: String| GatewayError::InvalidArgument {
-        field: if field.starts_with("kwargs") {
-            "kwargs"
-        } else {
-            "args"
-        },
-        reason: format!("{field}: {reason}"),
-    };
-    Ok(match &v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::NumberValue(n)) => {
-            if !n.is_finite() {
-                return Err(bad(format!("{n} is not a finite number")));
-            }
-            if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INT {
-                Value::Number(Number::from(*n as i64))
+    if let Some((path, n)) = pb::json::first_non_finite(v, field) {
+        return Err(GatewayError::InvalidArgument {
+            field: if field.starts_with("kwargs") {
+                "kwargs"
             } else {
-                Number::from_f64(*n)
-                    .map(Value::Number)
-                    .unwrap_or(Value::Null)
-            }
-        }
-        Some(Kind::ListValue(l)) => Value::Array(
-            l.values
-                .iter()
-                .enumerate()
-                .map(|(i, x)| value_to_json(x, &format!("{field}[{i}]")))
-                .collect::<Result<_, _>>()?,
-        ),
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s, field)?),
-    })
+                "args"
+            },
+            reason: format!("{path}: {n} is not a finite number"),
+        });
+    }
+    Ok(pb::json::to_json(v))
 }
 
 pub fn struct_to_json(
@@ -62,28 +34,7 @@ pub fn struct_to_json(
         .collect()
 }
 
-pub fn json_to_value(v: &Value) -> prost_types::Value {
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(json_to_value).collect(),
-        }),
-        Value::Object(m) => Kind::StructValue(json_to_struct(m)),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
-fn json_to_struct(m: &Map<String, Value>) -> prost_types::Struct {
-    prost_types::Struct {
-        fields: m
-            .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
-            .collect::<BTreeMap<_, _>>(),
-    }
-}
+pub use pb::json::{from_json as json_to_value, struct_from_json as json_to_struct};
 
 /// The call's arguments: positional `args` or named `kwargs`, not both.
 pub fn call_args(
@@ -225,7 +176,7 @@ mod tests {
     #[test]
     fn non_finite_numbers_are_refused_with_the_field() {
         let nan = prost_types::Value {
-            kind: Some(Kind::NumberValue(f64::NAN)),
+            kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
         };
         let e = call_args(&[json_to_value(&json!(1)), nan.clone()], None).unwrap_err();
         assert!(e.to_string().starts_with("args: args[1]"), "{e}");

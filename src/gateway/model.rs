@@ -68,6 +68,18 @@ pub enum Outcome {
     Interrupted(String),
 }
 
+impl Outcome {
+    /// An agent's error answer: 400 is the procedure failing, any other code is
+    /// something wrong with the call.
+    pub fn from_error(code: u16, description: String) -> Outcome {
+        if code == 400 {
+            Outcome::Failed { code, description }
+        } else {
+            Outcome::ClientError { code, description }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub task_id: String,

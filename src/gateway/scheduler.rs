@@ -342,13 +342,7 @@ impl Scheduler {
                     agent.agent_id, r.code, r.description
                 ))?,
                 code => {
-                    let description = r.description;
-                    let code = code.as_u16();
-                    let outcome = if code == 400 {
-                        Outcome::Failed { code, description }
-                    } else {
-                        Outcome::ClientError { code, description }
-                    };
+                    let outcome = Outcome::from_error(code.as_u16(), r.description);
                     self.save_durable(task_id, |t| t.finish(attempt, outcome.clone()))
                         .await?;
                 }
@@ -491,14 +485,7 @@ impl Scheduler {
                     },
                 }
             }
-            Code::Execution => Outcome::Failed {
-                code: 400,
-                description: r.description,
-            },
-            code => Outcome::ClientError {
-                code: code.as_u16(),
-                description: r.description,
-            },
+            code => Outcome::from_error(code.as_u16(), r.description),
         };
         self.save_durable(task_id, |t| t.finish(attempt, outcome.clone()))
             .await?;
@@ -692,13 +679,6 @@ impl Scheduler {
 fn outcome_of_task_response(r: Response) -> Outcome {
     match r.code {
         Code::Ok => Outcome::Done(r.data.get("result").cloned().unwrap_or(Value::Null)),
-        Code::Execution => Outcome::Failed {
-            code: 400,
-            description: r.description,
-        },
-        code => Outcome::ClientError {
-            code: code.as_u16(),
-            description: r.description,
-        },
+        code => Outcome::from_error(code.as_u16(), r.description),
     }
 }
