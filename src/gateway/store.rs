@@ -175,10 +175,6 @@ impl GatewayStore {
         Ok((page, false))
     }
 
-    pub fn task_count(&self) -> usize {
-        self.tasks.len()
-    }
-
     /// Drops finished tasks older than `max_age_ms`, then the oldest finished ones
     /// beyond `max_count`. Unfinished tasks are never dropped. Returns how many went.
     pub fn apply_retention(
