@@ -71,16 +71,13 @@ fn finished_result_survives_kill_9() {
 #[test]
 fn running_task_is_interrupted_and_queued_task_runs_after_kill_9() {
     let controller = FakeController::start();
-    let dir = common::tempdir();
-    std::fs::write(
-        dir.path().join("agent.toml"),
+    let dir = common::dir_with_agent_config(
         r#"
 [[procedure]]
 name = "hang"
 command = ["sh", "-c", "echo $$ > \"$0\"; sleep 30"]
 "#,
-    )
-    .expect("write the configuration");
+    );
     let mut agent = Daemon::agent_in(dir, &["--capacity", "1", "--config", "{dir}/agent.toml"]);
     let a = agent.arpcp();
     let pid_file = agent.dir().join("hang.pid");
@@ -195,16 +192,13 @@ fn sigterm_lets_a_short_task_finish() {
 #[test]
 fn sigterm_interrupts_a_long_task_after_the_grace_period() {
     let controller = FakeController::start();
-    let dir = common::tempdir();
-    std::fs::write(
-        dir.path().join("agent.toml"),
+    let dir = common::dir_with_agent_config(
         r#"
 [[procedure]]
 name = "hang"
 command = ["sh", "-c", "echo $$ > \"$0\"; sleep 30"]
 "#,
-    )
-    .expect("write the configuration");
+    );
     let mut agent = Daemon::agent_in(
         dir,
         &[

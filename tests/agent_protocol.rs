@@ -14,16 +14,13 @@ use serde_json::{json, Value};
 const MIB: usize = 1024 * 1024;
 
 fn agent_with_failing_command() -> Daemon {
-    let dir = common::tempdir();
-    std::fs::write(
-        dir.path().join("agent.toml"),
+    let dir = common::dir_with_agent_config(
         r#"
 [[procedure]]
 name = "fail"
 command = ["sh", "-c", "echo 'cannot open input.csv' >&2; exit 3"]
 "#,
-    )
-    .expect("write the configuration");
+    );
     Daemon::agent_in(dir, &["--config", "{dir}/agent.toml"])
 }
 

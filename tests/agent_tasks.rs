@@ -4,39 +4,20 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
     assert_response, call, code, live_processes_in_group, process_alive, req, wait_for,
-    wait_for_pid_file, wait_until, Conn, Daemon, FakeController, WAIT,
+    wait_for_pid_file, wait_until, Conn, Daemon, FakeController, BUILTINS, WAIT,
 };
 use serde_json::{json, Value};
-use tempfile::TempDir;
-
-const BUILTINS: [&str; 9] = [
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "echo",
-    "sleep",
-    "time",
-    "memory_usage",
-    "running_processes",
-];
 
 /// An agent with these `[[procedure]]` entries in its configuration file.
 fn agent_with(procedures: &str, extra: &[&str]) -> Daemon {
-    let dir = common::tempdir();
-    write_config(&dir, procedures);
+    let dir = common::dir_with_agent_config(procedures);
     let mut args = vec!["--config", "{dir}/agent.toml"];
     args.extend_from_slice(extra);
     Daemon::agent_in(dir, &args)
-}
-
-fn write_config(dir: &Arc<TempDir>, text: &str) {
-    std::fs::write(dir.path().join("agent.toml"), text).expect("write the configuration");
 }
 
 fn path_arg(p: &Path) -> String {

@@ -16,22 +16,10 @@ use common::gateway::{
 };
 use common::{
     call, code, live_processes_in_group, process_alive, req, wait_for, wait_for_pid_file, Daemon,
-    WAIT,
+    BUILTINS, WAIT,
 };
 use serde_json::json;
 use tonic::Code;
-
-const BUILTINS: [&str; 9] = [
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "echo",
-    "sleep",
-    "time",
-    "memory_usage",
-    "running_processes",
-];
 
 /// A command procedure that writes its PID and runs for 30 s.
 const CONFIG: &str = r#"

@@ -70,6 +70,27 @@ pub fn tempdir() -> Arc<TempDir> {
     )
 }
 
+/// A temporary directory holding `agent.toml` with `toml` in it: start the agent
+/// with `--config {dir}/agent.toml`.
+pub fn dir_with_agent_config(toml: &str) -> Arc<TempDir> {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("agent.toml"), toml).expect("write the configuration");
+    dir
+}
+
+/// The procedures every agent offers.
+pub const BUILTINS: [&str; 9] = [
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "echo",
+    "sleep",
+    "time",
+    "memory_usage",
+    "running_processes",
+];
+
 // ---------------------------------------------------------------------------
 // Daemons
 
