@@ -30,6 +30,29 @@ fn wait_running(addr: &str, id: &str) {
     });
 }
 
+/// On an agent with capacity 1 and the `hang` procedure: places `long` (hang,
+/// reporting to `controller`) and then `second`, waits until `long` runs, and
+/// returns the pid of its program.
+fn hang_and_queue(agent: &Daemon, controller: &FakeController, second: (&str, &str, Value)) -> u32 {
+    let a = agent.arpcp();
+    let pid_file = agent.dir().join("hang.pid");
+    let ctl = Some(controller.addr());
+    let pid_arg = json!([pid_file.to_str().expect("UTF-8 path")]);
+    assert_response(
+        &call(&a, &req::atask_with("long", "hang", pid_arg, ctl)),
+        100,
+        &[],
+    );
+    let (id, procedure, args) = second;
+    assert_response(
+        &call(&a, &req::atask_with(id, procedure, args, ctl)),
+        100,
+        &[],
+    );
+    wait_running(&a, "long");
+    wait_for_pid_file(&pid_file, WAIT)
+}
+
 /// A finished result survives `kill -9` and a restart on the same data.
 #[test]
 fn finished_result_survives_kill_9() {
@@ -80,21 +103,7 @@ command = ["sh", "-c", "echo $$ > \"$0\"; sleep 30"]
     );
     let mut agent = Daemon::agent_in(dir, &["--capacity", "1", "--config", "{dir}/agent.toml"]);
     let a = agent.arpcp();
-    let pid_file = agent.dir().join("hang.pid");
-    let ctl = Some(controller.addr());
-    let pid_arg = json!([pid_file.to_str().expect("UTF-8 path")]);
-    assert_response(
-        &call(&a, &req::atask_with("long", "hang", pid_arg, ctl)),
-        100,
-        &[],
-    );
-    assert_response(
-        &call(&a, &req::atask_with("queued", "add", json!([1, 1]), ctl)),
-        100,
-        &[],
-    );
-    wait_running(&a, "long");
-    let pid = wait_for_pid_file(&pid_file, WAIT);
+    let pid = hang_and_queue(&agent, &controller, ("queued", "add", json!([1, 1])));
     assert_eq!(get(&a, "queued")["data"]["running"], false);
 
     agent.kill9();
@@ -210,22 +219,7 @@ command = ["sh", "-c", "echo $$ > \"$0\"; sleep 30"]
             "{dir}/agent.toml",
         ],
     );
-    let a = agent.arpcp();
-    let pid_file = agent.dir().join("hang.pid");
-    let ctl = Some(controller.addr());
-    let pid_arg = json!([pid_file.to_str().expect("UTF-8 path")]);
-    assert_response(
-        &call(&a, &req::atask_with("long", "hang", pid_arg, ctl)),
-        100,
-        &[],
-    );
-    assert_response(
-        &call(&a, &req::atask_with("next", "sub", json!([5, 2]), ctl)),
-        100,
-        &[],
-    );
-    wait_running(&a, "long");
-    let pid = wait_for_pid_file(&pid_file, WAIT);
+    let pid = hang_and_queue(&agent, &controller, ("next", "sub", json!([5, 2])));
 
     let stopping = Instant::now();
     agent.sigterm();
