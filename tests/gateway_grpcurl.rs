@@ -4,15 +4,14 @@
 //! grpcurl comes from env `GRPCURL` (scripts/test.sh sets it). Without it the tests
 //! skip, except under CI (env `CI` set), where they fail.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{wait_for, Daemon, WAIT};
 use serde_json::Value;
 
-const STARTUP: Duration = Duration::from_secs(30);
 /// Longest a single grpcurl call may take.
 const GRPCURL_MAX_SECS: &str = "20";
 
@@ -38,109 +37,21 @@ fn grpcurl() -> Option<PathBuf> {
     }
 }
 
-/// A daemon started for a test; killed when dropped.
-struct Daemon {
-    name: &'static str,
-    child: Child,
-    /// The JSON line the daemon printed once it listened.
-    ready: Value,
-}
-
-impl Daemon {
-    fn start(name: &'static str, args: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_arpcp"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        // Read the first line on a thread, so a silent daemon cannot hang the test.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut daemon = Daemon {
-            name,
-            child,
-            ready: Value::Null,
-        };
-        let line = rx
-            .recv_timeout(STARTUP)
-            .unwrap_or_else(|_| panic!("{name} printed no ready line within {STARTUP:?}"));
-        daemon.ready = serde_json::from_str(line.trim()).unwrap_or_else(|e| {
-            panic!(
-                "{name}'s first line is not JSON ({e}): {line:?} (exit: {:?})",
-                daemon.child.try_wait()
-            )
-        });
-        daemon
-    }
-
-    fn addr(&self, key: &str) -> String {
-        self.ready[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("{} announced no {key}: {}", self.name, self.ready))
-            .to_string()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A gateway, and optionally one agent announcing itself to it.
 struct Cluster {
     grpc: String,
     _agent: Option<Daemon>,
     _gateway: Daemon,
-    _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     fn start(with_agent: bool) -> Cluster {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let data = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-        let gateway = Daemon::start(
-            "gateway",
-            &[
-                "gateway",
-                "--grpc",
-                "127.0.0.1:0",
-                "--arpcp",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data("gateway"),
-                "--echo-interval-ms",
-                "200",
-            ],
-        );
-        let agent = with_agent.then(|| {
-            Daemon::start(
-                "agent",
-                &[
-                    "agent",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    &data("agent"),
-                    "--controller",
-                    &gateway.addr("arpcp"),
-                ],
-            )
-        });
+        let gateway = Daemon::gateway(&[]);
+        let agent = with_agent.then(|| Daemon::agent(&["--controller", &gateway.addr("arpcp")]));
         Cluster {
             grpc: gateway.addr("grpc"),
             _agent: agent,
             _gateway: gateway,
-            _dir: dir,
         }
     }
 }
@@ -174,21 +85,6 @@ fn ok(grpcurl: &Path, addr: &str, data: Option<&str>, rest: &[&str]) -> String {
 fn call(grpcurl: &Path, addr: &str, method: &str, data: &str) -> Value {
     let out = ok(grpcurl, addr, Some(data), &[method]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method} answered non-JSON ({e}): {out}"))
-}
-
-/// Calls `check` until it returns `Some`, failing after `timeout`.
-fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -235,7 +131,7 @@ fn submit_get_result_and_list_agents_in_json() {
     let Some(grpcurl) = grpcurl() else { return };
     let c = Cluster::start(true);
 
-    let agent = poll("the agent to be alive", STARTUP, || {
+    let agent = wait_for(WAIT, "the agent to be alive", || {
         let agents = call(&grpcurl, &c.grpc, "arpcp.v1.Gateway/ListAgents", "{}");
         agents["agents"]
             .as_array()?
