@@ -210,7 +210,18 @@ fn agent_restarting_quickly_reports_its_running_task_interrupted() {
     let t = c.gw.wait_final(&waiting, WAIT);
     assert_task_status(&t, pb::TaskStatus::Done);
     assert_eq!(result_of(&t), Some(json!(12)));
-    assert_eq!(t.attempts, 1, "{}", describe(&t));
+    // The agent stores a task just before it answers its ATASK: a kill in between
+    // cuts the answer off, the gateway's retry finds the agent down and places the
+    // task again, and the restarted agent, asking before it starts the stored
+    // attempt, is told it was withdrawn. Either way it runs once.
+    if t.attempts != 1 {
+        assert_eq!(t.attempts, 2, "{}", describe(&t));
+        assert!(
+            reasons(&t).iter().any(|r| r.contains("unreachable")),
+            "{}",
+            describe(&t)
+        );
+    }
 }
 
 /// An agent that is unreachable when a task is placed (the gateway does not know

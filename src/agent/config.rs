@@ -12,6 +12,8 @@ use super::procedures::CommandSpec;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7018";
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// How long a finished task no controller claimed (GET, then `terminate`) is kept.
+pub const DEFAULT_KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600);
 
 /// The TOML file (`--config`). Every key is optional; flags win over it.
 #[derive(Debug, Default, Deserialize)]
@@ -22,6 +24,7 @@ pub struct ConfigFile {
     pub controller: Option<String>,
     pub capacity: Option<u32>,
     pub grace_secs: Option<f64>,
+    pub keep_finished_secs: Option<f64>,
     #[serde(default, rename = "procedure")]
     pub procedures: Vec<CommandSpec>,
 }
@@ -63,6 +66,8 @@ pub struct AgentConfig {
     pub controller: Option<String>,
     pub capacity: u32,
     pub grace: Duration,
+    /// Finished tasks nobody claimed are dropped this long after they ended.
+    pub keep_finished: Duration,
     pub procedures: Vec<CommandSpec>,
 }
 
@@ -75,6 +80,23 @@ pub struct AgentFlags {
     pub config: Option<PathBuf>,
     pub capacity: Option<u32>,
     pub grace_secs: Option<f64>,
+    pub keep_finished_secs: Option<f64>,
+}
+
+/// A non-negative, finite number of seconds from a flag or the file.
+fn seconds(
+    field: &'static str,
+    v: Option<f64>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) if s >= 0.0 && s.is_finite() && s < 1e12 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(ConfigError::Invalid {
+            field,
+            message: format!("must be a non-negative number of seconds, got {s}"),
+        }),
+    }
 }
 
 impl AgentConfig {
@@ -101,17 +123,16 @@ impl AgentConfig {
                 message: "must be at least 1".into(),
             });
         }
-        let grace_secs = flags.grace_secs.or(file.grace_secs);
-        let grace = match grace_secs {
-            None => DEFAULT_GRACE,
-            Some(s) if s >= 0.0 && s.is_finite() => Duration::from_secs_f64(s),
-            Some(s) => {
-                return Err(ConfigError::Invalid {
-                    field: "grace_secs",
-                    message: format!("must be a non-negative number of seconds, got {s}"),
-                })
-            }
-        };
+        let grace = seconds(
+            "grace_secs",
+            flags.grace_secs.or(file.grace_secs),
+            DEFAULT_GRACE,
+        )?;
+        let keep_finished = seconds(
+            "keep_finished_secs",
+            flags.keep_finished_secs.or(file.keep_finished_secs),
+            DEFAULT_KEEP_FINISHED,
+        )?;
         Ok(AgentConfig {
             listen,
             data_dir: flags
@@ -121,6 +142,7 @@ impl AgentConfig {
             controller: flags.controller.or(file.controller),
             capacity,
             grace,
+            keep_finished,
             procedures: file.procedures,
         })
     }

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod identity;
+mod lease;
 pub mod procedures;
 mod signals;
 mod store;
@@ -83,10 +84,11 @@ impl AgentService {
                 args,
                 atask_id,
                 reply_to,
+                lease_epoch,
             } => {
                 let id = self
                     .runner
-                    .submit(atask_id, procedure, args, reply_to)
+                    .submit(atask_id, procedure, args, reply_to, lease_epoch)
                     .await?;
                 Ok(Response::ok(tasks::accepted_data(&id)))
             }
@@ -118,8 +120,14 @@ impl AgentService {
             Request::Id {
                 agent_id,
                 controller,
+                lease_ms,
                 ..
             } => {
+                if lease_ms.is_some() {
+                    // This controller fences attempts: from now on a task starts
+                    // unasked only under a lease it granted.
+                    self.runner.lease().fenced();
+                }
                 if let Some(id) = agent_id {
                     if self.signals.agent_id().as_deref() != Some(id.as_str()) {
                         info!(agent_id = %id, "controller assigned this agent its id");
@@ -214,6 +222,11 @@ impl Agent {
             signals,
             port,
         } = self;
+        tokio::spawn(drop_unclaimed(
+            service.store.clone(),
+            config.keep_finished,
+            shutdown.clone(),
+        ));
         if let Some(controller) = config.controller.clone() {
             tokio::spawn(announce(
                 controller,
@@ -256,6 +269,40 @@ pub async fn run(
     Agent::start(config, listener).await?.serve(shutdown).await
 }
 
+/// How often finished tasks nobody claimed are looked for.
+pub const UNCLAIMED_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Drops finished tasks that no controller claimed (GET, then `terminate`) within
+/// `keep`: results of callers that never came back must not fill the disk.
+async fn drop_unclaimed(store: AgentStore, keep: Duration, stop: CancellationToken) {
+    let mut tick =
+        tokio::time::interval(UNCLAIMED_SWEEP_INTERVAL.min(keep.max(Duration::from_secs(1))));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let cutoff = now.saturating_sub(keep.as_millis() as u64);
+        let sweep = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.drop_finished_before(cutoff, now)).await
+        };
+        match sweep {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(
+                dropped = n,
+                "dropped finished tasks no controller claimed within {keep:?}"
+            ),
+            Ok(Err(e)) => warn!("cannot drop unclaimed tasks: {e}"),
+            Err(e) => warn!("unclaimed-task sweep failed: {e}"),
+        }
+    }
+}
+
 /// Tells the controller this agent exists (ARPCP ID with our port), retrying with
 /// backoff until it answers; the controller then probes us and registers us.
 async fn announce(controller: String, port: u16, signals: SignalSender, stop: CancellationToken) {
@@ -266,6 +313,7 @@ async fn announce(controller: String, port: u16, signals: SignalSender, stop: Ca
             agent_id: signals.agent_id(),
             controller: None,
             port: Some(port),
+            lease_ms: None,
         };
         match client.call(&controller, &req).await {
             Ok(r) if r.is_ok() => {

@@ -10,20 +10,31 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::lease::Lease;
 use super::store::{AgentStore, TaskRecord};
-use crate::arpcp::{ArpcpClient, AtaskStatus, Code, Progress, Request, SignalRequest};
+use crate::arpcp::{
+    ArpcpClient, AtaskStatus, Code, LeaseGrant, Progress, Request, Response, SignalRequest,
+};
 
 /// First retry delay of an unanswered SIGNAL.
 pub const SIGNAL_BACKOFF_START: Duration = Duration::from_millis(100);
 /// Retry delays double up to this cap.
 pub const SIGNAL_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// The controller's answer to an attempt that asked to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAnswer {
+    Go,
+    /// The controller placed the task elsewhere (or it was cancelled): it must not run.
+    Withdrawn,
+}
 
 /// The SIGNALs of one task that have not ended.
 struct Lane {
@@ -62,6 +73,8 @@ struct Inner {
     /// `--controller`, or the controller that last probed us with ID.
     controller: RwLock<Option<String>>,
     agent_id: RwLock<Option<String>>,
+    /// Renewed by the controller's answers to our SIGNALs.
+    lease: Lease,
     progress_in_flight: Mutex<HashSet<String>>,
     /// Per task: `accepted` SIGNALs on the wire, and whether the final one started.
     lanes: Mutex<HashMap<String, Lane>>,
@@ -77,6 +90,7 @@ impl SignalSender {
                 store,
                 controller: RwLock::new(controller),
                 agent_id: RwLock::new(agent_id),
+                lease: Lease::default(),
                 progress_in_flight: Mutex::new(HashSet::new()),
                 lanes: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
@@ -101,6 +115,20 @@ impl SignalSender {
             .clone()
     }
 
+    /// The controller's lease, renewed by its answers to our SIGNALs.
+    pub fn lease(&self) -> &Lease {
+        &self.inner.lease
+    }
+
+    /// A SIGNAL sent at `sent_at` and answered: takes the lease the answer grants.
+    fn answered(&self, sent_at: Instant, resp: &Response) {
+        if let Some(g) = LeaseGrant::of(&resp.data) {
+            self.inner
+                .lease
+                .renew(sent_at, Duration::from_millis(g.lease_ms), g.lease_epoch);
+        }
+    }
+
     pub fn set_agent_id(&self, id: String) {
         *self
             .inner
@@ -117,7 +145,8 @@ impl SignalSender {
             .clone()
     }
 
-    fn destination(&self, rec: &TaskRecord) -> Option<String> {
+    /// Where the task's SIGNALs go: its `reply_to`, else the controller.
+    pub fn destination(&self, rec: &TaskRecord) -> Option<String> {
         rec.reply_to.clone().or_else(|| self.controller())
     }
 
@@ -133,6 +162,7 @@ impl SignalSender {
             progress,
             agent_id: self.agent_id(),
             error: rec.error.clone(),
+            start: false,
         })
     }
 
@@ -222,8 +252,10 @@ impl SignalSender {
         let guard = self.begin_interim(&id);
         self.inner.tracker.spawn(async move {
             if guard.is_some() {
-                if let Err(e) = this.inner.client.call(&dest, &req).await {
-                    debug!(atask_id = %id, "progress SIGNAL not delivered: {e}");
+                let sent_at = Instant::now();
+                match this.inner.client.call(&dest, &req).await {
+                    Ok(resp) => this.answered(sent_at, &resp),
+                    Err(e) => debug!(atask_id = %id, "progress SIGNAL not delivered: {e}"),
                 }
             }
             drop(guard);
@@ -233,6 +265,45 @@ impl SignalSender {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
         });
+    }
+
+    /// Asks the task's controller whether this attempt may start (SIGNAL `accepted`
+    /// with `start`), retrying until it answers 100 (go) or 205 (withdrawn). Other
+    /// answers are a controller in trouble: asked again after a pause. `None` when
+    /// the sender stops first; a task with no controller to ask may start.
+    pub async fn confirm_start(&self, rec: &TaskRecord) -> Option<StartAnswer> {
+        let Some(dest) = self.destination(rec) else {
+            return Some(StartAnswer::Go);
+        };
+        let mut req = self.request(
+            rec,
+            AtaskStatus::Accepted,
+            Some(Progress {
+                percent: 0.0,
+                comment: "starting".into(),
+            }),
+        );
+        if let Request::Signal(sig) = &mut req {
+            sig.start = true;
+        }
+        let mut pause = SIGNAL_BACKOFF_START;
+        loop {
+            let code = self
+                .deliver(&dest, &req, || self.begin_interim(&rec.atask_id))
+                .await?;
+            match code {
+                Code::Ok => return Some(StartAnswer::Go),
+                Code::UnknownTask => return Some(StartAnswer::Withdrawn),
+                other => {
+                    warn!(atask_id = %rec.atask_id, controller = %dest, code = %other, "the controller did not confirm the start; asking again");
+                }
+            }
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return None,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(SIGNAL_BACKOFF_CAP);
+        }
     }
 
     /// The final SIGNAL of a finished task: retried until answered, then recorded.
@@ -286,8 +357,10 @@ impl SignalSender {
                 return None;
             }
             let attempt = still_wanted()?;
+            let sent_at = Instant::now();
             match self.inner.client.call(&dest, req).await {
                 Ok(resp) => {
+                    self.answered(sent_at, &resp);
                     if !resp.is_ok() {
                         debug!(controller = %dest, code = %resp.code, "SIGNAL answered: {}", resp.description);
                     }

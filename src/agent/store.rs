@@ -89,6 +89,10 @@ pub struct TaskRecord {
     /// The controller answered this task's final SIGNAL.
     #[serde(default)]
     pub final_signal_answered: bool,
+    /// When it ended (milliseconds since the Unix epoch): unclaimed results are
+    /// dropped a retention period later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
 }
 
 impl TaskRecord {
@@ -148,18 +152,17 @@ impl AgentStore {
         &self.id
     }
 
-    /// Inserts `rec` unless its id exists, atomically, and makes it durable.
-    pub async fn insert_new(&self, rec: &TaskRecord) -> Result<Inserted, StoreError> {
+    /// Inserts `rec` unless its id exists, atomically; not yet durable (see
+    /// [`AgentStore::commit`]). A synchronous step, so a caller can pair it with
+    /// other bookkeeping that no cancelled future can split.
+    pub fn insert_new(&self, rec: &TaskRecord) -> Result<Inserted, StoreError> {
         let bytes = serde_json::to_vec(rec)?;
         match self.tasks.compare_and_swap(
             rec.atask_id.as_bytes(),
             None as Option<&[u8]>,
             Some(bytes),
         )? {
-            Ok(()) => {
-                self.commits.commit().await?;
-                Ok(Inserted::New)
-            }
+            Ok(()) => Ok(Inserted::New),
             Err(cas) => {
                 let existing = cas.current.map(|v| decode(&rec.atask_id, &v)).transpose()?;
                 match existing {
@@ -171,6 +174,11 @@ impl AgentStore {
                 }
             }
         }
+    }
+
+    /// Waits until every write made before the call is on disk.
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        Ok(self.commits.commit().await?)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -228,6 +236,45 @@ impl AgentStore {
                 decode(&String::from_utf8_lossy(&k), &v)
             })
             .collect()
+    }
+
+    /// Drops finished tasks that ended before `cutoff_ms`, and stamps finished tasks
+    /// stored without an end time (by an older version) with `now_ms`. Returns how
+    /// many were dropped. Unfinished tasks are never dropped.
+    pub fn drop_finished_before(&self, cutoff_ms: u64, now_ms: u64) -> Result<usize, StoreError> {
+        let mut dropped = 0;
+        for kv in self.tasks.iter() {
+            let (k, v) = kv?;
+            let Ok(rec) = decode(&String::from_utf8_lossy(&k), &v) else {
+                continue;
+            };
+            if !rec.state.is_final() {
+                continue;
+            }
+            match rec.finished_ms {
+                Some(at) if at < cutoff_ms => {
+                    // Only if unchanged since read: a terminate or update meanwhile wins.
+                    if self
+                        .tasks
+                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                        .is_ok()
+                    {
+                        dropped += 1;
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    let mut stamped = rec;
+                    stamped.finished_ms = Some(now_ms);
+                    let _ = self.tasks.compare_and_swap(
+                        &k,
+                        Some(&v),
+                        Some(serde_json::to_vec(&stamped)?),
+                    )?;
+                }
+            }
+        }
+        Ok(dropped)
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {

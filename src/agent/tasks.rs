@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use super::lease::{AcceptedUnder, Lease};
 use super::procedures::{kill_marked_processes, ProgressSink, Registry, RunContext, RunError};
-use super::signals::SignalSender;
+use super::signals::{SignalSender, StartAnswer};
 use super::store::{AgentStore, Inserted, StoreError, TaskRecord, TaskState};
 use crate::arpcp::{Args, Code, GetData, Progress, ProtocolError, Response, TaskError};
 
@@ -43,6 +44,25 @@ struct Live {
     running: bool,
     progress: Option<Progress>,
     last_progress_signal: Option<Instant>,
+}
+
+impl Live {
+    fn new(terminate: CancellationToken) -> Live {
+        Live {
+            terminate,
+            running: false,
+            progress: None,
+            last_progress_signal: None,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 pub struct TaskRunner {
@@ -101,6 +121,11 @@ impl TaskRunner {
         })
     }
 
+    /// The controller's lease (held by the SIGNAL sender, which its answers renew).
+    pub fn lease(&self) -> &Lease {
+        self.signals.lease()
+    }
+
     pub fn running(&self) -> u32 {
         self.running.load(Ordering::Relaxed)
     }
@@ -110,12 +135,18 @@ impl TaskRunner {
     }
 
     /// ATASK: validate, store durably, start. Idempotent by `atask_id`.
+    ///
+    /// The record, its live entry and the task that makes it durable and runs it
+    /// are set up with no await in between: if this future is dropped (the
+    /// connection broke before the answer), the task still becomes durable and
+    /// runs, or fails and is removed — it is never stored and left waiting.
     pub async fn submit(
         self: &Arc<Self>,
         atask_id: Option<String>,
         procedure: String,
         args: Args,
         reply_to: Option<String>,
+        lease_epoch: Option<u64>,
     ) -> Result<String, ProtocolError> {
         self.registry.get(&procedure)?.validate(&procedure, &args)?;
         if self.draining.is_cancelled() {
@@ -127,9 +158,14 @@ impl TaskRunner {
             )));
         }
         let atask_id = atask_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        // With a free slot the task is stored as running at once: one durable write
-        // covers both its acceptance and its start.
-        let slot = self.slots.clone().try_acquire_owned().ok();
+        let under = self.lease().accepting(lease_epoch, Instant::now());
+        // With a free slot, and nothing to ask the controller first, the task is
+        // stored as running at once: one durable write covers its acceptance and
+        // its start.
+        let slot = match under {
+            AcceptedUnder::Ask => None,
+            _ => self.slots.clone().try_acquire_owned().ok(),
+        };
         let rec = TaskRecord {
             atask_id: atask_id.clone(),
             procedure,
@@ -143,11 +179,28 @@ impl TaskRunner {
             result: None,
             error: None,
             final_signal_answered: false,
+            finished_ms: None,
         };
-        match self.store.insert_new(&rec).await? {
+        let terminate = CancellationToken::new();
+        let inserted = {
+            // Under the lock `terminate` takes: it sees the task either not yet
+            // stored or stored with its live entry.
+            let mut live = self.live();
+            let inserted = self.store.insert_new(&rec)?;
+            if let Inserted::New = inserted {
+                live.insert(rec.atask_id.clone(), Live::new(terminate.clone()));
+            }
+            inserted
+        };
+        match inserted {
             Inserted::New => {
-                self.start(rec, slot);
-                Ok(atask_id)
+                let (durable_tx, durable) = oneshot::channel();
+                self.launch(rec, slot, under, terminate, Some(durable_tx));
+                match durable.await {
+                    Ok(Ok(())) => Ok(atask_id),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err(ProtocolError::Internal("agent is shutting down".into())),
+                }
             }
             Inserted::Existing(old) if old.same_call(&rec.procedure, &rec.args) => {
                 // A controller repeating an ATASK may have lost what we told it
@@ -167,33 +220,58 @@ impl TaskRunner {
         }
     }
 
-    fn start(self: &Arc<Self>, rec: TaskRecord, slot: Option<OwnedSemaphorePermit>) {
+    /// A task stored by an earlier process of this agent, waiting to run.
+    fn resume(self: &Arc<Self>, rec: TaskRecord) {
         let terminate = CancellationToken::new();
         {
-            // Under the same lock as `terminate`: a terminate that came between the
-            // task's insert and this point deleted it, and it must not run.
+            // Under the same lock as `terminate`: a task deleted meanwhile stays so.
             let mut live = self.live();
             if !matches!(self.store.get(&rec.atask_id), Ok(Some(_))) {
                 return;
             }
-            live.insert(
-                rec.atask_id.clone(),
-                Live {
-                    terminate: terminate.clone(),
-                    running: false,
-                    progress: None,
-                    last_progress_signal: None,
-                },
-            );
+            live.insert(rec.atask_id.clone(), Live::new(terminate.clone()));
         }
+        self.launch(rec, None, AcceptedUnder::Ask, terminate, None);
+    }
+
+    /// Runs a stored task with a live entry in a task of its own. With `durable`,
+    /// first waits for its record to reach disk and reports that (a failure
+    /// removes the task: the ATASK is answered with the error and nothing runs).
+    fn launch(
+        self: &Arc<Self>,
+        rec: TaskRecord,
+        slot: Option<OwnedSemaphorePermit>,
+        under: AcceptedUnder,
+        terminate: CancellationToken,
+        durable: Option<oneshot::Sender<Result<(), StoreError>>>,
+    ) {
         let this = self.clone();
         self.tracker.spawn(async move {
             let id = rec.atask_id.clone();
-            if let Err(e) = this.execute(rec, terminate, slot).await {
+            if let Some(report) = durable {
+                let stored = this.store.commit().await;
+                if let Err(e) = &stored {
+                    error!(atask_id = %id, "cannot make the task durable: {e}");
+                    this.forget(&id);
+                    let _ = report.send(stored);
+                    return;
+                }
+                let _ = report.send(Ok(()));
+            }
+            if let Err(e) = this.execute(rec, terminate, slot, under).await {
                 error!(atask_id = %id, "task store failed: {e}");
             }
             this.live().remove(&id);
         });
+    }
+
+    /// Removes a task and its live entry.
+    fn forget(&self, id: &str) {
+        let mut live = self.live();
+        live.remove(id);
+        if let Err(e) = self.store.remove(id) {
+            warn!(atask_id = %id, "cannot remove the task: {e}");
+        }
     }
 
     async fn execute(
@@ -201,8 +279,8 @@ impl TaskRunner {
         rec: TaskRecord,
         terminate: CancellationToken,
         slot: Option<OwnedSemaphorePermit>,
+        under: AcceptedUnder,
     ) -> Result<(), StoreError> {
-        let started_at_accept = slot.is_some() && rec.state == TaskState::Running;
         let permit = match slot.map_or_else(|| self.slots.clone().try_acquire_owned(), Ok) {
             Ok(p) => p,
             Err(_) => {
@@ -218,9 +296,27 @@ impl TaskRunner {
             }
         };
         let id = rec.atask_id.clone();
+        // The lease it was accepted under ran out (a pause, a partition, a
+        // restart): the controller may have placed it elsewhere meanwhile.
+        if !self.lease().may_start(under, Instant::now()) {
+            let answer = tokio::select! {
+                a = self.signals.confirm_start(&rec) => a,
+                _ = terminate.cancelled() => return Ok(()),
+                _ = self.draining.cancelled() => return Ok(()),
+            };
+            match answer {
+                Some(StartAnswer::Go) => {}
+                Some(StartAnswer::Withdrawn) => {
+                    info!(atask_id = %id, "the controller withdrew this attempt; not starting it");
+                    self.forget(&id);
+                    return Ok(());
+                }
+                None => return Ok(()),
+            }
+        }
         // Durable before the procedure starts: after a crash it is reported
         // interrupted, never silently run a second time.
-        let rec = if started_at_accept {
+        let rec = if rec.state == TaskState::Running {
             rec
         } else {
             match self
@@ -283,12 +379,14 @@ impl TaskRunner {
                 }),
             ),
         };
+        let finished_ms = now_ms();
         let done = self
             .store
             .update(&id, true, |r| {
                 r.state = state;
                 r.result = result.clone();
                 r.error = error.clone();
+                r.finished_ms = Some(finished_ms);
             })
             .await?;
         if let Some(rec) = done {
@@ -428,7 +526,7 @@ impl TaskRunner {
             match rec.state {
                 TaskState::Queued => {
                     queued += 1;
-                    self.start(rec, None);
+                    self.resume(rec);
                 }
                 TaskState::Running => {
                     interrupted += 1;
@@ -447,6 +545,7 @@ impl TaskRunner {
                         .update(&rec.atask_id, true, |r| {
                             r.state = TaskState::Interrupted;
                             r.error = Some(err.clone());
+                            r.finished_ms = Some(now_ms());
                         })
                         .await?
                     {

@@ -133,6 +133,8 @@ pub enum ProtocolError {
     UnknownTask(String),
     #[error("atask_id {0:?} already used for another call (different procedure or arguments)")]
     TaskIdReused(String),
+    #[error("attempt {atask_id:?} was withdrawn ({why}); do not start it")]
+    AttemptWithdrawn { atask_id: String, why: String },
     #[error("{0}")]
     Execution(String),
     #[error("internal error: {0}")]
@@ -151,7 +153,7 @@ impl ProtocolError {
             MissingHeader { .. } => Code::MissingHeader,
             UnknownProcedure(_) => Code::UnknownProcedure,
             BadArguments { .. } => Code::BadArguments,
-            UnknownTask(_) | TaskIdReused(_) => Code::UnknownTask,
+            UnknownTask(_) | TaskIdReused(_) | AttemptWithdrawn { .. } => Code::UnknownTask,
             Version(_) => Code::VersionMismatch,
             Internal(_) => Code::Internal,
             Execution(_) => Code::Execution,
@@ -202,6 +204,13 @@ mod tests {
             (ProtocolError::bad_args("add", "x"), 204),
             (ProtocolError::UnknownTask("t".into()), 205),
             (ProtocolError::TaskIdReused("t".into()), 205),
+            (
+                ProtocolError::AttemptWithdrawn {
+                    atask_id: "t.1".into(),
+                    why: "placed again".into(),
+                },
+                205,
+            ),
             (ProtocolError::Version("2.0".into()), 206),
             (ProtocolError::Internal("x".into()), 300),
             (ProtocolError::Execution("x".into()), 400),

@@ -154,6 +154,11 @@ pub struct SignalRequest {
     pub progress: Option<Progress>,
     pub agent_id: Option<String>,
     pub error: Option<TaskError>,
+    /// With `accepted`: the agent asks whether it may start this attempt now (it
+    /// was accepted under a lease that lapsed since). 100 means yes, and the
+    /// controller counts the task as running from then on; 205 means the attempt
+    /// was withdrawn and must not run.
+    pub start: bool,
 }
 
 /// A parsed ARPCP request.
@@ -164,6 +169,9 @@ pub enum Request {
         args: Args,
         atask_id: Option<String>,
         reply_to: Option<String>,
+        /// The controller's lease epoch for this agent when it placed the task:
+        /// an agent holding another epoch asks before it starts the task.
+        lease_epoch: Option<u64>,
     },
     Task {
         procedure: String,
@@ -181,6 +189,9 @@ pub enum Request {
         controller: Option<String>,
         /// An announcing agent's own ARPCP port.
         port: Option<u16>,
+        /// The controller's lease: for this long after the echo, the agent may
+        /// start the attempts it holds without asking (see `SignalRequest::start`).
+        lease_ms: Option<u64>,
     },
 }
 
@@ -234,6 +245,7 @@ impl Request {
                 args: h.args()?,
                 atask_id: h.opt_id("atask_id")?,
                 reply_to: h.opt_addr("reply_to")?,
+                lease_epoch: h.opt_u64("lease_epoch")?,
             },
             Method::Task => Request::Task {
                 procedure: h.procedure()?,
@@ -249,11 +261,13 @@ impl Request {
                 progress: h.progress()?,
                 agent_id: h.opt_id("agent_id")?,
                 error: h.error()?,
+                start: h.opt_bool("start")?,
             }),
             Method::Id => Request::Id {
                 agent_id: h.opt_id("agent_id")?,
                 controller: h.opt_addr("controller")?,
                 port: h.opt_port()?,
+                lease_ms: h.opt_u64("lease_ms")?,
             },
         })
     }
@@ -278,6 +292,7 @@ impl Serialize for Request {
                 args,
                 atask_id,
                 reply_to,
+                lease_epoch,
             } => {
                 m.serialize_entry("remote_procedure", procedure)?;
                 m.serialize_entry("remote_procedure_args", args)?;
@@ -286,6 +301,9 @@ impl Serialize for Request {
                 }
                 if let Some(r) = reply_to {
                     m.serialize_entry("reply_to", r)?;
+                }
+                if let Some(e) = lease_epoch {
+                    m.serialize_entry("lease_epoch", e)?;
                 }
             }
             Request::Task {
@@ -312,11 +330,15 @@ impl Serialize for Request {
                 if let Some(e) = &sig.error {
                     m.serialize_entry("error", e)?;
                 }
+                if sig.start {
+                    m.serialize_entry("start", &true)?;
+                }
             }
             Request::Id {
                 agent_id,
                 controller,
                 port,
+                lease_ms,
             } => {
                 if let Some(a) = agent_id {
                     m.serialize_entry("agent_id", a)?;
@@ -326,6 +348,9 @@ impl Serialize for Request {
                 }
                 if let Some(p) = port {
                     m.serialize_entry("port", p)?;
+                }
+                if let Some(l) = lease_ms {
+                    m.serialize_entry("lease_ms", l)?;
                 }
             }
         }
@@ -441,6 +466,14 @@ impl Headers<'_> {
         }
     }
 
+    fn opt_bool(&self, header: &'static str) -> Result<bool, ProtocolError> {
+        match self.get(header) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(Self::bad(header, "true or false", v)),
+        }
+    }
+
     fn opt_port(&self) -> Result<Option<u16>, ProtocolError> {
         match self.get("port") {
             None => Ok(None),
@@ -549,6 +582,23 @@ pub struct GetData {
     pub progress: Option<Progress>,
 }
 
+/// A lease granted in `data` of a controller's answer to an agent's SIGNAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub lease_ms: u64,
+    pub lease_epoch: u64,
+}
+
+impl LeaseGrant {
+    /// The grant in an answer's `data`, if it holds one.
+    pub fn of(data: &Value) -> Option<LeaseGrant> {
+        Some(LeaseGrant {
+            lease_ms: data.get("lease_ms")?.as_u64()?,
+            lease_epoch: data.get("lease_epoch")?.as_u64()?,
+        })
+    }
+}
+
 /// `data` of an ID response: who the agent is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdData {
@@ -588,6 +638,7 @@ mod tests {
                 args: Args::Positional(vec![json!(1), json!(2)]),
                 atask_id: Some("t1".into()),
                 reply_to: Some("127.0.0.1:7019".into()),
+                lease_epoch: Some(42),
             },
             Request::Task {
                 procedure: "model".into(),
@@ -609,11 +660,13 @@ mod tests {
                     code: Code::Execution,
                     description: "boom".into(),
                 }),
+                start: true,
             }),
             Request::Id {
                 agent_id: Some("a1".into()),
                 controller: Some("gw:7019".into()),
                 port: Some(7018),
+                lease_ms: Some(2000),
             },
         ];
         for r in reqs {
@@ -668,6 +721,8 @@ mod tests {
             (br#"{"method":"SIGNAL","version":"1.0","atask_id":"x","atask_status":"done","progress":{"percent":2}}"#, 200),
             (br#"{"method":"SIGNAL","version":"1.0","atask_id":"x","atask_status":"done","error":"bad"}"#, 200),
             (br#"{"method":"ID","version":"1.0","port":70000}"#, 200),
+            (br#"{"method":"ID","version":"1.0","lease_ms":-5}"#, 200),
+            (br#"{"method":"SIGNAL","version":"1.0","atask_id":"x","atask_status":"accepted","start":"yes"}"#, 200),
             (br#"{"method":"ID","version":"1.0","port":7018}"#, 100),
         ];
         for (line, code) in cases {

@@ -32,6 +32,9 @@ pub struct AgentCmd {
     /// Seconds running tasks get to finish on shutdown [default: 10]
     #[arg(long)]
     grace_secs: Option<f64>,
+    /// Seconds a finished task no controller claimed is kept [default: 86400]
+    #[arg(long)]
+    keep_finished_secs: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -143,6 +146,7 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
         config: a.config,
         capacity: a.capacity,
         grace_secs: a.grace_secs,
+        keep_finished_secs: a.keep_finished_secs,
     })?;
     let listener = bind(&config.listen.to_string()).await?;
     let addr = listener.local_addr()?.to_string();
@@ -202,6 +206,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         config: u.config,
         capacity: u.capacity,
         grace_secs: None,
+        keep_finished_secs: None,
     })?;
     let gateway_config = GatewayConfig {
         data_dir: u.data_dir.join("gateway"),

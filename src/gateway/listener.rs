@@ -17,10 +17,7 @@ pub struct ControllerService {
 impl Handler for ControllerService {
     async fn handle(&self, req: Request, peer: PeerInfo) -> Response {
         let answer = match req {
-            Request::Signal(sig) => self
-                .scheduler
-                .on_signal(sig)
-                .map(|()| Response::ok(serde_json::Value::Null)),
+            Request::Signal(sig) => self.scheduler.on_signal(sig).await,
             Request::Id { port, .. } => {
                 if let Some(port) = port {
                     // An agent announcing itself: probe it back on its own port.

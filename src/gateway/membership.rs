@@ -49,6 +49,8 @@ pub struct MembershipConfig {
     pub scan_port: u16,
     /// Our ARPCP address as agents should use it (sent in ID's `controller`).
     pub advertise: String,
+    /// The lease granted to agents (sent in ID's `lease_ms`: we fence attempts).
+    pub lease: Duration,
 }
 
 pub struct Membership {
@@ -279,6 +281,7 @@ impl Membership {
             agent_id: known.clone(),
             controller: Some(self.config.advertise.clone()),
             port: None,
+            lease_ms: Some(self.config.lease.as_millis() as u64),
         };
         let answer = match self.client.call(&addr, &req).await {
             Ok(r) if r.is_ok() => {
@@ -353,6 +356,7 @@ impl Membership {
                 agent_id: Some(agent_id.clone()),
                 controller: Some(self.config.advertise.clone()),
                 port: None,
+                lease_ms: Some(self.config.lease.as_millis() as u64),
             };
             if let Err(e) = self.client.call(addr, &req).await {
                 debug!(%addr, "cannot tell the agent its id yet: {e}");
@@ -595,6 +599,7 @@ mod tests {
                 scan: vec![scan],
                 scan_port,
                 advertise: "127.0.0.1:1".into(),
+                lease: interval * 3,
             },
             events,
         )

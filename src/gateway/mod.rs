@@ -8,6 +8,7 @@
 
 mod convert;
 mod error;
+mod lease;
 mod listener;
 pub mod membership;
 pub mod model;
@@ -117,6 +118,13 @@ impl Gateway {
         let store = GatewayStore::open(&config.data_dir)?;
         let advertise = advertised(&config, arpcp.local_addr().map_err(StartError::Listener)?);
         let (events_tx, events_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
+        // An agent that stops answering leaves after `max_misses` echoes: its lease
+        // runs as long, so its waiting tasks are usually withdrawn as it leaves.
+        let lease_duration = config.echo_interval * config.max_misses.max(1);
+        let leases = Arc::new(lease::Leases::new(
+            lease_duration,
+            std::time::Instant::now(),
+        ));
         let membership = Membership::new(
             store.clone(),
             MembershipConfig {
@@ -126,6 +134,7 @@ impl Gateway {
                 scan: config.scan.clone(),
                 scan_port: config.scan_port,
                 advertise: advertise.clone(),
+                lease: lease_duration,
             },
             events_tx,
         )?;
@@ -134,6 +143,7 @@ impl Gateway {
             store.clone(),
             membership.clone(),
             watchers.clone(),
+            leases,
             advertise.clone(),
         );
         scheduler.recover().await?;

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
@@ -15,14 +15,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::lease::Leases;
 use super::membership::{Membership, MembershipEvent, NoPlacement};
-use super::model::{now_ms, parse_atask_id, AgentRecord, Outcome, TaskRecord, TaskStatus};
+use super::model::{
+    now_ms, parse_atask_id, AgentRecord, AgentState, Outcome, TaskRecord, TaskStatus,
+};
 use super::store::{GatewayStore, StoreError};
 use super::watch::TaskWatchers;
 use super::GatewayError;
 use crate::arpcp::{
-    ArpcpClient, AtaskStatus, ClientError, Code, GetData, ProtocolError, Request, Response,
-    SignalRequest,
+    ArpcpClient, AtaskStatus, ClientError, Code, GetData, Progress, ProtocolError, Request,
+    Response, SignalRequest,
 };
 
 /// Task ids waiting for placement in memory; when full, the sweep finds the rest
@@ -52,6 +55,7 @@ pub struct Scheduler {
     /// Tasks that have not ended (so sweeps need not scan the store).
     open: Mutex<HashSet<String>>,
     dispatch_slots: Arc<Semaphore>,
+    leases: Arc<Leases>,
     tracker: TaskTracker,
 }
 
@@ -60,6 +64,7 @@ impl Scheduler {
         store: GatewayStore,
         membership: Arc<Membership>,
         watchers: Arc<TaskWatchers>,
+        leases: Arc<Leases>,
         reply_to: String,
     ) -> (Arc<Self>, mpsc::Receiver<String>) {
         let (queue, rx) = mpsc::channel(DISPATCH_QUEUE_LEN);
@@ -72,6 +77,7 @@ impl Scheduler {
             queue,
             open: Mutex::new(HashSet::new()),
             dispatch_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DISPATCHES)),
+            leases,
             tracker: TaskTracker::new(),
         };
         (Arc::new(s), rx)
@@ -313,6 +319,7 @@ impl Scheduler {
             args: task.args.clone(),
             atask_id: Some(task.atask_id()),
             reply_to: Some(self.reply_to.clone()),
+            lease_epoch: Some(self.leases.epoch(&agent.agent_id)),
         };
         let attempt = task.attempt;
         let requeue = |reason: String| {
@@ -358,8 +365,12 @@ impl Scheduler {
         Ok(())
     }
 
-    /// A SIGNAL from an agent.
-    pub fn on_signal(self: &Arc<Self>, sig: SignalRequest) -> Result<(), ProtocolError> {
+    /// A SIGNAL from an agent. The answer grants the agent holding the attempt
+    /// its lease (see `lease.rs`).
+    pub async fn on_signal(
+        self: &Arc<Self>,
+        sig: SignalRequest,
+    ) -> Result<Response, ProtocolError> {
         // Header values before lookups, as the protocol orders its checks.
         if sig.status == AtaskStatus::Terminate {
             return Err(ProtocolError::BadHeader {
@@ -373,26 +384,83 @@ impl Scheduler {
         if attempt == 0 {
             return Err(unknown());
         }
+        if sig.status == AtaskStatus::Accepted && sig.start {
+            return self.confirm_start(task_id, attempt, &sig).await;
+        }
         if sig.status == AtaskStatus::Accepted {
             // One read-modify-write: checks the attempt and applies the progress.
-            let mut issued = false;
+            let mut holder = None;
             let saved = self.save(task_id, |t| {
-                issued = attempt <= t.attempt;
-                issued && t.accepted(attempt, sig.progress.clone())
+                if attempt > t.attempt {
+                    return false;
+                }
+                holder = t.agent_of_attempt(attempt).map(str::to_string);
+                t.accepted(attempt, sig.progress.clone())
             })?;
-            if saved.is_none() || !issued {
-                return Err(unknown());
-            }
-            return Ok(());
+            let holder = holder.filter(|_| saved.is_some()).ok_or_else(unknown)?;
+            return Ok(self.granting(&holder));
         }
         let task = self.store.get_task(task_id)?.ok_or_else(unknown)?;
         if attempt > task.attempt {
             return Err(unknown());
         }
+        let holder = task
+            .agent_of_attempt(attempt)
+            .map(str::to_string)
+            .ok_or_else(unknown)?;
         let this = self.clone();
         self.tracker
             .spawn(async move { this.collect(Some(task), attempt).await });
-        Ok(())
+        Ok(self.granting(&holder))
+    }
+
+    /// A 100 answer that grants `agent_id` its lease.
+    fn granting(&self, agent_id: &str) -> Response {
+        let g = self.leases.grant(agent_id, Instant::now());
+        Response::ok(serde_json::json!({"lease_ms": g.lease_ms, "lease_epoch": g.lease_epoch}))
+    }
+
+    /// An agent asks whether it may start an attempt it accepted under a lease that
+    /// no longer holds. Yes while the attempt is still the task's placement (the
+    /// task then counts as running, durably, so it is never placed again); else
+    /// the attempt was withdrawn.
+    async fn confirm_start(
+        self: &Arc<Self>,
+        task_id: &str,
+        attempt: u32,
+        sig: &SignalRequest,
+    ) -> Result<Response, ProtocolError> {
+        let progress = sig.progress.clone().unwrap_or(Progress {
+            percent: 0.0,
+            comment: "starting".into(),
+        });
+        let mut verdict: Result<String, String> = Err("unknown".into());
+        let saved = self
+            .save_durable(task_id, |t| {
+                verdict = match t.agent_of_attempt(attempt) {
+                    _ if attempt != t.attempt => Err(format!(
+                        "the task was placed again as attempt {}",
+                        t.attempt
+                    )),
+                    _ if !t.status.is_placed() => {
+                        Err(format!("the task is {:?}", t.status).to_lowercase())
+                    }
+                    Some(a) => Ok(a.to_string()),
+                    None => Err("no agent holds it".into()),
+                };
+                verdict.is_ok() && t.accepted(attempt, Some(progress.clone()))
+            })
+            .await?;
+        if saved.is_none() {
+            return Err(ProtocolError::UnknownTask(sig.atask_id.clone()));
+        }
+        match verdict {
+            Ok(holder) => Ok(self.granting(&holder)),
+            Err(why) => Err(ProtocolError::AttemptWithdrawn {
+                atask_id: sig.atask_id.clone(),
+                why,
+            }),
+        }
     }
 
     /// Asks the agent of `attempt` about the task (GET) and stores what it says;
@@ -501,6 +569,7 @@ impl Scheduler {
             progress: None,
             agent_id: None,
             error: None,
+            start: false,
         });
         let mut delay = Duration::from_millis(100);
         for _ in 0..TERMINATE_TRIES {
@@ -544,8 +613,25 @@ impl Scheduler {
 
     /// The failure policy for an agent that left the cluster: its tasks that had
     /// not started go back to the queue; those that were running are interrupted
-    /// (a result the agent delivers later is still taken).
-    fn agent_gone(&self, agent_id: &str) {
+    /// (a result the agent delivers later is still taken). Waiting tasks are
+    /// withdrawn only once the agent's lease has ended (until then it may still
+    /// start them unasked), so this may run again later.
+    fn agent_gone(self: &Arc<Self>, agent_id: &str) {
+        if self
+            .membership
+            .get(agent_id)
+            .is_some_and(|a| a.state != AgentState::Gone)
+        {
+            return; // Back meanwhile: its tasks stay its own.
+        }
+        if let Err(ends) = self.leases.withdraw(agent_id, Instant::now()) {
+            let (this, agent) = (self.clone(), agent_id.to_string());
+            self.tracker.spawn(async move {
+                tokio::time::sleep_until(ends.into()).await;
+                this.agent_gone(&agent);
+            });
+            return;
+        }
         let ids: Vec<String> = self.open().iter().cloned().collect();
         let (mut requeued, mut interrupted) = (0, 0);
         for id in ids {
