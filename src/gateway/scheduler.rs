@@ -730,6 +730,13 @@ impl Scheduler {
         mut events: mpsc::Receiver<MembershipEvent>,
         stop: CancellationToken,
     ) {
+        // Agents that had left before a restart send no event: apply the policy to
+        // what they still hold now (after the leases an earlier process granted).
+        for a in self.membership.list() {
+            if a.state == AgentState::Gone {
+                self.agent_gone(&a.agent_id);
+            }
+        }
         self.sweep(true);
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
