@@ -393,3 +393,39 @@ fn agent_paused_past_its_lease_starts_no_withdrawn_attempt() {
         );
     }
 }
+
+/// Finished tasks nobody collects (a caller that never comes back for its result)
+/// are dropped after `--keep-finished-secs`; unfinished ones never are.
+#[test]
+fn unclaimed_results_are_dropped_after_the_retention() {
+    let agent = Daemon::agent(&["--keep-finished-secs", "1"]);
+    let a = agent.arpcp();
+    let big = "x".repeat(500 * 1024);
+    let ids: Vec<String> = (0..20).map(|i| format!("unclaimed-{i}")).collect();
+    for id in &ids {
+        let r = call(&a, &req::atask_with(id, "echo", json!([big]), None));
+        assert_eq!(code(&r), 100, "{r}");
+    }
+    let long = "still-running";
+    let r = call(&a, &req::atask_with(long, "sleep", json!([30]), None));
+    assert_eq!(code(&r), 100, "{r}");
+    // Checked once a second with a retention of a second: gone within a few (each
+    // was stored: its ATASK was answered 100).
+    for id in &ids {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{id} to be dropped"),
+            || status_of(&a, id).0 == 205,
+        );
+    }
+    let (c, status) = status_of(&a, long);
+    assert_eq!(
+        (c, status),
+        (100, json!("accepted")),
+        "the running task is kept"
+    );
+    assert!(
+        agent.stderr().contains("no controller claimed"),
+        "the agent says why it dropped them"
+    );
+}
