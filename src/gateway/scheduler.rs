@@ -5,7 +5,7 @@
 //! failure policy when an agent leaves the cluster, and reconciles placed tasks
 //! after a restart or when nothing was heard of them for a while.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,8 @@ pub const DISPATCH_QUEUE_LEN: usize = 16 * 1024;
 pub const MAX_CONCURRENT_DISPATCHES: usize = 512;
 /// How often queued tasks are retried and quiet tasks reconciled.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// Reconciliations (GET of a quiet task) a sweep runs at once.
+pub const MAX_CONCURRENT_RECONCILES: usize = 256;
 /// A placed task not heard of for this long is asked about (GET).
 pub const RECONCILE_AFTER: Duration = Duration::from_secs(10);
 /// Tries of a `terminate` SIGNAL to an agent.
@@ -56,6 +58,9 @@ pub struct Scheduler {
     open: Mutex<HashSet<String>>,
     dispatch_slots: Arc<Semaphore>,
     leases: Arc<Leases>,
+    /// Collections under way, by `atask_id`; `true`: run once more when done.
+    collecting: Mutex<HashMap<String, bool>>,
+    reconcile_slots: Arc<Semaphore>,
     tracker: TaskTracker,
 }
 
@@ -78,6 +83,8 @@ impl Scheduler {
             open: Mutex::new(HashSet::new()),
             dispatch_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DISPATCHES)),
             leases,
+            collecting: Mutex::new(HashMap::new()),
+            reconcile_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_RECONCILES)),
             tracker: TaskTracker::new(),
         };
         (Arc::new(s), rx)
@@ -467,11 +474,46 @@ impl Scheduler {
     /// once the result is durable, the agent is told to delete its copy.
     /// `task` is the stored task when the caller has just read it (only its
     /// history is used: which agent held `attempt`).
+    ///
+    /// At most one collection per attempt runs at once: a request for one already
+    /// under way makes it run once more when it ends (a `done` SIGNAL may arrive
+    /// while a reconciliation's GET still saw the task running).
     async fn collect(self: &Arc<Self>, task: Option<TaskRecord>, attempt: u32) {
-        let task_id = task.as_ref().map(|t| t.task_id.clone()).unwrap_or_default();
-        if let Err(e) = self.try_collect(task, attempt).await {
-            warn!(%task_id, "cannot collect the result: {e}");
+        let Some(task) = task else { return };
+        let key = format!("{}.{attempt}", task.task_id);
+        {
+            let mut collecting = self.collecting();
+            if let Some(again) = collecting.get_mut(&key) {
+                *again = true;
+                return;
+            }
+            collecting.insert(key.clone(), false);
         }
+        let mut task = Some(task);
+        loop {
+            let task_id = task.as_ref().map(|t| t.task_id.clone()).unwrap_or_default();
+            if let Err(e) = self.try_collect(task.take(), attempt).await {
+                warn!(%task_id, "cannot collect the result: {e}");
+            }
+            let again = {
+                let mut collecting = self.collecting();
+                let again = collecting.get(&key).copied().unwrap_or(false);
+                if again {
+                    collecting.insert(key.clone(), false);
+                } else {
+                    collecting.remove(&key);
+                }
+                again
+            };
+            if !again {
+                return;
+            }
+            task = self.store.get_task(&task_id).ok().flatten();
+        }
+    }
+
+    fn collecting(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+        self.collecting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn try_collect(
@@ -689,10 +731,16 @@ impl Scheduler {
                     && !t.sync
                     && (reconcile_all || now.saturating_sub(t.updated_ms) >= quiet) =>
                 {
+                    // Bounded: what finds no permit is asked about by a later sweep.
+                    let Ok(permit) = self.reconcile_slots.clone().try_acquire_owned() else {
+                        continue;
+                    };
                     let this = self.clone();
                     let attempt = t.attempt;
-                    self.tracker
-                        .spawn(async move { this.collect(Some(t), attempt).await });
+                    self.tracker.spawn(async move {
+                        this.collect(Some(t), attempt).await;
+                        drop(permit);
+                    });
                 }
                 _ => {}
             }
