@@ -6,6 +6,7 @@ pub mod arpcp;
 pub mod cli;
 pub mod durable;
 pub mod gateway;
+pub mod limits;
 
 /// Code generated from `proto/arpcp/v1/gateway.proto`.
 pub mod pb {
