@@ -12,6 +12,7 @@ pub mod limits;
 pub mod pb {
     tonic::include_proto!("arpcp.v1");
 
+    pub mod codec;
     pub mod json;
 
     /// The descriptor set that server reflection serves.
