@@ -6,11 +6,13 @@ pub mod arpcp;
 pub mod cli;
 pub mod durable;
 pub mod gateway;
+pub mod limits;
 
 /// Code generated from `proto/arpcp/v1/gateway.proto`.
 pub mod pb {
     tonic::include_proto!("arpcp.v1");
 
+    pub mod codec;
     pub mod json;
 
     /// The descriptor set that server reflection serves.

@@ -1,12 +1,23 @@
 //! Conversions between the gateway's records and the gRPC messages: JSON values
-//! and `google.protobuf.Value`, statuses, timestamps.
+//! and `google.protobuf.Value`, statuses, timestamps. A task always converts to a
+//! message a default client reads: values over the limits (stored by an older
+//! version) become placeholders, long texts are cut.
 
+use prost::Message as _;
 use serde_json::{Map, Value};
 
 use super::model::{AgentRecord, AgentState, TaskRecord, TaskStatus};
 use super::GatewayError;
 use crate::arpcp::Args;
+use crate::limits::{self, LimitError, CLIENT_MESSAGE_LIMIT};
 use crate::pb;
+
+/// The largest `Task` message the gateway sends, leaving room for the message
+/// around it (a page token, a task id) within what a default client reads.
+pub const MAX_TASK_BYTES: usize = CLIENT_MESSAGE_LIMIT - 64 * 1024;
+/// Longest text shown in a task (its error, progress comment, each history
+/// reason): an agent's error can carry up to an ARPCP response's 16 MiB.
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 
 /// A request's protobuf Value as JSON; `field` (`args[0]`, `kwargs.x`) names it in
 /// the error for a number JSON cannot hold.
@@ -36,8 +47,24 @@ pub fn struct_to_json(
 
 pub use pb::json::{from_json as json_to_value, struct_from_json as json_to_struct};
 
-/// The call's arguments: positional `args` or named `kwargs`, not both.
+/// The call's arguments: positional `args` or named `kwargs`, not both, within
+/// the size and depth limits (`crate::limits`), so that they fit an ARPCP line.
 pub fn call_args(
+    args: &[prost_types::Value],
+    kwargs: Option<&prost_types::Struct>,
+) -> Result<Args, GatewayError> {
+    let call = convert_args(args, kwargs)?;
+    limits::check_args(&call).map_err(|e| GatewayError::InvalidArgument {
+        field: match call {
+            Args::Positional(_) => "args",
+            Args::Named(_) => "kwargs",
+        },
+        reason: e.to_string(),
+    })?;
+    Ok(call)
+}
+
+fn convert_args(
     args: &[prost_types::Value],
     kwargs: Option<&prost_types::Struct>,
 ) -> Result<Args, GatewayError> {
@@ -96,12 +123,36 @@ pub fn status_from_pb(n: i32) -> Result<Option<TaskStatus>, GatewayError> {
     })
 }
 
+/// What a client sees of a value over the limits: a short string saying what was
+/// left out and why (an error would make the task, and any listing holding it,
+/// unreadable for good).
+fn placeholder(e: &LimitError) -> prost_types::Value {
+    json_to_value(&Value::String(format!("<omitted by the gateway: {e}>")))
+}
+
+/// `s`, cut to `MAX_TEXT_BYTES` with a note saying how much was left out.
+fn text(s: &str) -> String {
+    if s.len() <= MAX_TEXT_BYTES {
+        return s.to_string();
+    }
+    let mut end = MAX_TEXT_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} more bytes omitted by the gateway)",
+        &s[..end],
+        s.len() - end
+    )
+}
+
 pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
-    let (args, kwargs) = match &t.args {
-        Args::Positional(a) => (a.iter().map(json_to_value).collect(), None),
-        Args::Named(m) => (Vec::new(), Some(json_to_struct(m))),
+    let (args, kwargs) = match (limits::check_args(&t.args), &t.args) {
+        (Err(e), _) => (vec![placeholder(&e)], None),
+        (Ok(()), Args::Positional(a)) => (a.iter().map(json_to_value).collect(), None),
+        (Ok(()), Args::Named(m)) => (Vec::new(), Some(json_to_struct(m))),
     };
-    pb::Task {
+    let mut task = pb::Task {
         task_id: t.task_id.clone(),
         procedure: t.procedure.clone(),
         args,
@@ -109,15 +160,18 @@ pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
         status: status_to_pb(t.status) as i32,
         // A stored `null` result reads back as none: a done task's result is null then.
         result: match (&t.result, t.status) {
-            (Some(v), _) => Some(json_to_value(v)),
+            (Some(v), _) => Some(match limits::check_result(v) {
+                Ok(()) => json_to_value(v),
+                Err(e) => placeholder(&e),
+            }),
             (None, TaskStatus::Done) => Some(json_to_value(&Value::Null)),
             (None, _) => None,
         },
-        error: t.error.clone().unwrap_or_default(),
+        error: t.error.as_deref().map(text).unwrap_or_default(),
         agent_id: t.agent_id.clone().unwrap_or_default(),
         progress: t.progress.as_ref().map(|p| pb::Progress {
             fraction: p.percent,
-            comment: p.comment.clone(),
+            comment: text(&p.comment),
         }),
         created_at: Some(timestamp(t.created_ms)),
         started_at: t.started_ms.map(timestamp),
@@ -131,11 +185,44 @@ pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
             .map(|h| pb::StatusChange {
                 status: status_to_pb(h.status) as i32,
                 at: Some(timestamp(h.at_ms)),
-                reason: h.reason.clone().unwrap_or_default(),
+                reason: h.reason.as_deref().map(text).unwrap_or_default(),
                 agent_id: h.agent_id.clone().unwrap_or_default(),
             })
             .collect(),
+    };
+    let over = task.encoded_len().saturating_sub(MAX_TASK_BYTES);
+    if over > 0 {
+        // Only a history of very many placements gets here: values and texts are
+        // bounded above.
+        omit_history(&mut task.history, over);
     }
+    task
+}
+
+/// Leaves out the oldest history entries but the first (the task's creation)
+/// until `over` bytes are gone, with one entry saying how many were left out.
+fn omit_history(history: &mut Vec<pb::StatusChange>, over: usize) {
+    let mut freed = 0;
+    let mut n = 0;
+    for h in history.iter().skip(1) {
+        if freed > over + 256 {
+            break;
+        }
+        let len = h.encoded_len();
+        freed += 1 + prost::length_delimiter_len(len) + len;
+        n += 1;
+    }
+    if n == 0 {
+        return;
+    }
+    let last = history[n].clone();
+    history.splice(
+        1..=n,
+        [pb::StatusChange {
+            reason: format!("{n} earlier status changes omitted by the gateway"),
+            ..last
+        }],
+    );
 }
 
 pub fn agent_to_pb(a: &AgentRecord) -> pb::Agent {
@@ -204,6 +291,31 @@ mod tests {
             .result,
             None
         );
+    }
+
+    #[test]
+    fn every_task_fits_a_default_client() {
+        let mut t = TaskRecord::new("t".into(), "p".into(), Args::default(), None);
+        t.error = Some("e".repeat(100_000));
+        for i in 0..5000 {
+            t.history.push(crate::gateway::model::StatusChange {
+                status: TaskStatus::Queued,
+                at_ms: i,
+                reason: Some(format!("{i} {}", "r".repeat(2000))),
+                agent_id: None,
+            });
+        }
+        let pb = task_to_pb(&t);
+        assert!(pb.encoded_len() <= MAX_TASK_BYTES);
+        assert!(pb
+            .error
+            .ends_with("(83616 more bytes omitted by the gateway)"));
+        assert_eq!(pb.history[0].reason, "", "the creation is kept");
+        assert!(pb.history[1]
+            .reason
+            .ends_with("earlier status changes omitted by the gateway"));
+        let last = pb.history.last().unwrap();
+        assert!(last.reason.starts_with("4999 "), "the newest are kept");
     }
 
     #[test]

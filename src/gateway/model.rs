@@ -224,6 +224,18 @@ impl TaskRecord {
         if self.started_ms.is_none() {
             self.started_ms = Some(now_ms());
         }
+        // An agent that does not check its results (an older or a foreign one) could
+        // leave a result no client can read.
+        let outcome = match outcome {
+            Outcome::Done(v) => match crate::limits::check_result(&v) {
+                Ok(()) => Outcome::Done(v),
+                Err(e) => Outcome::Failed {
+                    code: 400,
+                    description: format!("the agent sent a result over the limit: {e}"),
+                },
+            },
+            other => other,
+        };
         let (status, reason) = match outcome {
             Outcome::Done(v) => {
                 self.result = Some(v);
@@ -407,6 +419,22 @@ mod tests {
         assert!(t.finish(1, Outcome::Done(json!(3))));
         assert_eq!(t.status, TaskStatus::Done);
         assert!(!t.finish(7, Outcome::Done(json!(3))), "unknown attempt");
+    }
+
+    #[test]
+    fn a_result_over_the_limits_is_a_failure() {
+        let mut t = task();
+        t.dispatch("a1");
+        let deep = (0..40).fold(json!(1), |v, _| json!([v]));
+        assert!(t.finish(1, Outcome::Done(deep)));
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert_eq!(t.error_code, Some(400));
+        assert_eq!(t.result, None);
+        let e = t.error.unwrap_or_default();
+        assert!(
+            e.contains("nested 40 levels deep, over the limit of 32"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::convert::{agent_to_pb, call_args, status_from_pb, task_to_pb};
@@ -24,6 +25,10 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// Encoded `Task`s in one ListTasks page: a page ends early (with a page token)
+/// rather than pass it. A page always holds one task, and a task is at most
+/// `MAX_TASK_BYTES`, so every page fits what a default client reads.
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 pub struct GatewayService {
     pub store: GatewayStore,
@@ -204,16 +209,22 @@ impl pb::gateway_server::Gateway for GatewayService {
             agent_id: Some(r.agent_id).filter(|a| !a.is_empty()),
             procedure: Some(r.procedure).filter(|p| !p.is_empty()),
         };
+        // Each task's share of the page: its field's tag and length, and the task.
+        let measure = |t: &TaskRecord| {
+            let task = task_to_pb(t);
+            let len = task.encoded_len();
+            (task, 1 + prost::length_delimiter_len(len) + len)
+        };
         let (tasks, more) = self
             .store
-            .list_tasks(&filter, after, limit)
+            .list_tasks(&filter, after, limit, MAX_PAGE_BYTES, measure)
             .map_err(GatewayError::from)?;
         let next_page_token = match (more, tasks.last()) {
             (true, Some(t)) => t.task_id.clone(),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: tasks.iter().map(task_to_pb).collect(),
+            tasks,
             next_page_token,
         }))
     }

@@ -148,29 +148,47 @@ impl GatewayStore {
             .collect()
     }
 
-    /// Newest first, from before `after` (a previous page's last id), at most `limit`.
-    /// Returns the page and whether more tasks follow.
-    pub fn list_tasks(
+    /// Newest first, from before `after` (a previous page's last id): at most
+    /// `limit` tasks, each made an item by `convert`, which also says its size in
+    /// bytes; the page ends before the sizes pass `max_bytes`, but holds at least
+    /// one task. Returns the page and whether more tasks follow. A record that
+    /// does not decode is left out (and logged), so that no stored task can make
+    /// the listing fail.
+    pub fn list_tasks<T>(
         &self,
         filter: &TaskFilter,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<TaskRecord>, bool), StoreError> {
+        max_bytes: usize,
+        mut convert: impl FnMut(&TaskRecord) -> (T, usize),
+    ) -> Result<(Vec<T>, bool), StoreError> {
         let iter = match after {
             Some(a) => self.tasks.range(..a.as_bytes().to_vec()),
             None => self.tasks.iter(),
         };
         let mut page = Vec::new();
+        let mut bytes = 0usize;
         for kv in iter.rev() {
             let (k, v) = kv?;
-            let t: TaskRecord = decode(&k, &v)?;
+            let t: TaskRecord = match decode(&k, &v) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!("listing tasks: {e}");
+                    continue;
+                }
+            };
             if !filter.matches(&t) {
                 continue;
             }
             if page.len() == limit {
                 return Ok((page, true));
             }
-            page.push(t);
+            let (item, size) = convert(&t);
+            if !page.is_empty() && bytes.saturating_add(size) > max_bytes {
+                return Ok((page, true));
+            }
+            bytes = bytes.saturating_add(size);
+            page.push(item);
         }
         Ok((page, false))
     }

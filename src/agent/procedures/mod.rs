@@ -84,11 +84,15 @@ impl Procedure {
     }
 
     /// Runs the procedure. Dropping the future stops it (and kills its processes).
+    /// A result over `MAX_RESULT_BYTES` or `MAX_DEPTH` is a failure: no client could
+    /// read it, and it would be stored and sent for nothing.
     pub async fn run(&self, args: &Args, ctx: RunContext) -> Result<Value, RunError> {
-        match self {
+        let v = match self {
             Procedure::Builtin(b) => b.run(args, ctx.progress).await,
             Procedure::Command(c) => c.run(args, &ctx.env).await,
-        }
+        }?;
+        crate::limits::check_result(&v).map_err(|e| RunError::Failed(e.to_string()))?;
+        Ok(v)
     }
 }
 
