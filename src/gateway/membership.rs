@@ -21,6 +21,8 @@ use super::store::{GatewayStore, StoreError};
 use super::GatewayError;
 use crate::arpcp::{ArpcpClient, IdData, Request};
 
+/// The shortest time an echo probe waits for its answer.
+pub const PROBE_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
 /// Probes in flight at once in an echo round, and in a scan pass.
 pub const MAX_CONCURRENT_PROBES: usize = 64;
 /// Largest scan range accepted (a /16 of IPv4).
@@ -84,9 +86,12 @@ impl Membership {
         config: MembershipConfig,
         events: mpsc::Sender<MembershipEvent>,
     ) -> Result<Arc<Self>, StoreError> {
+        // Not shorter than PROBE_TIMEOUT_FLOOR however fast the rounds: one slow
+        // answer (a busy host, a large transfer on the agent) is a miss, and a miss
+        // takes the agent out of placement until it answers again.
         let timeout = config
             .echo_interval
-            .clamp(Duration::from_millis(200), Duration::from_secs(3));
+            .clamp(PROBE_TIMEOUT_FLOOR, Duration::from_secs(3));
         let agents = store
             .agents()?
             .into_iter()
@@ -591,8 +596,8 @@ mod tests {
         let membership = Membership::new(
             store,
             MembershipConfig {
-                // Probes time out after the interval too: a pass over the silent
-                // range takes 254 / 64 waves of 300 ms, about 1.2 s.
+                // Probes time out after PROBE_TIMEOUT_FLOOR: a pass over the silent
+                // range takes 254 / 64 waves of 1 s, about 4 s.
                 echo_interval: interval,
                 max_misses: 3,
                 seeds: vec![agent.clone()],
@@ -617,8 +622,8 @@ mod tests {
         };
         let took = left.elapsed();
         assert_eq!(gone, id);
-        // Three echoes 300 ms apart: under 1 s. Echoes waiting for each pass over
-        // the silent range would take at least two passes, about 2.4 s.
+        // Three echoes 300 ms apart, each refused at once: under 1 s. Echoes waiting
+        // for each pass over the silent range would take at least one pass, about 4 s.
         assert!(
             took < Duration::from_secs(2),
             "{id} left {took:?} after it stopped answering, with echoes every {interval:?}"
