@@ -543,11 +543,16 @@ fn stored_values_over_the_limits_are_shown_as_placeholders() {
     let deep_id = uuid::Uuid::now_v7().to_string();
     let big_id = uuid::Uuid::now_v7().to_string();
     {
-        let db = arpcp::durable::open_db(
-            &c.gateway.dir().join("gateway-data/gateway.sled"),
-            16 * 1024 * 1024,
-        )
-        .expect("open the gateway's store");
+        let db = sled::Config::new()
+            .path(
+                c.gateway
+                    .dir()
+                    .join("gateway-data")
+                    .join(arpcp::durable::GATEWAY_STORE),
+            )
+            .cache_capacity(16 * 1024 * 1024)
+            .open()
+            .expect("open the gateway's store");
         let tasks = db.open_tree("tasks").expect("the tasks tree");
         let stored = [
             (&deep_id, json!([nested(48)]), nested(49)),

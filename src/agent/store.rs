@@ -9,17 +9,17 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::arpcp::{Args, AtaskStatus, TaskError};
-use crate::durable::{open_db, CommitError, GroupCommit};
+use crate::durable::{DamagePolicy, DurableError, OpenError, Spec, Store, AGENT_STORE};
 
 /// sled's page cache for the agent's store.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("task store: {0}")]
-    Sled(sled::Error),
-    #[error("task store: {0}")]
-    Commit(CommitError),
+    #[error("{0}")]
+    Durable(DurableError),
+    #[error("{0}")]
+    Open(OpenError),
     #[error("task store holds an unreadable record for {key:?}: {error}")]
     Corrupt { key: String, error: String },
     #[error("task store: {0}")]
@@ -28,15 +28,15 @@ pub enum StoreError {
 
 // The texts above include their cause, so the causes are not also exposed as
 // `source()`: a caller printing the chain would repeat them.
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        StoreError::Sled(e)
+impl From<DurableError> for StoreError {
+    fn from(e: DurableError) -> Self {
+        StoreError::Durable(e)
     }
 }
 
-impl From<CommitError> for StoreError {
-    fn from(e: CommitError) -> Self {
-        StoreError::Commit(e)
+impl From<OpenError> for StoreError {
+    fn from(e: OpenError) -> Self {
+        StoreError::Open(e)
     }
 }
 
@@ -102,11 +102,23 @@ impl TaskRecord {
     }
 }
 
-#[derive(Clone)]
-pub struct AgentStore {
+struct Trees {
     tasks: sled::Tree,
     meta: sled::Tree,
-    commits: GroupCommit,
+}
+
+fn trees(db: &sled::Db) -> sled::Result<Trees> {
+    Ok(Trees {
+        tasks: db.open_tree("tasks")?,
+        meta: db.open_tree("meta")?,
+    })
+}
+
+/// The sled handles live in a [`Store`] that reopens itself after a write error
+/// (see `durable.rs`): every access goes through [`Store::with`].
+#[derive(Clone)]
+pub struct AgentStore {
+    db: Store<Trees>,
     /// A random id made when the store was created, naming it to programs it runs.
     id: std::sync::Arc<str>,
 }
@@ -118,20 +130,26 @@ pub enum Inserted {
 }
 
 impl AgentStore {
+    /// Opens the store, refusing a damaged one (lost durable writes; see
+    /// `durable::accept_damage` for starting anyway).
     pub fn open(dir: &Path) -> Result<AgentStore, StoreError> {
-        let path = dir.join("agent.sled");
-        let db = open_db(&path, CACHE_BYTES)?;
-        let commits = GroupCommit::start(db.clone(), &path, "agent-store")
-            .map_err(|e| StoreError::Commit(CommitError::Flush(e.to_string())))?;
-        let meta = db.open_tree("meta")?;
+        let opened = Store::open(
+            Spec {
+                label: "task store",
+                path: dir.join(AGENT_STORE),
+                cache_bytes: CACHE_BYTES,
+                trees,
+            },
+            DamagePolicy::Refuse,
+        )?;
+        let db = opened.store.settle(opened.damage, DamagePolicy::Refuse)?;
         let fresh = uuid::Uuid::new_v4().to_string();
-        let id = match meta.compare_and_swap(
-            "store_id",
-            None as Option<&[u8]>,
-            Some(fresh.as_bytes()),
-        )? {
+        let id = match db.with(|d| {
+            d.meta
+                .compare_and_swap("store_id", None as Option<&[u8]>, Some(fresh.as_bytes()))
+        })? {
             Ok(()) => {
-                db.flush()?;
+                db.close();
                 fresh
             }
             Err(cas) => cas
@@ -139,12 +157,7 @@ impl AgentStore {
                 .map(|v| String::from_utf8_lossy(&v).into_owned())
                 .unwrap_or(fresh),
         };
-        Ok(AgentStore {
-            tasks: db.open_tree("tasks")?,
-            meta,
-            commits,
-            id: id.into(),
-        })
+        Ok(AgentStore { db, id: id.into() })
     }
 
     /// The store's id (stable across restarts).
@@ -157,11 +170,10 @@ impl AgentStore {
     /// other bookkeeping that no cancelled future can split.
     pub fn insert_new(&self, rec: &TaskRecord) -> Result<Inserted, StoreError> {
         let bytes = serde_json::to_vec(rec)?;
-        match self.tasks.compare_and_swap(
-            rec.atask_id.as_bytes(),
-            None as Option<&[u8]>,
-            Some(bytes),
-        )? {
+        match self.db.with(|d| {
+            d.tasks
+                .compare_and_swap(rec.atask_id.as_bytes(), None as Option<&[u8]>, Some(bytes))
+        })? {
             Ok(()) => Ok(Inserted::New),
             Err(cas) => {
                 let existing = cas.current.map(|v| decode(&rec.atask_id, &v)).transpose()?;
@@ -178,12 +190,12 @@ impl AgentStore {
 
     /// Waits until every write made before the call is on disk.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        Ok(self.commits.commit().await?)
+        Ok(self.db.commit().await?)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        self.tasks
-            .get(id.as_bytes())?
+        self.db
+            .with(|d| d.tasks.get(id.as_bytes()))?
             .map(|v| decode(id, &v))
             .transpose()
     }
@@ -198,53 +210,71 @@ impl AgentStore {
     ) -> Result<Option<TaskRecord>, StoreError> {
         let mut out = None;
         let mut failure = None;
-        self.tasks.fetch_and_update(id.as_bytes(), |old| {
-            let old = old?;
-            match decode(id, old) {
-                Ok(mut rec) => {
-                    change(&mut rec);
-                    let bytes = serde_json::to_vec(&rec).ok();
-                    out = Some(rec);
-                    bytes
+        self.db.with(|d| {
+            d.tasks.fetch_and_update(id.as_bytes(), |old| {
+                let old = old?;
+                match decode(id, old) {
+                    Ok(mut rec) => {
+                        change(&mut rec);
+                        let bytes = serde_json::to_vec(&rec).ok();
+                        out = Some(rec);
+                        bytes
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        Some(old.to_vec())
+                    }
                 }
-                Err(e) => {
-                    failure = Some(e);
-                    Some(old.to_vec())
-                }
-            }
+            })
         })?;
         if let Some(e) = failure {
             return Err(e);
         }
         if durable && out.is_some() {
-            self.commits.commit().await?;
+            self.db.commit().await?;
         }
         Ok(out)
     }
 
     /// Deletes a task; true if it existed.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.tasks.remove(id.as_bytes())?.is_some())
+        Ok(self.db.with(|d| d.tasks.remove(id.as_bytes()))?.is_some())
     }
 
     /// Every stored task; unreadable records are reported, not skipped silently.
     pub fn all(&self) -> Vec<Result<TaskRecord, StoreError>> {
-        self.tasks
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&String::from_utf8_lossy(&k), &v)
-            })
-            .collect()
+        let all = self.db.with(|d| {
+            Ok(d.tasks
+                .iter()
+                .map(|kv| match kv {
+                    Ok((k, v)) => decode(&String::from_utf8_lossy(&k), &v),
+                    Err(e) => Err(StoreError::Corrupt {
+                        key: "?".into(),
+                        error: e.to_string(),
+                    }),
+                })
+                .collect())
+        });
+        all.unwrap_or_else(|e| vec![Err(e.into())])
     }
 
     /// Drops finished tasks that ended before `cutoff_ms`, and stamps finished tasks
     /// stored without an end time (by an older version) with `now_ms`. Returns how
     /// many were dropped. Unfinished tasks are never dropped.
     pub fn drop_finished_before(&self, cutoff_ms: u64, now_ms: u64) -> Result<usize, StoreError> {
+        // A snapshot of the keys first: no sled iterator is held across the store's
+        // handle, which a write error may swap.
+        let keys: Vec<sled::IVec> = self.db.with(|d| {
+            d.tasks
+                .iter()
+                .keys()
+                .collect::<sled::Result<Vec<sled::IVec>>>()
+        })?;
         let mut dropped = 0;
-        for kv in self.tasks.iter() {
-            let (k, v) = kv?;
+        for k in keys {
+            let Some(v) = self.db.with(|d| d.tasks.get(&k))? else {
+                continue;
+            };
             let Ok(rec) = decode(&String::from_utf8_lossy(&k), &v) else {
                 continue;
             };
@@ -254,11 +284,11 @@ impl AgentStore {
             match rec.finished_ms {
                 Some(at) if at < cutoff_ms => {
                     // Only if unchanged since read: a terminate or update meanwhile wins.
-                    if self
-                        .tasks
-                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
-                        .is_ok()
-                    {
+                    let swapped = self.db.with(|d| {
+                        d.tasks
+                            .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
+                    })?;
+                    if swapped.is_ok() {
                         dropped += 1;
                     }
                 }
@@ -266,11 +296,10 @@ impl AgentStore {
                 None => {
                     let mut stamped = rec;
                     stamped.finished_ms = Some(now_ms);
-                    let _ = self.tasks.compare_and_swap(
-                        &k,
-                        Some(&v),
-                        Some(serde_json::to_vec(&stamped)?),
-                    )?;
+                    let bytes = serde_json::to_vec(&stamped)?;
+                    let _ = self
+                        .db
+                        .with(|d| d.tasks.compare_and_swap(&k, Some(&v), Some(bytes)))?;
                 }
             }
         }
@@ -279,15 +308,15 @@ impl AgentStore {
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
-            .meta
-            .get(key)?
+            .db
+            .with(|d| d.meta.get(key))?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        let old = self.meta.insert(key, value.as_bytes())?;
+        let old = self.db.with(|d| d.meta.insert(key, value.as_bytes()))?;
         if old.as_deref() != Some(value.as_bytes()) {
-            self.commits.commit().await?;
+            self.db.commit().await?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentConfig, AgentFlags};
 use crate::arpcp::DEFAULT_AGENT_PORT;
+use crate::durable;
 use crate::gateway::{self, membership::parse_scan, GatewayConfig};
 
 #[derive(clap::Args)]
@@ -35,6 +36,11 @@ pub struct AgentCmd {
     /// Seconds a finished task no controller claimed is kept [default: 86400]
     #[arg(long)]
     keep_finished_secs: Option<f64>,
+    /// Start even on a damaged store, with what is readable; what was lost is logged.
+    /// Without it, a store found damaged at start (durable writes lost, records
+    /// unreadable) stops the start with an error.
+    #[arg(long)]
+    accept_damaged_store: bool,
 }
 
 #[derive(clap::Args)]
@@ -72,6 +78,11 @@ pub struct GatewayCmd {
     /// Finished tasks kept at most (the oldest go first).
     #[arg(long, default_value_t = 1_000_000)]
     retention_count: usize,
+    /// Start even on a damaged store, with what is readable; what was lost is logged.
+    /// Without it, a store found damaged at start (durable writes lost, records
+    /// unreadable) stops the start with an error.
+    #[arg(long)]
+    accept_damaged_store: bool,
 }
 
 #[derive(clap::Args)]
@@ -97,6 +108,11 @@ pub struct UpCmd {
     /// Skip the demo task.
     #[arg(long)]
     no_demo: bool,
+    /// Start even on a damaged store, with what is readable; what was lost is logged.
+    /// Without it, a store found damaged at start (durable writes lost, records
+    /// unreadable) stops the start with an error.
+    #[arg(long)]
+    accept_damaged_store: bool,
 }
 
 async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
@@ -115,27 +131,57 @@ fn announce_ready(role: &str, addrs: &[(&str, String)]) {
     println!("{}", serde_json::Value::Object(m));
 }
 
-/// A token cancelled on SIGTERM or Ctrl-C.
+/// A token cancelled on SIGTERM or Ctrl-C (SIGINT). A second one ends the process
+/// at once, with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), for a
+/// user who does not want to wait for running tasks' grace period.
 fn shutdown_on_signal() -> CancellationToken {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
     let token = CancellationToken::new();
     let t = token.clone();
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
+    let listen = |kind: SignalKind| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for signal {}: {e}", kind.as_raw_value());
+            None
         }
-        tracing::info!("shutdown requested");
+    };
+    let mut term = listen(SignalKind::terminate());
+    let mut int = listen(SignalKind::interrupt());
+    async fn next(s: &mut Option<Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    tokio::spawn(async move {
+        let first = tokio::select! {
+            _ = next(&mut int) => libc::SIGINT,
+            _ = next(&mut term) => libc::SIGTERM,
+        };
+        // Cancelled before anything is logged: a log line that cannot be written
+        // (stderr a closed or full pipe) must not hold up the stop.
         t.cancel();
+        tracing::info!(
+            signal = first,
+            "shutdown requested (send it again to stop at once)"
+        );
+        let second = tokio::select! {
+            _ = next(&mut int) => libc::SIGINT,
+            _ = next(&mut term) => libc::SIGTERM,
+        };
+        std::process::exit(128 + second);
     });
     token
+}
+
+/// The agent opens its store strictly; accepting damage happens before, on its own.
+fn accept_agent_store_damage(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    durable::accept_damage("task store", &data_dir.join(durable::AGENT_STORE))?;
+    Ok(())
 }
 
 pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
@@ -150,6 +196,9 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
     })?;
     let listener = bind(&config.listen.to_string()).await?;
     let addr = listener.local_addr()?.to_string();
+    if a.accept_damaged_store {
+        accept_agent_store_damage(&config.data_dir)?;
+    }
     let agent = agent::Agent::start(config, listener).await?;
     announce_ready("agent", &[("arpcp", addr)]);
     agent.serve(shutdown_on_signal()).await?;
@@ -175,6 +224,7 @@ fn gateway_config(g: &GatewayCmd) -> anyhow::Result<GatewayConfig> {
         max_misses: g.max_misses.max(1),
         retention: Duration::from_secs(g.retention_secs),
         retention_count: g.retention_count,
+        accept_damaged_store: g.accept_damaged_store,
     })
 }
 
@@ -218,7 +268,11 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         max_misses: 3,
         retention: Duration::from_secs(7 * 24 * 3600),
         retention_count: 1_000_000,
+        accept_damaged_store: u.accept_damaged_store,
     };
+    if u.accept_damaged_store {
+        accept_agent_store_damage(&agent_config.data_dir)?;
+    }
     let agent = agent::Agent::start(agent_config, agent_listener)
         .await
         .context("agent")?;
@@ -243,7 +297,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         let endpoint = format!("http://{grpc_addr}");
         tokio::spawn(async move {
             if let Err(e) = super::commands::demo(&endpoint).await {
-                eprintln!("demo task failed: {e:#}");
+                tracing::warn!("demo task failed: {e:#}");
             }
         });
     }

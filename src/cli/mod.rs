@@ -6,6 +6,7 @@ mod commands;
 mod daemons;
 mod output;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -50,7 +51,8 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log(&cli.command))),
@@ -67,17 +69,38 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            report(&format!("error: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            report(&format!("error: {}", error_chain(&e)));
             ExitCode::FAILURE
         }
     }
+}
+
+/// stderr for logs, dropping what cannot be written. A daemon's stderr may be a pipe
+/// whose reader went away (`arpcp up 2>&1 | tee log`, then Ctrl-C): a failed write
+/// must cost the line, not the task that logged it (`eprintln!` panics on it).
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One line on stderr, if it can be written.
+fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// The error and its causes, skipping a cause its parent's text already shows.

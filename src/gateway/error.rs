@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 
 use super::model::AgentState;
 use super::store::StoreError;
+use crate::durable::DurableError;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -60,6 +61,10 @@ impl From<GatewayError> for Status {
             | GatewayError::NoAliveAgent
             | GatewayError::AgentUnreachable { .. } => Code::Unavailable,
             GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            // The store recovers by itself (`durable.rs`): a retry later may succeed.
+            GatewayError::Store(StoreError::Durable(
+                DurableError::Unwritable { .. } | DurableError::Stopped { .. },
+            )) => Code::Unavailable,
             GatewayError::Store(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -59,6 +59,9 @@ pub struct GatewayConfig {
     pub retention: Duration,
     /// ...and at most this many.
     pub retention_count: usize,
+    /// Start on a damaged store with what is readable (what was lost is logged)
+    /// instead of refusing to start.
+    pub accept_damaged_store: bool,
 }
 
 #[derive(Debug, Error)]
@@ -115,7 +118,12 @@ impl Gateway {
             path: config.data_dir.clone(),
             source,
         })?;
-        let store = GatewayStore::open(&config.data_dir)?;
+        let policy = if config.accept_damaged_store {
+            crate::durable::DamagePolicy::Accept
+        } else {
+            crate::durable::DamagePolicy::Refuse
+        };
+        let store = GatewayStore::open_with(&config.data_dir, policy)?;
         let advertise = advertised(&config, arpcp.local_addr().map_err(StartError::Listener)?);
         let (events_tx, events_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
         // An agent that stops answering leaves after `max_misses` echoes: its lease
@@ -205,16 +213,21 @@ impl Gateway {
             shutdown.clone(),
         ));
 
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let faults = store.faults();
+        let fault = faults.borrow().clone();
+        set_health(&health, fault.as_deref()).await;
+        background.spawn(report_store_health(
+            faults,
+            health.clone(),
+            shutdown.clone(),
+        ));
         let service = pb_server(service::GatewayService {
-            store,
+            store: store.clone(),
             scheduler,
             membership,
             watchers,
         });
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<crate::pb::gateway_server::GatewayServer<service::GatewayService>>()
-            .await;
 
         info!(arpcp = %advertise, "gateway ready");
         let grpc_shutdown = shutdown.clone();
@@ -230,6 +243,7 @@ impl Gateway {
             .await;
         shutdown.cancel();
         while background.join_next().await.is_some() {}
+        store.close();
         info!("gateway stopped");
         Ok(served?)
     }
@@ -252,6 +266,37 @@ fn pb_server(
     s: service::GatewayService,
 ) -> crate::pb::gateway_server::GatewayServer<service::GatewayService> {
     crate::pb::gateway_server::GatewayServer::new(s)
+}
+
+/// Sets health from the store: NOT_SERVING while it cannot write (Submit would be
+/// refused), SERVING while it can.
+async fn set_health(health: &tonic_health::server::HealthReporter, fault: Option<&str>) {
+    use tonic::server::NamedService;
+    type Service = crate::pb::gateway_server::GatewayServer<service::GatewayService>;
+    let status = if fault.is_some() {
+        tonic_health::ServingStatus::NotServing
+    } else {
+        tonic_health::ServingStatus::Serving
+    };
+    for name in ["", Service::NAME] {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Keeps health in step with the store as it fails and recovers.
+async fn report_store_health(
+    mut faults: tokio::sync::watch::Receiver<Option<String>>,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = faults.changed() => if changed.is_err() { return },
+        }
+        let fault = faults.borrow_and_update().clone();
+        set_health(&health, fault.as_deref()).await;
+    }
 }
 
 async fn retention_loop(

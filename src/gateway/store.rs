@@ -3,23 +3,27 @@
 //! a client was promised are made durable by a group commit shared with concurrent
 //! writers; other changes reach disk within sled's flush interval, and every one of
 //! those can be redone from the agents after a crash.
+//!
+//! The sled handles live in a [`Store`] that reopens itself after a write error
+//! (see `durable.rs`), so every access goes through [`Store::with`] and no method
+//! keeps a tree or an iterator past its return.
 
 use std::path::Path;
 
 use thiserror::Error;
 
 use super::model::{AgentRecord, TaskRecord, TaskStatus};
-use crate::durable::{open_db, CommitError, GroupCommit};
+use crate::durable::{DamagePolicy, DurableError, OpenError, Spec, Store, GATEWAY_STORE};
 
 /// sled's page cache for the gateway's store.
 const CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("gateway store: {0}")]
-    Sled(#[from] sled::Error),
-    #[error("gateway store: {0}")]
-    Commit(#[from] CommitError),
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+    #[error(transparent)]
+    Open(#[from] OpenError),
     #[error("gateway store: unreadable record {key:?}: {error}")]
     Corrupt { key: String, error: String },
     #[error("gateway store: {0}")]
@@ -45,14 +49,26 @@ impl TaskFilter {
     }
 }
 
-#[derive(Clone)]
-pub struct GatewayStore {
+struct Trees {
     tasks: sled::Tree,
     agents: sled::Tree,
     /// MAC|port → agent id.
     identities: sled::Tree,
     meta: sled::Tree,
-    commits: GroupCommit,
+}
+
+fn trees(db: &sled::Db) -> sled::Result<Trees> {
+    Ok(Trees {
+        tasks: db.open_tree("tasks")?,
+        agents: db.open_tree("agents")?,
+        identities: db.open_tree("identities")?,
+        meta: db.open_tree("meta")?,
+    })
+}
+
+#[derive(Clone)]
+pub struct GatewayStore {
+    db: Store<Trees>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
@@ -63,35 +79,89 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T,
 }
 
 impl GatewayStore {
+    /// Opens the store, refusing a damaged one.
     pub fn open(dir: &Path) -> Result<GatewayStore, StoreError> {
-        let path = dir.join("gateway.sled");
-        let db = open_db(&path, CACHE_BYTES)?;
-        let commits = GroupCommit::start(db.clone(), &path, "gateway-store")
-            .map_err(|e| StoreError::Commit(CommitError::Flush(e.to_string())))?;
+        GatewayStore::open_with(dir, DamagePolicy::Refuse)
+    }
+
+    /// Opens the store; damage (lost durable writes, records that do not decode)
+    /// is refused or, with [`DamagePolicy::Accept`], logged and the unreadable
+    /// records dropped.
+    pub fn open_with(dir: &Path, policy: DamagePolicy) -> Result<GatewayStore, StoreError> {
+        let opened = Store::open(
+            Spec {
+                label: "task store",
+                path: dir.join(GATEWAY_STORE),
+                cache_bytes: CACHE_BYTES,
+                trees,
+            },
+            policy,
+        )?;
+        let mut damage = opened.damage;
+        let db = opened.store;
+        let (bad, entries) = db.with(|t| {
+            let (mut bad, mut entries) = (0usize, 0usize);
+            for tree in [&t.tasks, &t.agents] {
+                let is_tasks = std::ptr::eq(tree, &t.tasks);
+                for kv in tree.iter() {
+                    let Ok((k, v)) = kv else {
+                        entries += 1;
+                        continue;
+                    };
+                    let decodes = if is_tasks {
+                        decode::<TaskRecord>(&k, &v).is_ok()
+                    } else {
+                        decode::<AgentRecord>(&k, &v).is_ok()
+                    };
+                    if decodes {
+                        continue;
+                    }
+                    bad += 1;
+                    if policy == DamagePolicy::Accept {
+                        tracing::warn!(key = %String::from_utf8_lossy(&k), "damaged store: dropping a record that does not decode");
+                        tree.remove(&k)?;
+                    }
+                }
+            }
+            Ok((bad, entries))
+        })?;
+        if bad > 0 || entries > 0 {
+            damage.push(format!(
+                "{bad} records do not decode and {entries} entries cannot be read"
+            ));
+        }
         Ok(GatewayStore {
-            tasks: db.open_tree("tasks")?,
-            agents: db.open_tree("agents")?,
-            identities: db.open_tree("identities")?,
-            meta: db.open_tree("meta")?,
-            commits,
+            db: db.settle(damage, policy)?,
         })
+    }
+
+    /// Why the store cannot write now, `None` while it can; changes as it fails
+    /// and recovers.
+    pub fn faults(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.db.faults()
+    }
+
+    /// Flushes and records the commit sequence, as on a clean stop.
+    pub fn close(&self) {
+        self.db.close();
     }
 
     /// Waits until every write made before the call is on disk.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        Ok(self.commits.commit().await?)
+        Ok(self.db.commit().await?)
     }
 
     /// Stores a task without waiting for disk (a later commit covers it).
     pub fn put_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
-        self.tasks
-            .insert(t.task_id.as_bytes(), serde_json::to_vec(t)?)?;
+        let bytes = serde_json::to_vec(t)?;
+        self.db
+            .with(|d| d.tasks.insert(t.task_id.as_bytes(), bytes))?;
         Ok(())
     }
 
     pub fn get_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        self.tasks
-            .get(id.as_bytes())?
+        self.db
+            .with(|d| d.tasks.get(id.as_bytes()))?
             .map(|v| decode(id.as_bytes(), &v))
             .transpose()
     }
@@ -106,24 +176,26 @@ impl GatewayStore {
     ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
         let mut out = None;
         let mut failure = None;
-        self.tasks.fetch_and_update(id.as_bytes(), |old| {
-            let old = old?;
-            match decode::<TaskRecord>(id.as_bytes(), old) {
-                Ok(mut rec) => {
-                    let changed = change(&mut rec);
-                    let bytes = if changed {
-                        serde_json::to_vec(&rec).ok()
-                    } else {
+        self.db.with(|d| {
+            d.tasks.fetch_and_update(id.as_bytes(), |old| {
+                let old = old?;
+                match decode::<TaskRecord>(id.as_bytes(), old) {
+                    Ok(mut rec) => {
+                        let changed = change(&mut rec);
+                        let bytes = if changed {
+                            serde_json::to_vec(&rec).ok()
+                        } else {
+                            Some(old.to_vec())
+                        };
+                        out = Some((rec, changed));
+                        bytes
+                    }
+                    Err(e) => {
+                        failure = Some(e);
                         Some(old.to_vec())
-                    };
-                    out = Some((rec, changed));
-                    bytes
+                    }
                 }
-                Err(e) => {
-                    failure = Some(e);
-                    Some(old.to_vec())
-                }
-            }
+            })
         })?;
         match failure {
             Some(e) => Err(e),
@@ -133,19 +205,25 @@ impl GatewayStore {
 
     /// Every task for which `keep` holds (a full scan: start-up and maintenance).
     pub fn scan_tasks(&self, mut keep: impl FnMut(&TaskRecord) -> bool) -> Vec<TaskRecord> {
-        self.tasks
-            .iter()
-            .filter_map(|kv| {
-                let (k, v) = kv.ok()?;
-                match decode::<TaskRecord>(&k, &v) {
-                    Ok(t) => keep(&t).then_some(t),
-                    Err(e) => {
-                        tracing::warn!("{e}");
-                        None
+        let scanned = self.db.with(|d| {
+            Ok(d.tasks
+                .iter()
+                .filter_map(|kv| {
+                    let (k, v) = kv.ok()?;
+                    match decode::<TaskRecord>(&k, &v) {
+                        Ok(t) => keep(&t).then_some(t),
+                        Err(e) => {
+                            tracing::warn!("{e}");
+                            None
+                        }
                     }
-                }
-            })
-            .collect()
+                })
+                .collect())
+        });
+        scanned.unwrap_or_else(|e| {
+            tracing::warn!("cannot scan the tasks: {e}");
+            Vec::new()
+        })
     }
 
     /// Newest first, from before `after` (a previous page's last id): at most
@@ -162,35 +240,39 @@ impl GatewayStore {
         max_bytes: usize,
         mut convert: impl FnMut(&TaskRecord) -> (T, usize),
     ) -> Result<(Vec<T>, bool), StoreError> {
-        let iter = match after {
-            Some(a) => self.tasks.range(..a.as_bytes().to_vec()),
-            None => self.tasks.iter(),
-        };
-        let mut page = Vec::new();
-        let mut bytes = 0usize;
-        for kv in iter.rev() {
-            let (k, v) = kv?;
-            let t: TaskRecord = match decode(&k, &v) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!("listing tasks: {e}");
-                    continue;
+        self.db
+            .with(|d| {
+                let iter = match after {
+                    Some(a) => d.tasks.range(..a.as_bytes().to_vec()),
+                    None => d.tasks.iter(),
+                };
+                let mut page = Vec::new();
+                let mut bytes = 0usize;
+                for kv in iter.rev() {
+                    let (k, v) = kv?;
+                    let t: TaskRecord = match decode(&k, &v) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::warn!("listing tasks: {e}");
+                            continue;
+                        }
+                    };
+                    if !filter.matches(&t) {
+                        continue;
+                    }
+                    if page.len() == limit {
+                        return Ok((page, true));
+                    }
+                    let (item, size) = convert(&t);
+                    if !page.is_empty() && bytes.saturating_add(size) > max_bytes {
+                        return Ok((page, true));
+                    }
+                    bytes = bytes.saturating_add(size);
+                    page.push(item);
                 }
-            };
-            if !filter.matches(&t) {
-                continue;
-            }
-            if page.len() == limit {
-                return Ok((page, true));
-            }
-            let (item, size) = convert(&t);
-            if !page.is_empty() && bytes.saturating_add(size) > max_bytes {
-                return Ok((page, true));
-            }
-            bytes = bytes.saturating_add(size);
-            page.push(item);
-        }
-        Ok((page, false))
+                Ok((page, false))
+            })
+            .map_err(StoreError::from)
     }
 
     /// Drops finished tasks older than `max_age_ms`, then the oldest finished ones
@@ -201,20 +283,21 @@ impl GatewayStore {
         max_age_ms: u64,
         max_count: usize,
     ) -> Result<usize, StoreError> {
-        let finished: Vec<(sled::IVec, u64)> = self
-            .tasks
-            .iter()
-            .filter_map(|kv| {
-                let (k, v) = kv.ok()?;
-                let t: TaskRecord = decode(&k, &v).ok()?;
-                Some((k, t.finished_ms?)).filter(|_| t.status.is_final())
-            })
-            .collect();
+        let finished: Vec<(sled::IVec, u64)> = self.db.with(|d| {
+            Ok(d.tasks
+                .iter()
+                .filter_map(|kv| {
+                    let (k, v) = kv.ok()?;
+                    let t: TaskRecord = decode(&k, &v).ok()?;
+                    Some((k, t.finished_ms?)).filter(|_| t.status.is_final())
+                })
+                .collect())
+        })?;
         let excess = finished.len().saturating_sub(max_count);
         let mut removed = 0;
         for (i, (k, finished_ms)) in finished.iter().enumerate() {
             if i < excess || now_ms.saturating_sub(*finished_ms) > max_age_ms {
-                self.tasks.remove(k)?;
+                self.db.with(|d| d.tasks.remove(k))?;
                 removed += 1;
             }
         }
@@ -222,42 +305,51 @@ impl GatewayStore {
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        self.agents
-            .iter()
-            .map(|kv| {
+        self.db.with(|d| {
+            let mut out = Vec::new();
+            for kv in d.agents.iter() {
                 let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+                match decode(&k, &v) {
+                    Ok(a) => out.push(a),
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            Ok(Ok(out))
+        })?
     }
 
     pub fn put_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
-        self.agents
-            .insert(a.agent_id.as_bytes(), serde_json::to_vec(a)?)?;
+        let bytes = serde_json::to_vec(a)?;
+        self.db
+            .with(|d| d.agents.insert(a.agent_id.as_bytes(), bytes))?;
         Ok(())
     }
 
     /// The agent id of an identity (MAC + port), assigning the next free one for a
     /// new identity. Ids are never reused.
     pub async fn agent_id_for(&self, identity: &str) -> Result<String, StoreError> {
-        if let Some(id) = self.identities.get(identity.as_bytes())? {
+        if let Some(id) = self.db.with(|d| d.identities.get(identity.as_bytes()))? {
             return Ok(String::from_utf8_lossy(&id).into_owned());
         }
-        let next = self.meta.update_and_fetch("agent_counter", |old| {
-            let n = old
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_be_bytes);
-            Some((n + 1).to_be_bytes().to_vec())
+        let next = self.db.with(|d| {
+            d.meta.update_and_fetch("agent_counter", |old| {
+                let n = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some((n + 1).to_be_bytes().to_vec())
+            })
         })?;
         let n = next
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map_or(1, u64::from_be_bytes);
         let id = format!("agent-{n}");
-        match self.identities.compare_and_swap(
-            identity.as_bytes(),
-            None as Option<&[u8]>,
-            Some(id.as_bytes()),
-        )? {
+        match self.db.with(|d| {
+            d.identities.compare_and_swap(
+                identity.as_bytes(),
+                None as Option<&[u8]>,
+                Some(id.as_bytes()),
+            )
+        })? {
             Ok(()) => {
                 self.commit().await?;
                 Ok(id)
