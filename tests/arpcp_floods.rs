@@ -9,16 +9,13 @@ use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use arpcp::arpcp::{MAX_BUFFERED_INPUT, MAX_CONNECTIONS_PER_PEER};
 use arpcp::pb;
 use common::gateway::{assert_task_status, describe, result_of, Cluster, Gw};
 use common::{
     assert_response, code, peak_rss_kib, req, rss_kib, wait_for, wait_until, Conn, Daemon, WAIT,
 };
 use serde_json::json;
-
-/// The limits the fix is to bring (`arpcp::arpcp` constants once it exists).
-const MAX_BUFFERED_INPUT: usize = 64 * 1024 * 1024;
-const MAX_CONNECTIONS_PER_PEER: usize = 512;
 
 /// Connections a flooder opens: more than an agent serves at once (`MAX_CONNECTIONS`).
 const FLOOD_CONNECTIONS: usize = 1100;
