@@ -13,12 +13,16 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::codec::CodecError;
+use super::codec::{CodecError, InputBudget};
 use super::connection::Connection;
 use super::{Method, ProtocolError, Request, Response};
 
 /// Longest response line accepted: results can be larger than requests.
 pub const MAX_RESPONSE_LEN: usize = 16 * 1024 * 1024;
+/// Bytes of unfinished response lines one client buffers over all its connections
+/// (room for 16 responses of `MAX_RESPONSE_LEN` arriving at once). A connection
+/// whose partial response does not fit fails, and the request is retried once.
+pub const MAX_BUFFERED_RESPONSES: usize = 16 * MAX_RESPONSE_LEN;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,6 +70,8 @@ pub struct ArpcpClient {
     idle: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// Shared by the read buffers of every connection of this client.
+    budget: Arc<InputBudget>,
 }
 
 impl Default for ArpcpClient {
@@ -195,6 +201,7 @@ impl ArpcpClient {
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
             request_timeout,
+            budget: InputBudget::new("MAX_BUFFERED_RESPONSES", MAX_BUFFERED_RESPONSES),
         }
     }
 
@@ -366,9 +373,11 @@ impl ArpcpClient {
                 addr: addr.to_string(),
                 source,
             })?;
-        Connection::new(stream, MAX_RESPONSE_LEN).map_err(|source| ClientError::Connect {
-            addr: addr.to_string(),
-            source,
+        Connection::new(stream, MAX_RESPONSE_LEN, self.budget.clone()).map_err(|source| {
+            ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            }
         })
     }
 

@@ -1,6 +1,8 @@
-//! A TCP connection carrying ARPCP lines: owns the socket and its read buffer.
+//! A TCP connection carrying ARPCP lines: owns the socket and its read buffer,
+//! which is charged to a budget shared with the owner's other connections.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
@@ -8,7 +10,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-use super::codec::{CodecError, LineCodec};
+use super::codec::{CodecError, InputBudget, LineCodec};
 
 /// The writing half of a split connection, taking items of type `T`.
 pub type Writer<T> = futures::stream::SplitSink<Framed<TcpStream, LineCodec>, T>;
@@ -22,12 +24,18 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream, max_line: usize) -> std::io::Result<Self> {
+    /// Lines of at most `max_line` bytes; what the read buffer holds beyond a small
+    /// size is charged to `budget` until the connection is dropped.
+    pub fn new(
+        stream: TcpStream,
+        max_line: usize,
+        budget: Arc<InputBudget>,
+    ) -> std::io::Result<Self> {
         stream.set_nodelay(true)?;
         let peer = stream.peer_addr()?;
         let local = stream.local_addr()?;
         Ok(Connection {
-            framed: Framed::new(stream, LineCodec::new(max_line)),
+            framed: Framed::new(stream, LineCodec::with_budget(max_line, budget)),
             peer,
             local,
         })

@@ -97,6 +97,24 @@ impl<'de> Deserialize<'de> for Code {
 pub enum ProtocolError {
     #[error("line is longer than the limit of {limit} bytes; closing the connection")]
     LineTooLong { limit: usize },
+    #[error(
+        "unfinished lines buffered over all connections would exceed {name} = {limit} bytes; \
+         this connection holds {held} bytes without a line end; closing the connection"
+    )]
+    InputBudget {
+        name: &'static str,
+        limit: usize,
+        held: usize,
+    },
+    #[error(
+        "too many connections: {name} = {limit} reached (counting this one from {peer}) \
+         and no idle connection could make room; closing this one"
+    )]
+    ConnectionLimit {
+        name: &'static str,
+        limit: usize,
+        peer: std::net::IpAddr,
+    },
     #[error("request is not valid UTF-8 (invalid byte at offset {offset})")]
     NotUtf8 { offset: usize },
     #[error("request is not valid JSON: {0}")]
@@ -146,16 +164,19 @@ impl ProtocolError {
     pub fn code(&self) -> Code {
         use ProtocolError::*;
         match self {
-            LineTooLong { .. } | NotUtf8 { .. } | NotJson(_) | NotObject(_) | BadHeader { .. } => {
-                Code::Malformed
-            }
+            LineTooLong { .. }
+            | InputBudget { .. }
+            | NotUtf8 { .. }
+            | NotJson(_)
+            | NotObject(_)
+            | BadHeader { .. } => Code::Malformed,
             UnknownMethod(_) | MethodNotServed { .. } => Code::UnknownMethod,
             MissingHeader { .. } => Code::MissingHeader,
             UnknownProcedure(_) => Code::UnknownProcedure,
             BadArguments { .. } => Code::BadArguments,
             UnknownTask(_) | TaskIdReused(_) | AttemptWithdrawn { .. } => Code::UnknownTask,
             Version(_) => Code::VersionMismatch,
-            Internal(_) => Code::Internal,
+            ConnectionLimit { .. } | Internal(_) => Code::Internal,
             Execution(_) => Code::Execution,
         }
     }
@@ -191,6 +212,22 @@ mod tests {
     fn every_error_has_its_code() {
         let cases = [
             (ProtocolError::LineTooLong { limit: 1 }, 200),
+            (
+                ProtocolError::InputBudget {
+                    name: "MAX_BUFFERED_INPUT",
+                    limit: 1,
+                    held: 2,
+                },
+                200,
+            ),
+            (
+                ProtocolError::ConnectionLimit {
+                    name: "MAX_CONNECTIONS_PER_PEER",
+                    limit: 1,
+                    peer: [127, 0, 0, 1].into(),
+                },
+                300,
+            ),
             (ProtocolError::NotJson("x".into()), 200),
             (ProtocolError::UnknownMethod("X".into()), 201),
             (

@@ -64,6 +64,7 @@ pub fn main() -> ExitCode {
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
+        .on_thread_park(crate::arpcp::codec::release_freed_buffers)
         .enable_all()
         .build()
     {
