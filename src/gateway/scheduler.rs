@@ -716,9 +716,15 @@ impl Scheduler {
         let now = now_ms();
         let quiet = RECONCILE_AFTER.as_millis() as u64;
         for id in ids {
-            let Ok(Some(t)) = self.store.get_task(&id) else {
-                self.open().remove(&id);
-                continue;
+            let t = match self.store.get_task(&id) {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    self.open().remove(&id);
+                    continue;
+                }
+                // The store cannot be read now (reopening after a write error): the
+                // task stays open for the next sweep.
+                Err(_) => continue,
             };
             match t.status {
                 TaskStatus::Queued
