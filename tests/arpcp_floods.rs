@@ -194,6 +194,15 @@ const PEAK_MARGIN: u64 = 128 * MIB;
 /// What a daemon may keep above its size before the flood once the connections closed.
 const KEPT_AFTER: u64 = 32 * MIB;
 
+/// Waits for the resident memory of `pid` to come under `bound` bytes (memory
+/// handed back shows with a delay); returns it. `what` names the bound in a failure.
+fn rss_settled_under(pid: u32, bound: u64, what: &str) -> u64 {
+    wait_for(WAIT, what, || {
+        let now = rss_kib(pid) * KIB;
+        (now <= bound).then_some(now)
+    })
+}
+
 /// Floods `addr` (served by `daemon`) with partial lines; `still_answers` checks on a
 /// fresh connection that the daemon serves while they are held.
 fn partial_line_flood(daemon: &Daemon, addr: &str, still_answers: impl Fn()) {
@@ -245,8 +254,9 @@ fn partial_line_flood(daemon: &Daemon, addr: &str, still_answers: impl Fn()) {
     // Once the burst is over (freed buffers handed back), what stays is what the
     // open connections hold: within the budget.
     let held_bound = before + budget + HELD_MARGIN;
-    let held = wait_for(
-        WAIT,
+    let held = rss_settled_under(
+        pid,
+        held_bound,
         &format!(
             "RSS with {PARTIAL_CONNECTIONS} partial lines of {PARTIAL_LINE} bytes held to settle \
              under {} MiB (before {} MiB + budget {} MiB + margin {} MiB)",
@@ -255,10 +265,6 @@ fn partial_line_flood(daemon: &Daemon, addr: &str, still_answers: impl Fn()) {
             budget / MIB,
             HELD_MARGIN / MIB
         ),
-        || {
-            let now = rss_kib(pid) * KIB;
-            (now <= held_bound).then_some(now)
-        },
     );
     eprintln!(
         "{addr}: RSS with the partial lines held, settled: {} MiB",
@@ -283,16 +289,13 @@ fn partial_line_flood(daemon: &Daemon, addr: &str, still_answers: impl Fn()) {
     drop(conns);
     still_answers();
     let after_bound = before + KEPT_AFTER;
-    let after = wait_for(
-        WAIT,
+    let after = rss_settled_under(
+        pid,
+        after_bound,
         &format!(
             "RSS to come back under {} MiB once the connections closed",
             after_bound / MIB
         ),
-        || {
-            let now = rss_kib(pid) * KIB;
-            (now <= after_bound).then_some(now)
-        },
     );
     eprintln!(
         "{addr}: RSS after the connections closed {} MiB",

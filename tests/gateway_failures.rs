@@ -16,13 +16,6 @@ use serde_json::{json, Value};
 /// Fast failure detection: an agent is gone after 3 echoes of 200 ms.
 const FAST: [&str; 4] = ["--echo-interval-ms", "200", "--max-misses", "3"];
 
-fn signal(d: &Daemon, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(d.pid()).expect("pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(rc, 0, "signal {sig} to {pid}");
-}
-
 fn reasons(t: &pb::Task) -> Vec<String> {
     t.history.iter().map(|h| h.reason.clone()).collect()
 }
@@ -132,7 +125,7 @@ command = ["sh", "-c", "sleep 1; echo finished"]
         c.gw.wait_status(id, pb::TaskStatus::Running, WAIT);
     }
 
-    signal(&c.agents[0], libc::SIGSTOP);
+    c.agents[0].signal(libc::SIGSTOP);
     let thawed = scopeguard(&c.agents[0]);
 
     c.gw.wait_agent_state(&agent_id, pb::AgentState::Gone, WAIT);

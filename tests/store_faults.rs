@@ -10,17 +10,15 @@
 
 mod common;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use arpcp::pb;
-use common::gateway::{assert_task_status, describe, result_of, submit_req, Gw};
-use common::{code, req, tempdir, wait_for, wait_until, Conn, Daemon, ARPCP, WAIT};
+use common::gateway::{assert_task_status, describe, gateway_args, result_of, submit_req, Gw};
+use common::{agent_args, code, req, tempdir, wait_for, wait_until, Conn, Daemon, Refused, WAIT};
 use serde_json::{json, Value};
-use tempfile::TempDir;
 use tonic::Code;
 
 /// How long a daemon may take to stop after SIGTERM when nothing holds it up.
@@ -44,123 +42,23 @@ const SETTLE: Duration = Duration::from_secs(60);
 // Daemons whose stderr reader went away
 
 /// An `arpcp` process whose stderr is a pipe the test closed after the ready line,
-/// as with `arpcp up 2>&1 | tee log` after `tee` was stopped. Killed when dropped.
-struct Orphaned {
-    child: Child,
-    ready: Value,
-    _dir: Arc<TempDir>,
-}
-
-impl Orphaned {
-    fn spawn(args: &[&str]) -> Orphaned {
-        let dir = tempdir();
-        let d = dir.path().to_string_lossy().into_owned();
-        let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
-        let mut child = Command::new(ARPCP)
-            .args(&args)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info,arpcp=debug")
-            .spawn()
-            .expect("start the arpcp binary");
-        let stdout = child.stdout.take().expect("the child's stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = std::io::BufReader::new(stdout);
-            let mut first = String::new();
-            let _ = reader.read_line(&mut first);
-            let _ = tx.send(first);
-            // Drained so that stdout never blocks the daemon.
-            for line in reader.lines() {
-                if line.is_err() {
-                    break;
-                }
-            }
-        });
-        let mut o = Orphaned {
-            child,
-            ready: Value::Null,
-            _dir: dir,
-        };
-        let line = match rx.recv_timeout(common::STARTUP_TIMEOUT) {
-            Ok(l) => l,
-            Err(_) => panic!("arpcp {args:?} printed no ready line"),
-        };
-        o.ready = serde_json::from_str(line.trim())
-            .unwrap_or_else(|e| panic!("ready line {line:?} of arpcp {args:?}: {e}"));
-        // The reading end goes away: from now on every write to stderr fails (EPIPE).
-        drop(o.child.stderr.take());
-        o
-    }
-
-    fn addr(&self, key: &str) -> String {
-        self.ready[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("no {key:?} in {}", self.ready))
-            .to_string()
-    }
-
-    fn sigterm(&self) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        assert_eq!(
-            unsafe { libc::kill(pid, libc::SIGTERM) },
-            0,
-            "SIGTERM to {pid}"
-        );
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("query the child") {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Orphaned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// as with `arpcp up 2>&1 | tee log` after `tee` was stopped.
+fn orphaned(args: &[&str]) -> Daemon {
+    let mut d = Daemon::spawn_with_stderr_pipe(args);
+    // The reading end goes away: from now on every write to stderr fails (EPIPE).
+    d.close_stderr();
+    d
 }
 
 /// Agent and gateway both stop on SIGTERM, with exit status 0, though every line
 /// they log on the way fails to be written.
 #[test]
 fn sigterm_stops_daemons_whose_stderr_reader_is_gone() {
-    let mut agent = Orphaned::spawn(&[
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        "{dir}/agent-data",
-    ]);
-    let agent_addr = agent.addr("arpcp");
-    let mut gateway = Orphaned::spawn(&[
-        "gateway",
-        "--grpc",
-        "127.0.0.1:0",
-        "--arpcp",
-        "127.0.0.1:0",
-        "--data-dir",
-        "{dir}/gateway-data",
-        "--echo-interval-ms",
-        "100",
-        "--agent",
-        &agent_addr,
-    ]);
+    let mut agent = orphaned(&agent_args(&[]));
+    let agent_addr = agent.arpcp();
+    let mut gateway = orphaned(&gateway_args(&["--agent", &agent_addr]));
     // The gateway works (and logs) with its stderr gone.
-    let gw = Gw::connect_url(&format!("http://{}", gateway.addr("grpc")));
+    let gw = Gw::connect(&gateway);
     gw.wait_alive(1, WAIT);
     let id = gw.submit_ok("add", json!([2, 3]));
     assert_eq!(result_of(&gw.wait_final(&id, WAIT)), Some(json!(5)));
@@ -178,16 +76,8 @@ fn sigterm_stops_daemons_whose_stderr_reader_is_gone() {
 /// second SIGTERM, with status 143 (128 + SIGTERM) and no panic.
 #[test]
 fn second_sigterm_ends_the_grace_period_at_once() {
-    let mut agent = Orphaned::spawn(&[
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        "{dir}/agent-data",
-        "--grace-secs",
-        LONG_GRACE_SECS,
-    ]);
-    let addr = agent.addr("arpcp");
+    let mut agent = orphaned(&agent_args(&["--grace-secs", LONG_GRACE_SECS]));
+    let addr = agent.arpcp();
     let r = common::call(&addr, &req::atask("sleep", json!([600])));
     assert_eq!(code(&r), 100, "{r}");
     let atask_id = r["data"]["atask_id"]
@@ -455,84 +345,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-const GATEWAY_ARGS: [&str; 7] = [
-    "gateway",
-    "--grpc",
-    "127.0.0.1:0",
-    "--arpcp",
-    "127.0.0.1:0",
-    "--data-dir",
-    "{dir}/gateway-data",
-];
-
-/// A process that printed its ready line; killed when dropped.
-struct Proc {
-    child: Child,
-    ready: Value,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-enum Start {
-    Started(Proc),
-    /// It exited before its ready line: the status and its stderr.
-    Refused(ExitStatus, String),
-}
-
-/// Starts `arpcp ARGS` in `dir` and tells whether it came up or gave up.
-fn start_or_refusal(dir: &Path, args: &[&str]) -> Start {
-    let d = dir.to_string_lossy().into_owned();
-    let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
-    let log = dir.join("start.stderr.log");
-    let mut child = Command::new(ARPCP)
-        .args(&args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("create the stderr file"))
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .spawn()
-        .expect("start the arpcp binary");
-    let stdout = child.stdout.take().expect("the child's stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = std::io::BufReader::new(stdout);
-        let mut first = String::new();
-        let _ = reader.read_line(&mut first);
-        let _ = tx.send(first);
-        for line in reader.lines() {
-            if line.is_err() {
-                break;
-            }
-        }
-    });
-    let line = rx.recv_timeout(common::STARTUP_TIMEOUT).unwrap_or_default();
-    if line.trim().is_empty() {
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("query the child") {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("arpcp {args:?} neither started nor exited");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let stderr = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
-        return Start::Refused(status, stderr);
-    }
-    let ready = serde_json::from_str(line.trim()).expect("a JSON ready line");
-    Start::Started(Proc { child, ready })
-}
-
 /// Every task the gateway lists, with a check that the listing reads.
 fn all_tasks(gw: &Gw) -> Vec<pb::Task> {
     gw.list_all(pb::ListTasksRequest::default())
@@ -603,16 +415,16 @@ fn damaged_gateway_store_is_refused_unless_accepted() {
         copy_dir(&data, &copy);
         damage(&copy.join("gateway.sled/db"), log_len);
 
-        let stderr = match start_or_refusal(dir.path(), &GATEWAY_ARGS) {
-            Start::Refused(status, stderr) => {
+        let stderr = match Daemon::run_until_ready_or_exit(dir.clone(), &gateway_args(&[])) {
+            Err(Refused { status, stderr }) => {
                 assert!(!status.success(), "{what}: {status}\n{stderr}");
                 stderr
             }
-            Start::Started(p) => {
+            Ok(started) => {
                 assert!(!must_refuse, "{what}: the gateway started");
                 println!("{what}: started with nothing lost");
                 // Nothing lost, then: every task is there with its result.
-                let gw = Gw::connect_url(&format!("http://{}", p.ready["grpc"].as_str().unwrap()));
+                let gw = Gw::connect(&started);
                 for (i, id) in ids.iter().enumerate() {
                     let t = gw.task(id);
                     assert_task_status(&t, pb::TaskStatus::Done);

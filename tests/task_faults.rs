@@ -305,13 +305,6 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
-fn send_signal(d: &Daemon, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(d.pid()).expect("pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(rc, 0, "signal {sig} to {pid}");
-}
-
 /// An agent paused (SIGSTOP) until the gateway has declared it gone and placed its
 /// waiting tasks elsewhere, then resumed: it starts none of the attempts the gateway
 /// withdrew. A task may run twice only if its first run had started before the pause.
@@ -335,13 +328,13 @@ fn agent_paused_past_its_lease_starts_no_withdrawn_attempt() {
         runs(&runs_file).len() >= 6
     });
     let paused_at = now_ns();
-    send_signal(&c.agents[0], libc::SIGSTOP);
+    c.agents[0].signal(libc::SIGSTOP);
     c.gw.wait_agent_state(&victim, pb::AgentState::Gone, WAIT);
     // Its waiting tasks are placed elsewhere before it comes back.
     wait_until(WAIT, "a task of the victim to be placed again", || {
         ids.iter().any(|id| c.gw.task(id).attempts >= 2)
     });
-    send_signal(&c.agents[0], libc::SIGCONT);
+    c.agents[0].signal(libc::SIGCONT);
 
     let mut ended = Vec::new();
     for id in &ids {

@@ -31,26 +31,32 @@ impl Daemon {
     }
 
     pub fn gateway_in(dir: Arc<TempDir>, extra: &[&str]) -> Daemon {
-        let mut args = vec![
-            "gateway",
-            "--grpc",
-            "127.0.0.1:0",
-            "--arpcp",
-            "127.0.0.1:0",
-            "--data-dir",
-            "{dir}/gateway-data",
-        ];
-        if !extra.contains(&"--echo-interval-ms") {
-            args.extend_from_slice(&["--echo-interval-ms", ECHO_MS]);
-        }
-        args.extend_from_slice(extra);
-        Daemon::spawn_in(dir, &args)
+        Daemon::spawn_in(dir, &gateway_args(extra))
     }
 
     /// `http://HOST:PORT` of a gateway's gRPC API.
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.addr("grpc"))
     }
+}
+
+/// The arguments of `Daemon::gateway`: a gateway on free loopback ports, its store
+/// in `{dir}/gateway-data`, echoing every `ECHO_MS` ms unless `extra` says otherwise.
+pub fn gateway_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "gateway",
+        "--grpc",
+        "127.0.0.1:0",
+        "--arpcp",
+        "127.0.0.1:0",
+        "--data-dir",
+        "{dir}/gateway-data",
+    ];
+    if !extra.contains(&"--echo-interval-ms") {
+        args.extend_from_slice(&["--echo-interval-ms", ECHO_MS]);
+    }
+    args.extend_from_slice(extra);
+    args
 }
 
 /// An agent whose configuration file holds `toml` (`{dir}` in it stands for the

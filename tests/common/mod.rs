@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -109,6 +109,44 @@ pub struct Daemon {
     exit: Option<ExitStatus>,
     /// Lines the current process printed on stdout after its ready line.
     stdout: Arc<Mutex<Vec<String>>>,
+    stderr_to: StderrTo,
+    /// The reading end of the current process's stderr, with `StderrTo::Pipe`.
+    stderr_pipe: Option<ChildStderr>,
+}
+
+/// Where a daemon's stderr goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StderrTo {
+    /// A file in the daemon's directory: `Daemon::stderr`, and printed if the test fails.
+    File,
+    /// A pipe nobody reads, held until `Daemon::close_stderr`: a test closes it to
+    /// make every later write to stderr fail (EPIPE), as with `arpcp up 2>&1 | tee
+    /// log` after `tee` was stopped. Until then the daemon blocks once it has
+    /// logged a pipe's worth, so close it soon after the start.
+    Pipe,
+}
+
+/// A process that exited before printing its ready line (see
+/// `Daemon::run_until_ready_or_exit`).
+#[derive(Debug)]
+pub struct Refused {
+    pub status: ExitStatus,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+/// The arguments of `Daemon::agent`: an agent on a free loopback port, its data in
+/// `{dir}/agent-data`, then `extra`.
+pub fn agent_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "{dir}/agent-data",
+    ];
+    args.extend_from_slice(extra);
+    args
 }
 
 /// Replaces `{dir}` in an argument with the test's directory.
@@ -127,20 +165,22 @@ fn log_path(dir: &Path) -> PathBuf {
 /// The `arpcp` binary under test.
 pub const ARPCP: &str = env!("CARGO_BIN_EXE_arpcp");
 
-fn command(program: &str, args: &[String], stderr: &Path) -> Command {
+fn command(program: &str, args: &[String], stderr: Stdio) -> Command {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(
-            File::create(stderr).expect("create the daemon's stderr file"),
-        ))
+        .stderr(stderr)
         .env("NO_COLOR", "1")
         .env(
             "RUST_LOG",
             std::env::var("ARPCP_TEST_LOG").unwrap_or_else(|_| "info,arpcp=debug".into()),
         );
     cmd
+}
+
+fn stderr_file(path: &Path) -> Stdio {
+    Stdio::from(File::create(path).expect("create the daemon's stderr file"))
 }
 
 impl Daemon {
@@ -163,8 +203,37 @@ impl Daemon {
     }
 
     fn spawn_cmd_in(dir: Arc<TempDir>, program: &str, args: &[&str]) -> Daemon {
+        let mut d = Daemon::unstarted(dir, program, args, StderrTo::File);
+        d.start();
+        d
+    }
+
+    /// Starts `arpcp ARGS` in a new temporary directory with its stderr a pipe
+    /// (`StderrTo::Pipe`): call `close_stderr` once the test wants it gone.
+    pub fn spawn_with_stderr_pipe(args: &[&str]) -> Daemon {
+        let mut d = Daemon::unstarted(tempdir(), ARPCP, args, StderrTo::Pipe);
+        d.start();
+        d
+    }
+
+    /// Starts `arpcp ARGS` in `dir` for a process that may refuse to start: the
+    /// running daemon once it printed its ready line, or its exit status and stderr
+    /// if it exited before. Fails the test if it does neither within
+    /// `STARTUP_TIMEOUT` (+ `WAIT` to exit once it closed its stdout).
+    pub fn run_until_ready_or_exit(dir: Arc<TempDir>, args: &[&str]) -> Result<Daemon, Refused> {
+        let mut d = Daemon::unstarted(dir, ARPCP, args, StderrTo::File);
+        match d.start_or_exit() {
+            Ok(()) => Ok(d),
+            Err(status) => Err(Refused {
+                status,
+                stderr: d.stderr(),
+            }),
+        }
+    }
+
+    fn unstarted(dir: Arc<TempDir>, program: &str, args: &[&str], stderr_to: StderrTo) -> Daemon {
         let args = expand(args, dir.path());
-        let mut d = Daemon {
+        Daemon {
             dir,
             program: program.to_string(),
             args,
@@ -173,9 +242,9 @@ impl Daemon {
             logs: Vec::new(),
             exit: None,
             stdout: Arc::default(),
-        };
-        d.start();
-        d
+            stderr_to,
+            stderr_pipe: None,
+        }
     }
 
     /// An agent on a free loopback port, its data in `{dir}/agent-data`.
@@ -185,24 +254,32 @@ impl Daemon {
 
     /// An agent in `dir` (say, one holding a configuration file the test wrote).
     pub fn agent_in(dir: Arc<TempDir>, extra: &[&str]) -> Daemon {
-        let mut args = vec![
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            "{dir}/agent-data",
-        ];
-        args.extend_from_slice(extra);
-        Daemon::spawn_in(dir, &args)
+        Daemon::spawn_in(dir, &agent_args(extra))
     }
 
     fn start(&mut self) {
-        let log = log_path(self.dir.path());
-        self.logs.push(log.clone());
-        let mut child = command(&self.program, &self.args, &log)
+        if let Err(status) = self.start_or_exit() {
+            self.fail_start(&format!("it exited with {status} before its ready line"));
+        }
+    }
+
+    /// Starts the process and reads its ready line; `Err` with its exit status if
+    /// it ended before printing one. Any other failure fails the test.
+    fn start_or_exit(&mut self) -> Result<(), ExitStatus> {
+        let stderr = match self.stderr_to {
+            StderrTo::File => {
+                let log = log_path(self.dir.path());
+                let file = stderr_file(&log);
+                self.logs.push(log);
+                file
+            }
+            StderrTo::Pipe => Stdio::piped(),
+        };
+        let mut child = command(&self.program, &self.args, stderr)
             .current_dir(self.dir.path())
             .spawn()
             .expect("start the arpcp binary");
+        self.stderr_pipe = child.stderr.take();
         let stdout = child.stdout.take().expect("the child's stdout");
         let (tx, rx) = mpsc::channel();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -226,7 +303,13 @@ impl Daemon {
         self.exit = None;
         let line = match rx.recv_timeout(STARTUP_TIMEOUT) {
             Ok(Ok(line)) if !line.trim().is_empty() => line,
-            Ok(Ok(_)) => self.fail_start("it closed stdout without printing its ready line"),
+            // Its stdout closed without a ready line: it is on its way out.
+            Ok(Ok(_)) => match self.wait_exit(WAIT) {
+                Some(status) => return Err(status),
+                None => self.fail_start(&format!(
+                    "it closed stdout without printing its ready line and still ran {WAIT:?} later"
+                )),
+            },
             Ok(Err(e)) => self.fail_start(&format!("reading its stdout failed: {e}")),
             Err(_) => self.fail_start(&format!(
                 "no ready line on stdout within {STARTUP_TIMEOUT:?}"
@@ -236,6 +319,18 @@ impl Daemon {
             Ok(v @ Value::Object(_)) => v,
             _ => self.fail_start(&format!("its ready line is not a JSON object: {line:?}")),
         };
+        Ok(())
+    }
+
+    /// Closes the reading end of a `StderrTo::Pipe` stderr: from now on every write
+    /// the process makes to stderr fails (EPIPE).
+    pub fn close_stderr(&mut self) {
+        assert_eq!(
+            self.stderr_to,
+            StderrTo::Pipe,
+            "close_stderr() needs a daemon started with its stderr a pipe"
+        );
+        drop(self.stderr_pipe.take());
     }
 
     /// Kills the process and fails the test; `Drop` prints the process's stderr.
@@ -325,10 +420,15 @@ impl Daemon {
 
     /// Sends SIGTERM (the graceful stop); see `wait_exit`.
     pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `sig` to the process (say SIGSTOP to freeze it, SIGCONT to thaw it).
+    pub fn signal(&self, sig: libc::c_int) {
         let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
         // SAFETY: kill(2) has no memory-safety preconditions.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "SIGTERM to {pid}");
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "signal {sig} to {pid}");
     }
 
     /// Waits up to `timeout` for the process to exit; `None` if it still runs.
@@ -411,7 +511,7 @@ fn tail_chars(s: &str, max: usize) -> &str {
 pub fn run_to_exit(dir: &Path, args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
     let args = expand(args, dir);
     let log = log_path(dir);
-    let mut child = command(ARPCP, &args, &log)
+    let mut child = command(ARPCP, &args, stderr_file(&log))
         .current_dir(dir)
         .spawn()
         .expect("start the arpcp binary");
