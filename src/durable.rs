@@ -200,13 +200,26 @@ fn open_sled(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
 }
 
 fn open_sled_once(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(cache_bytes)
-        // What must be durable at once goes through a group commit; the rest
-        // (progress, status notes) reaches disk within a second.
-        .flush_every_ms(Some(1000))
-        .open()
+    let open = || {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            // What must be durable at once goes through a group commit; the rest
+            // (progress, status notes) reaches disk within a second.
+            .flush_every_ms(Some(1000))
+            .open()
+    };
+    // sled 0.34 panics on some damaged logs instead of returning an error: that is
+    // damage to report, not a reason to die without saying which store and why.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        warn!(path = %path.display(), "sled failed while reading the store: {why}");
+        Err(sled::Error::Corruption { at: None, bt: () })
+    })
 }
 
 fn make_handles<T>(spec: &Spec<T>, db: sled::Db) -> sled::Result<Handles<T>> {

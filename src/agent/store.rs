@@ -26,6 +26,14 @@ pub enum StoreError {
     Encode(serde_json::Error),
 }
 
+impl StoreError {
+    /// Writes fail for now (a full disk) and will work again once the store has
+    /// recovered: worth waiting for.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Durable(DurableError::Unwritable { .. }))
+    }
+}
+
 // The texts above include their cause, so the causes are not also exposed as
 // `source()`: a caller printing the chain would repeat them.
 impl From<DurableError> for StoreError {

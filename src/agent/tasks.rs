@@ -29,6 +29,10 @@ pub const ENV_TASK: &str = "ARPCP_ATASK_ID";
 pub const MAX_UNFINISHED_TASKS: usize = 100_000;
 /// Progress SIGNALs of one task are sent at most this often.
 pub const PROGRESS_SIGNAL_INTERVAL: Duration = Duration::from_millis(200);
+/// First pause before a task's durable write is tried again on a store that cannot
+/// write for now; pauses double up to `STORE_RETRY_CAP`.
+pub const STORE_RETRY_START: Duration = Duration::from_millis(100);
+pub const STORE_RETRY_CAP: Duration = Duration::from_secs(2);
 /// Default limit of a synchronous TASK that names none.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -319,11 +323,12 @@ impl TaskRunner {
         let rec = if rec.state == TaskState::Running {
             rec
         } else {
-            match self
-                .store
-                .update(&id, true, |r| r.state = TaskState::Running)
-                .await?
-            {
+            let started = self
+                .write_through(&id, [&terminate, &self.draining], |r| {
+                    r.state = TaskState::Running
+                })
+                .await?;
+            match started {
                 Some(rec) => rec,
                 None => return Ok(()),
             }
@@ -380,9 +385,10 @@ impl TaskRunner {
             ),
         };
         let finished_ms = now_ms();
+        // Past the grace period of a shutdown the outcome is given up: the restarted
+        // agent reports the task interrupted.
         let done = self
-            .store
-            .update(&id, true, |r| {
+            .write_through(&id, [&self.hard_stop, &self.hard_stop], |r| {
                 r.state = state;
                 r.result = result.clone();
                 r.error = error.clone();
@@ -393,6 +399,32 @@ impl TaskRunner {
             self.signals.finished(&rec);
         }
         Ok(())
+    }
+
+    /// Changes a stored task durably, waiting out a store that cannot write for now
+    /// (a full disk) until either token is cancelled: a task does not give up its
+    /// start or its outcome because the disk was briefly full.
+    async fn write_through(
+        &self,
+        id: &str,
+        stop: [&CancellationToken; 2],
+        change: impl Fn(&mut TaskRecord),
+    ) -> Result<Option<TaskRecord>, StoreError> {
+        let mut pause = STORE_RETRY_START;
+        loop {
+            match self.store.update(id, true, &change).await {
+                Err(e) if e.is_transient() => {
+                    debug!(atask_id = %id, "waiting for the store: {e}");
+                    tokio::select! {
+                        _ = stop[0].cancelled() => return Err(e),
+                        _ = stop[1].cancelled() => return Err(e),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(STORE_RETRY_CAP);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The environment that marks a task's programs as this agent's and this task's.
