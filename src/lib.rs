@@ -7,6 +7,7 @@ pub mod cli;
 pub mod durable;
 pub mod gateway;
 pub mod limits;
+pub mod opal;
 
 /// Code generated from `proto/arpcp/v1/gateway.proto`.
 pub mod pb {
