@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use super::message::{self, ParseError, Section, Value};
 use super::types::{self, describe_json, quote, ParamType};
-use super::{MAX_ALGORITHMS, MAX_KEY_BYTES, MAX_KNOWN_LISTED, MAX_PARAMS, MAX_VALIDATION_ERRORS};
+use super::{MAX_ALGORITHMS, MAX_KNOWN_LISTED, MAX_PARAMS, MAX_VALIDATION_ERRORS};
 
 /// A numeric range swept with a step: `partition 0 to 100 by 1`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -469,15 +469,26 @@ fn distance(a: &str, b: &str) -> usize {
     d[a.len() * w + b.len()]
 }
 
+/// Names longer than this (in characters) get no near-miss hint: the edit distance
+/// costs the product of the lengths, once per known name, for each listed error.
+pub const MAX_SUGGEST_CHARS: usize = 32;
+
 /// "unknown parameter; did you mean "poplulation"? known: method, poplulation".
 fn unknown(what: &str, name: &str, known: &[&str]) -> String {
     let mut msg = format!("unknown {what}");
-    let near = (name.len() <= MAX_KEY_BYTES)
+    let len = name.chars().count();
+    let near = (len <= MAX_SUGGEST_CHARS)
         .then(|| {
             known
                 .iter()
-                .map(|k| (distance(name, k), *k))
-                .filter(|&(d, k)| d <= 1.max(k.chars().count() / 3))
+                .filter_map(|k| {
+                    let klen = k.chars().count();
+                    let limit = 1.max(klen / 3);
+                    // Lengths further apart than the limit cannot be within it.
+                    (klen.abs_diff(len) <= limit && klen <= MAX_SUGGEST_CHARS)
+                        .then(|| (distance(name, k), *k))
+                        .filter(|&(d, _)| d <= limit)
+                })
                 .min_by_key(|&(d, _)| d)
         })
         .flatten();
@@ -506,6 +517,15 @@ struct Errors {
 impl Errors {
     fn full(&self) -> bool {
         self.list.len() >= MAX_VALIDATION_ERRORS
+    }
+
+    /// Like `push`, with a message worth making only when it will be listed.
+    fn push_with(&mut self, path: impl FnOnce() -> String, message: impl FnOnce() -> String) {
+        if self.full() {
+            self.more += 1;
+        } else {
+            self.push(path(), message());
+        }
     }
 
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
@@ -539,7 +559,10 @@ impl Schema {
         };
         for key in args.keys() {
             if key != "main" && key != "algo" {
-                errs.push(key.clone(), unknown("section", key, &["main", "algo"]));
+                errs.push_with(
+                    || key.clone(),
+                    || unknown("section", key, &["main", "algo"]),
+                );
             }
         }
         let main = validate_params("main", &self.main, args.get("main"), &mut errs);
@@ -550,7 +573,10 @@ impl Schema {
             Some(Json::Object(given)) => {
                 for name in given.keys() {
                     if self.algorithm(name).is_none() {
-                        errs.push(format!("algo.{name}"), unknown("algorithm", name, &names));
+                        errs.push_with(
+                            || format!("algo.{name}"),
+                            || unknown("algorithm", name, &names),
+                        );
                     }
                 }
                 // In the schema's order, so the error reads as the model declares them.
@@ -733,11 +759,10 @@ fn validate_params(
     let known: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
     for key in given.keys() {
         if !known.contains(&key.as_str()) {
-            if errs.full() {
-                errs.more += 1;
-            } else {
-                errs.push(format!("{path}.{key}"), unknown("parameter", key, &known));
-            }
+            errs.push_with(
+                || format!("{path}.{key}"),
+                || unknown("parameter", key, &known),
+            );
         }
     }
     for p in params {

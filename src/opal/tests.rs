@@ -334,6 +334,28 @@ fn validation_errors_are_capped() {
 }
 
 #[test]
+fn unknown_algorithms_are_capped_too_and_long_names_get_no_hint() {
+    let s = seed_schema();
+    let mut algo = Map::new();
+    for i in 0..1000 {
+        algo.insert(format!("{}{i}", "g".repeat(200)), json!({}));
+    }
+    let err = s.validate(&obj(json!({"algo": algo}))).unwrap_err();
+    assert_eq!(err.0.len(), MAX_VALIDATION_ERRORS + 1);
+    assert!(err.0[0]
+        .message
+        .ends_with("unknown algorithm; known: genetic, bellman"));
+    let long = format!("poplulation{}", "x".repeat(schema::MAX_SUGGEST_CHARS));
+    let err = s
+        .validate(&obj(json!({"algo": {"genetic": {long.clone(): 1}}})))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("algo.genetic.{long}: unknown parameter; known: method, poplulation")
+    );
+}
+
+#[test]
 fn a_model_without_algorithms_takes_no_algo() {
     let s = schema_from_info("main = { when = datetime default 2024-02-29T12:00:00Z }").unwrap();
     let v = s.validate(&Map::new()).unwrap();
