@@ -334,6 +334,7 @@ fn agent_paused_past_its_lease_starts_no_withdrawn_attempt() {
     wait_until(WAIT, "a task of the victim to be placed again", || {
         ids.iter().any(|id| c.gw.task(id).attempts >= 2)
     });
+    let resumed_at = now_ns();
     c.agents[0].signal(libc::SIGCONT);
 
     let mut ended = Vec::new();
@@ -358,11 +359,31 @@ fn agent_paused_past_its_lease_starts_no_withdrawn_attempt() {
             .map_or(atask.clone(), |(t, _)| t.to_string());
         by_task.entry(task).or_default().push((atask, at));
     }
+    // The first attempt of a task that ran twice was the paused agent's. While it
+    // was stopped it started nothing, so a run of that attempt recorded before
+    // `resumed_at` had been started before the pause (its program may have
+    // written its line a little later on a busy machine: `paused_at` would
+    // misjudge it). A run recorded after is a withdrawn attempt started anyway.
+    let attempt_of = |atask: &str| {
+        atask
+            .rsplit_once('.')
+            .and_then(|(_, n)| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
     let twice: Vec<String> = by_task
         .iter()
-        .filter(|(_, r)| r.len() > 1 && r.iter().map(|(_, at)| *at).min() > Some(paused_at))
+        .filter(|(_, r)| {
+            r.len() > 1
+                && r.iter()
+                    .min_by_key(|(atask, _)| attempt_of(atask))
+                    .is_some_and(|(_, at)| *at > resumed_at)
+        })
         .map(|(t, r)| format!("{t}: {r:?}"))
         .collect();
+    let started_late = by_task
+        .values()
+        .filter(|r| r.len() > 1 && r.iter().all(|(_, at)| *at > paused_at))
+        .count();
     let allowed = by_task
         .values()
         .filter(|r| r.len() > 1)
@@ -370,13 +391,13 @@ fn agent_paused_past_its_lease_starts_no_withdrawn_attempt() {
         .saturating_sub(twice.len());
     let placed_again = ended.iter().filter(|t| t.attempts >= 2).count();
     eprintln!(
-        "{} tasks, {placed_again} placed again after the pause, {allowed} ran twice having started before it, {} ran twice otherwise",
+        "{} tasks, {placed_again} placed again after the pause, {allowed} ran twice having started before it ({started_late} of them recorded their start after it), {} ran twice otherwise",
         ended.len(),
         twice.len()
     );
     assert!(
         twice.is_empty(),
-        "{} tasks ran twice although neither run had started before the pause ({allowed} allowed doubles): {:?}",
+        "{} tasks ran twice although the paused agent started its attempt after it resumed ({allowed} allowed doubles): {:?}",
         twice.len(),
         &twice[..twice.len().min(5)]
     );

@@ -20,7 +20,8 @@ use tracing::{info, warn};
 
 use crate::arpcp::server::{serve, Handler, PeerInfo};
 use crate::arpcp::{
-    ArpcpClient, AtaskStatus, IdData, ProtocolError, Request, Response, SignalRequest, VERSION,
+    ArpcpClient, AtaskStatus, CatalogEntry, IdData, ProtocolError, Request, Response,
+    SignalRequest, VERSION,
 };
 pub use config::{AgentConfig, AgentFlags};
 use identity::Identity;
@@ -63,6 +64,9 @@ struct AgentService {
     identity: Identity,
     hostname: String,
     procedures: Vec<String>,
+    /// What each procedure is (kinds, Opal schemas), sent when a controller asks.
+    catalog: Vec<CatalogEntry>,
+    catalog_digest: String,
     capacity: u32,
     port: u16,
 }
@@ -121,6 +125,7 @@ impl AgentService {
                 agent_id,
                 controller,
                 lease_ms,
+                describe,
                 ..
             } => {
                 if lease_ms.is_some() {
@@ -152,6 +157,8 @@ impl AgentService {
                     capacity: self.capacity,
                     running: self.runner.running(),
                     agent_id: self.signals.agent_id(),
+                    catalog_digest: Some(self.catalog_digest.clone()),
+                    catalog: describe.then(|| self.catalog.clone()),
                 };
                 Ok(Response::ok(
                     serde_json::to_value(data).map_err(|e| ProtocolError::Internal(e.to_string()))?,
@@ -179,7 +186,17 @@ impl Agent {
             path: config.data_dir.clone(),
             error,
         })?;
-        let registry = Arc::new(Registry::new(config.procedures.clone())?);
+        // Opal models are asked for their schema (`--info`), which runs programs.
+        let specs = config.procedures.clone();
+        let registry = tokio::task::spawn_blocking(move || Registry::new(specs))
+            .await
+            .map_err(|e| {
+                AgentError::Procedures(procedures::RegistryError::Invalid {
+                    name: "(all)".into(),
+                    reason: format!("loading the procedures failed: {e}"),
+                })
+            })??;
+        let registry = Arc::new(registry);
         let store = AgentStore::open(&config.data_dir)?;
         let port = listener.local_addr().map_err(AgentError::Listener)?.port();
         let controller = config.controller.clone().or(store.meta(META_CONTROLLER)?);
@@ -198,6 +215,8 @@ impl Agent {
             identity: Identity::default(),
             hostname: Identity::hostname(),
             procedures: registry.names(),
+            catalog_digest: CatalogEntry::digest(&registry.catalog()),
+            catalog: registry.catalog(),
             capacity: config.capacity,
             port,
         });
@@ -314,6 +333,7 @@ async fn announce(controller: String, port: u16, signals: SignalSender, stop: Ca
             controller: None,
             port: Some(port),
             lease_ms: None,
+            describe: false,
         };
         match client.call(&controller, &req).await {
             Ok(r) if r.is_ok() => {

@@ -192,6 +192,8 @@ pub enum Request {
         /// The controller's lease: for this long after the echo, the agent may
         /// start the attempts it holds without asking (see `SignalRequest::start`).
         lease_ms: Option<u64>,
+        /// Asks the agent to include its catalog (procedure kinds, Opal schemas).
+        describe: bool,
     },
 }
 
@@ -268,6 +270,7 @@ impl Request {
                 controller: h.opt_addr("controller")?,
                 port: h.opt_port()?,
                 lease_ms: h.opt_u64("lease_ms")?,
+                describe: h.opt_bool("describe")?,
             },
         })
     }
@@ -339,6 +342,7 @@ impl Serialize for Request {
                 controller,
                 port,
                 lease_ms,
+                describe,
             } => {
                 if let Some(a) = agent_id {
                     m.serialize_entry("agent_id", a)?;
@@ -351,6 +355,9 @@ impl Serialize for Request {
                 }
                 if let Some(l) = lease_ms {
                     m.serialize_entry("lease_ms", l)?;
+                }
+                if *describe {
+                    m.serialize_entry("describe", &true)?;
                 }
             }
         }
@@ -599,6 +606,40 @@ impl LeaseGrant {
     }
 }
 
+/// What kind of procedure an agent offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcedureKind {
+    Builtin,
+    Command,
+    Opal,
+}
+
+/// One procedure in an agent's catalog (ID with `describe`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    pub name: String,
+    pub kind: ProcedureKind,
+    /// An Opal model's `--info` output, as it printed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<String>,
+}
+
+impl CatalogEntry {
+    /// A short, stable digest of a catalog: an agent puts it in every ID answer, so
+    /// the controller fetches the catalog itself only when it changed.
+    pub fn digest(entries: &[CatalogEntry]) -> String {
+        // FNV-1a over the canonical JSON: stable across processes and versions.
+        let text = serde_json::to_string(entries).unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
 /// `data` of an ID response: who the agent is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdData {
@@ -612,6 +653,12 @@ pub struct IdData {
     pub running: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
+    /// The digest of the agent's catalog (`CatalogEntry::digest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_digest: Option<String>,
+    /// The catalog itself, when the ID asked for it (`describe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<Vec<CatalogEntry>>,
 }
 
 #[cfg(test)]
@@ -667,6 +714,7 @@ mod tests {
                 controller: Some("gw:7019".into()),
                 port: Some(7018),
                 lease_ms: Some(2000),
+                describe: true,
             },
         ];
         for r in reqs {

@@ -16,8 +16,8 @@ use std::time::Duration;
 pub use client::{ArpcpClient, ClientError};
 pub use error::{Code, ProtocolError};
 pub use message::{
-    Args, AtaskStatus, GetData, IdData, LeaseGrant, Method, Progress, Request, Response,
-    SignalRequest, TaskError,
+    Args, AtaskStatus, CatalogEntry, GetData, IdData, LeaseGrant, Method, ProcedureKind, Progress,
+    Request, Response, SignalRequest, TaskError,
 };
 
 /// Protocol version written by this implementation.

@@ -37,6 +37,10 @@ pub struct SubmitCmd {
     /// A named argument NAME=VALUE (VALUE read like ARGS); repeatable.
     #[arg(long = "kw", value_name = "NAME=VALUE")]
     kwargs: Vec<String>,
+    /// An Opal model's parameter SECTION.NAME=VALUE (main.x=20,
+    /// algo.genetic.method=last), typed by the model's schema; repeatable.
+    #[arg(long = "param", value_name = "PATH=VALUE")]
+    params: Vec<String>,
     /// Run on this agent.
     #[arg(long)]
     agent: Option<String>,
@@ -59,6 +63,9 @@ pub struct ResultCmd {
     /// Wait until the task ends.
     #[arg(long)]
     wait: bool,
+    /// Print an Opal result table as CSV.
+    #[arg(long)]
+    csv: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -107,6 +114,14 @@ pub struct AgentsCmd {
 
 #[derive(clap::Args)]
 pub struct ProceduresCmd {
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct DescribeCmd {
+    /// The procedure (see `arpcp procedures`).
+    procedure: String,
     #[command(flatten)]
     common: Common,
 }
@@ -180,8 +195,18 @@ async fn wait_for(client: &mut GatewayClient<Channel>, task_id: &str) -> anyhow:
 /// Shows a task; the exit code says whether it is done (0), still going (0), or
 /// ended otherwise (1).
 fn show_task(t: &pb::Task, json: bool) -> ExitCode {
+    show_task_as(t, json, false)
+}
+
+fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
     if json {
         println!("{}", task_json(t));
+    } else if let (Some(tab), true) = (&t.table, t.status == pb::TaskStatus::Done as i32) {
+        if csv {
+            output::result_csv(tab);
+        } else {
+            output::result_table(tab);
+        }
     } else {
         let status = status_name(t.status);
         let value = t.result.as_ref().map(output::value_json);
@@ -216,6 +241,19 @@ pub async fn submit(c: SubmitCmd) -> anyhow::Result<ExitCode> {
             .split_once('=')
             .with_context(|| format!("--kw {kv:?}: expected NAME=VALUE"))?;
         kwargs.insert(k.to_string(), to_pb(&arg_value(v)));
+    }
+    if !c.params.is_empty() {
+        let schema = client
+            .describe_procedure(pb::DescribeProcedureRequest {
+                procedure: c.procedure.clone(),
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let named = params_to_kwargs(&c.params, &schema)?;
+        for (k, v) in named {
+            kwargs.insert(k, to_pb(&v));
+        }
     }
     let timeout = match c.timeout {
         Some(t) if t > 0.0 && t.is_finite() => Some(prost_types::Duration {
@@ -267,7 +305,7 @@ pub async fn result(c: ResultCmd) -> anyhow::Result<ExitCode> {
             .map_err(status_err)?
             .into_inner()
     };
-    Ok(show_task(&t, c.common.json))
+    Ok(show_task_as(&t, c.common.json, c.csv))
 }
 
 pub async fn watch(c: WatchCmd) -> anyhow::Result<ExitCode> {
@@ -451,7 +489,7 @@ pub async fn procedures(c: ProceduresCmd) -> anyhow::Result<ExitCode> {
         let v: Vec<Value> = r
             .procedures
             .iter()
-            .map(|p| serde_json::json!({"name": p.name, "agent_ids": p.agent_ids}))
+            .map(|p| serde_json::json!({"name": p.name, "kind": kind_name(p.kind), "agent_ids": p.agent_ids}))
             .collect();
         println!("{}", serde_json::json!({ "procedures": v }));
         return Ok(ExitCode::SUCCESS);
@@ -459,9 +497,9 @@ pub async fn procedures(c: ProceduresCmd) -> anyhow::Result<ExitCode> {
     let rows: Vec<Vec<String>> = r
         .procedures
         .iter()
-        .map(|p| vec![p.name.clone(), p.agent_ids.join(", ")])
+        .map(|p| vec![p.name.clone(), kind_name(p.kind), p.agent_ids.join(", ")])
         .collect();
-    table(&["PROCEDURE", "AGENTS"], &rows);
+    table(&["PROCEDURE", "KIND", "AGENTS"], &rows);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -534,4 +572,147 @@ pub async fn demo(endpoint: &str) -> anyhow::Result<()> {
     );
     println!("try: arpcp submit add 40 2 --wait    |    arpcp agents    |    arpcp tasks");
     Ok(())
+}
+
+/// `--param SECTION.NAME=VALUE` → `{"main": {...}, "algo": {"<alg>": {...}}}`, each
+/// value typed by the schema: text types stay text, numbers and booleans are read
+/// as JSON (so a wrong value gets the gateway's precise error).
+fn params_to_kwargs(
+    params: &[String],
+    schema: &pb::ProcedureSchema,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut out = serde_json::Map::new();
+    for p in params {
+        let (path, raw) = p
+            .split_once('=')
+            .with_context(|| format!("--param {p:?}: expected PATH=VALUE, e.g. main.x=20"))?;
+        let parts: Vec<&str> = path.trim().split('.').collect();
+        let (section, name, params): (Vec<&str>, &str, &[pb::Parameter]) = match parts[..] {
+            ["main", name] => (vec!["main"], name, &schema.main),
+            ["algo", alg, name] => {
+                let a = schema.algorithms.iter().find(|a| a.name == alg);
+                (
+                    vec!["algo", alg],
+                    name,
+                    a.map_or(&[][..], |a| &a.parameters),
+                )
+            }
+            _ => anyhow::bail!("--param {p:?}: the path is main.NAME or algo.ALGORITHM.NAME"),
+        };
+        let text_type = params
+            .iter()
+            .find(|q| q.name == name)
+            .is_some_and(|q| matches!(q.r#type.as_str(), "string" | "period" | "datetime"));
+        let value = if text_type {
+            Value::String(raw.to_string())
+        } else {
+            arg_value(raw)
+        };
+        let mut node = &mut out;
+        for s in section {
+            node = node
+                .entry(s.to_string())
+                .or_insert_with(|| Value::Object(Default::default()))
+                .as_object_mut()
+                .context("a --param path runs through a value")?;
+        }
+        node.insert(name.to_string(), value);
+    }
+    Ok(out)
+}
+
+fn kind_name(k: i32) -> String {
+    pb::ProcedureKind::try_from(k)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("PROCEDURE_KIND_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| k.to_string())
+}
+
+fn describe_params(params: &[pb::Parameter], indent: &str) {
+    for p in params {
+        let mut line = format!("{indent}{} = {}", p.name, p.r#type);
+        if !p.choices.is_empty() {
+            let c: Vec<String> = p.choices.iter().map(output::cell_text).collect();
+            line += &format!(" choice [{}]", c.join(", "));
+        }
+        if let Some(q) = &p.partition {
+            line += &format!(" partition {} to {} by {}", q.from, q.to, q.step);
+        }
+        match &p.default_value {
+            Some(d) => line += &format!(" default {}", output::cell_text(d)),
+            None => line += " (required)",
+        }
+        if !p.comment.is_empty() {
+            line += &format!("  // {}", p.comment);
+        }
+        println!("{line}");
+    }
+}
+
+pub async fn describe(c: DescribeCmd) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&c.common.gateway).await?;
+    let s = client
+        .describe_procedure(pb::DescribeProcedureRequest {
+            procedure: c.procedure,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if c.common.json {
+        let params = |ps: &[pb::Parameter]| -> Vec<Value> {
+            ps.iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "name": p.name, "type": p.r#type,
+                        "choices": p.choices.iter().map(output::value_json).collect::<Vec<_>>(),
+                        "default": p.default_value.as_ref().map(output::value_json),
+                        "partition": p.partition.as_ref().map(|q| serde_json::json!({"from": q.from, "to": q.to, "step": q.step})),
+                        "comment": p.comment, "required": p.required,
+                    })
+                })
+                .collect()
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "procedure": s.procedure,
+                "kind": kind_name(s.kind),
+                "main": params(&s.main),
+                "algorithms": s.algorithms.iter().map(|a| serde_json::json!({"name": a.name, "parameters": params(&a.parameters)})).collect::<Vec<_>>(),
+                "agent_ids": s.agent_ids,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} ({}) on {}",
+        s.procedure,
+        kind_name(s.kind),
+        s.agent_ids.join(", ")
+    );
+    if s.kind != pb::ProcedureKind::Opal as i32 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("main:");
+    describe_params(&s.main, "  ");
+    if !s.algorithms.is_empty() {
+        println!("algorithms (give exactly one):");
+        for a in &s.algorithms {
+            println!("  {}:", a.name);
+            describe_params(&a.parameters, "    ");
+        }
+    }
+    println!(
+        "run: arpcp submit {} --param main.NAME=VALUE{} --wait",
+        s.procedure,
+        if s.algorithms.is_empty() {
+            ""
+        } else {
+            " --param algo.ALGORITHM.NAME=VALUE"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }

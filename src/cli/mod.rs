@@ -32,6 +32,8 @@ enum Command {
     Up(daemons::UpCmd),
     /// Submit a task.
     Submit(commands::SubmitCmd),
+    /// Show how to call a procedure: its kind and an Opal model's parameters.
+    Describe(commands::DescribeCmd),
     /// Show a task (and its result once it ended).
     Result(commands::ResultCmd),
     /// Follow a task's progress until it ends.
@@ -147,6 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gateway(c) => daemons::gateway(c).await.map(|()| ExitCode::SUCCESS),
         Command::Up(c) => daemons::up(c).await.map(|()| ExitCode::SUCCESS),
         Command::Submit(c) => commands::submit(c).await,
+        Command::Describe(c) => commands::describe(c).await,
         Command::Result(c) => commands::result(c).await,
         Command::Watch(c) => commands::watch(c).await,
         Command::Cancel(c) => commands::cancel(c).await,

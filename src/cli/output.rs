@@ -54,6 +54,7 @@ pub fn task_json(t: &pb::Task) -> Value {
         "args": args,
         "status": status_name(t.status),
         "result": t.result.as_ref().map(value_json),
+        "table": t.table.as_ref().map(table_json),
         "error": (!t.error.is_empty()).then_some(&t.error),
         "error_code": (t.error_code != 0).then_some(t.error_code),
         "agent_id": (!t.agent_id.is_empty()).then_some(&t.agent_id),
@@ -125,5 +126,58 @@ pub fn short(v: &Value, max: usize) -> String {
         )
     } else {
         s
+    }
+}
+
+/// An Opal result table as JSON: columns and rows.
+pub fn table_json(t: &pb::ResultTable) -> Value {
+    json!({
+        "columns": t.columns.iter().map(|c| json!({
+            "name": c.name, "type": c.r#type, "comment": c.comment,
+        })).collect::<Vec<_>>(),
+        "rows": t.rows.iter().map(|r| r.cells.iter().map(value_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
+    })
+}
+
+/// A cell as people read it: strings bare, numbers and the rest as JSON.
+pub fn cell_text(v: &prost_types::Value) -> String {
+    match value_json(v) {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// An Opal result table, aligned, with its column types in the header.
+pub fn result_table(t: &pb::ResultTable) {
+    let headers: Vec<String> = t
+        .columns
+        .iter()
+        .map(|c| format!("{} ({})", c.name, c.r#type))
+        .collect();
+    let rows: Vec<Vec<String>> = t
+        .rows
+        .iter()
+        .map(|r| r.cells.iter().map(cell_text).collect())
+        .collect();
+    table(
+        &headers.iter().map(String::as_str).collect::<Vec<_>>(),
+        &rows,
+    );
+}
+
+/// An Opal result table as CSV (RFC 4180 quoting), header first.
+pub fn result_csv(t: &pb::ResultTable) {
+    fn field(s: &str) -> String {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    }
+    let header: Vec<String> = t.columns.iter().map(|c| field(&c.name)).collect();
+    println!("{}", header.join(","));
+    for r in &t.rows {
+        let cells: Vec<String> = r.cells.iter().map(|c| field(&cell_text(c))).collect();
+        println!("{}", cells.join(","));
     }
 }

@@ -6,10 +6,12 @@
 use prost::Message as _;
 use serde_json::{Map, Value};
 
+use super::membership::Described;
 use super::model::{AgentRecord, AgentState, TaskRecord, TaskStatus};
 use super::GatewayError;
-use crate::arpcp::Args;
+use crate::arpcp::{Args, ProcedureKind};
 use crate::limits::{self, LimitError, CLIENT_MESSAGE_LIMIT};
+use crate::opal;
 use crate::pb;
 
 /// The largest `Task` message the gateway sends, leaving room for the message
@@ -158,6 +160,7 @@ pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
         args,
         kwargs,
         status: status_to_pb(t.status) as i32,
+        table: None,
         // A stored `null` result reads back as none: a done task's result is null then.
         result: match (&t.result, t.status) {
             (Some(v), _) => Some(match limits::check_result(v) {
@@ -190,6 +193,13 @@ pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
             })
             .collect(),
     };
+    // An Opal model's result is its table, typed.
+    if t.opal && t.status == TaskStatus::Done {
+        if let Some(table) = t.result.as_ref().and_then(table_to_pb) {
+            task.table = Some(table);
+            task.result = None;
+        }
+    }
     let over = task.encoded_len().saturating_sub(MAX_TASK_BYTES);
     if over > 0 {
         // Only a history of very many placements gets here: values and texts are
@@ -245,6 +255,90 @@ pub fn agent_to_pb(a: &AgentRecord) -> pb::Agent {
         blacklisted: a.blacklisted,
         version: a.version.clone(),
         address: a.address.clone(),
+    }
+}
+
+/// An Opal result as the agent sends it (`{"columns": [{"name", "type", "comment"}],
+/// "rows": [[...]]}`) → a typed table; `None` for anything else.
+fn table_to_pb(v: &Value) -> Option<pb::ResultTable> {
+    let columns = v
+        .get("columns")?
+        .as_array()?
+        .iter()
+        .map(|c| {
+            Some(pb::Column {
+                name: c.get("name")?.as_str()?.to_string(),
+                r#type: c.get("type")?.as_str()?.to_string(),
+                comment: c
+                    .get("comment")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let rows = v
+        .get("rows")?
+        .as_array()?
+        .iter()
+        .map(|r| {
+            Some(pb::Row {
+                cells: r.as_array()?.iter().map(json_to_value).collect(),
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(pb::ResultTable { columns, rows })
+}
+
+pub fn kind_to_pb(k: Option<ProcedureKind>) -> pb::ProcedureKind {
+    match k {
+        None => pb::ProcedureKind::Unspecified,
+        Some(ProcedureKind::Builtin) => pb::ProcedureKind::Builtin,
+        Some(ProcedureKind::Command) => pb::ProcedureKind::Command,
+        Some(ProcedureKind::Opal) => pb::ProcedureKind::Opal,
+    }
+}
+
+fn params_to_pb(params: &[opal::Param]) -> Vec<pb::Parameter> {
+    params
+        .iter()
+        .map(|p| pb::Parameter {
+            name: p.name.clone(),
+            r#type: p.ty.to_string(),
+            choices: p.choices.iter().map(json_to_value).collect(),
+            default_value: p.default.as_ref().map(json_to_value),
+            partition: p.partition.as_ref().map(|q| pb::Partition {
+                from: q.from,
+                to: q.to,
+                step: q.step,
+            }),
+            comment: p.comment.clone().unwrap_or_default(),
+            required: p.default.is_none(),
+        })
+        .collect()
+}
+
+/// A procedure as `DescribeProcedure` answers it.
+pub fn schema_to_pb(procedure: &str, d: &Described) -> pb::ProcedureSchema {
+    let (main, algorithms) = match &d.schema {
+        Some(s) => (
+            params_to_pb(&s.main),
+            s.algorithms
+                .iter()
+                .map(|a| pb::Algorithm {
+                    name: a.name.clone(),
+                    parameters: params_to_pb(&a.params),
+                })
+                .collect(),
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
+    pb::ProcedureSchema {
+        procedure: procedure.to_string(),
+        kind: kind_to_pb(d.kind) as i32,
+        main,
+        algorithms,
+        agent_ids: d.agent_ids.clone(),
     }
 }
 

@@ -11,6 +11,10 @@ use crate::durable::DurableError;
 pub enum GatewayError {
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    /// A call that does not fit the procedure's schema; the text starts with the
+    /// path of the first wrong value (`algo.genetic.population: …`).
+    #[error("{0}")]
+    InvalidCall(String),
     #[error("no task with task_id {0:?}")]
     TaskNotFound(String),
     #[error("no agent with agent_id {0:?} (see ListAgents)")]
@@ -50,7 +54,9 @@ fn offered_hint(elsewhere: &[String]) -> String {
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Status {
         let code = match &e {
-            GatewayError::InvalidArgument { .. } => Code::InvalidArgument,
+            GatewayError::InvalidArgument { .. } | GatewayError::InvalidCall(_) => {
+                Code::InvalidArgument
+            }
             GatewayError::TaskNotFound(_) | GatewayError::AgentNotFound(_) => Code::NotFound,
             GatewayError::ProcedureNotOffered {
                 offered_elsewhere, ..

@@ -19,7 +19,8 @@ use tracing::{debug, info, warn};
 use super::model::{now_ms, AgentRecord, AgentState};
 use super::store::{GatewayStore, StoreError};
 use super::GatewayError;
-use crate::arpcp::{ArpcpClient, IdData, Request};
+use crate::arpcp::{ArpcpClient, IdData, ProcedureKind, Request};
+use crate::opal::Schema;
 
 /// The shortest time an echo probe waits for its answer.
 pub const PROBE_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
@@ -32,6 +33,23 @@ pub const MAX_SCAN_ADDRESSES: u64 = 65_536;
 pub const ANNOUNCED_PROBES: u32 = 10;
 /// Announced addresses waiting to be registered, at most.
 pub const MAX_ANNOUNCED: usize = 1024;
+
+/// Procedures kept of one agent's catalog, at most.
+pub const MAX_CATALOG_ENTRIES: usize = 4096;
+
+/// What one agent said its procedures are.
+pub struct Catalog {
+    digest: String,
+    procedures: BTreeMap<String, (ProcedureKind, Option<Arc<Schema>>)>,
+}
+
+/// A procedure as the cluster offers it.
+pub struct Described {
+    /// `None` when no offering agent's catalog is known yet.
+    pub kind: Option<ProcedureKind>,
+    pub schema: Option<Arc<Schema>>,
+    pub agent_ids: Vec<String>,
+}
 
 /// What the scheduler needs to hear about.
 #[derive(Debug, Clone)]
@@ -63,6 +81,9 @@ pub struct Membership {
     /// configured ones (probed until they answer), the failed probes in a row for
     /// announced ones.
     candidates: Mutex<BTreeMap<String, Option<u32>>>,
+    /// Each agent's catalog (procedure kinds, Opal schemas), fetched when its
+    /// digest changes.
+    catalogs: Mutex<HashMap<String, Arc<Catalog>>>,
     store: GatewayStore,
     client: ArpcpClient,
     config: MembershipConfig,
@@ -102,6 +123,7 @@ impl Membership {
             agents: RwLock::new(agents),
             load: Mutex::new(HashMap::new()),
             candidates: Mutex::new(candidates),
+            catalogs: Mutex::new(HashMap::new()),
             store,
             client: ArpcpClient::new(timeout, timeout),
             config,
@@ -132,8 +154,8 @@ impl Membership {
     }
 
     /// Procedure name → agents that can take tasks and offer it.
-    pub fn procedures(&self) -> Vec<(String, Vec<String>)> {
-        let mut by_name: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    pub fn procedures(&self) -> Vec<(String, Option<ProcedureKind>, Vec<String>)> {
+        let mut by_name: BTreeMap<String, Vec<String>> = Default::default();
         for a in self.list().into_iter().filter(|a| a.can_take_tasks()) {
             for p in &a.procedures {
                 by_name
@@ -142,7 +164,16 @@ impl Membership {
                     .push(a.agent_id.clone());
             }
         }
-        by_name.into_iter().collect()
+        let catalogs = self.catalogs();
+        by_name
+            .into_iter()
+            .map(|(name, agents)| {
+                let kind = agents
+                    .iter()
+                    .find_map(|a| Some(catalogs.get(a)?.procedures.get(&name)?.0));
+                (name, kind, agents)
+            })
+            .collect()
     }
 
     /// Chooses where `procedure` runs: the requested agent, or the least loaded
@@ -287,6 +318,7 @@ impl Membership {
             controller: Some(self.config.advertise.clone()),
             port: None,
             lease_ms: Some(self.config.lease.as_millis() as u64),
+            describe: false,
         };
         let answer = match self.client.call(&addr, &req).await {
             Ok(r) if r.is_ok() => {
@@ -315,6 +347,7 @@ impl Membership {
     }
 
     async fn register(&self, addr: &str, id: IdData) -> Result<(), StoreError> {
+        let catalog_digest = id.catalog_digest.clone();
         let identity = AgentRecord::identity(&id.mac, id.port);
         let agent_id = self.store.agent_id_for(&identity).await?;
         let (rec, changed) = {
@@ -362,12 +395,105 @@ impl Membership {
                 controller: Some(self.config.advertise.clone()),
                 port: None,
                 lease_ms: Some(self.config.lease.as_millis() as u64),
+                describe: false,
             };
             if let Err(e) = self.client.call(addr, &req).await {
                 debug!(%addr, "cannot tell the agent its id yet: {e}");
             }
         }
+        if let Some(digest) = catalog_digest {
+            let known = self.catalogs().get(&agent_id).map(|c| c.digest.clone());
+            if known.as_deref() != Some(digest.as_str()) {
+                self.fetch_catalog(&agent_id, addr).await;
+            }
+        }
         Ok(())
+    }
+
+    fn catalogs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Catalog>>> {
+        self.catalogs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the agent what its procedures are (ID with `describe`) and keeps it;
+    /// each Opal model's `--info` is parsed here with the same library the agent
+    /// used. A schema that does not parse is logged and the model described as
+    /// unknown (calls to it are then checked by the agent alone).
+    async fn fetch_catalog(&self, agent_id: &str, addr: &str) {
+        let req = Request::Id {
+            agent_id: Some(agent_id.to_string()),
+            controller: Some(self.config.advertise.clone()),
+            port: None,
+            lease_ms: Some(self.config.lease.as_millis() as u64),
+            describe: true,
+        };
+        let id = match self.client.call(addr, &req).await {
+            Ok(r) if r.is_ok() => {
+                serde_json::from_value::<IdData>(r.data).map_err(|e| e.to_string())
+            }
+            Ok(r) => Err(format!("answered {}: {}", r.code, r.description)),
+            Err(e) => Err(e.to_string()),
+        };
+        let (digest, entries) = match id {
+            Ok(IdData {
+                catalog_digest: Some(d),
+                catalog: Some(c),
+                ..
+            }) => (d, c),
+            Ok(_) => {
+                debug!(agent_id, "the agent sent no catalog");
+                return;
+            }
+            Err(e) => {
+                debug!(agent_id, "cannot fetch the agent's catalog: {e}");
+                return;
+            }
+        };
+        let mut procedures = BTreeMap::new();
+        for e in entries.into_iter().take(MAX_CATALOG_ENTRIES) {
+            let schema = match (&e.kind, &e.info) {
+                (ProcedureKind::Opal, Some(info)) => match crate::opal::schema_from_info(info) {
+                    Ok(s) => Some(Arc::new(s)),
+                    Err(err) => {
+                        warn!(agent_id, procedure = %e.name, "the model's schema does not parse here: {err}");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            procedures.insert(e.name, (e.kind, schema));
+        }
+        self.catalogs().insert(
+            agent_id.to_string(),
+            Arc::new(Catalog { digest, procedures }),
+        );
+    }
+
+    /// What a procedure is and, for an Opal model, its schema, as the alive agents
+    /// offering it describe it; with the ids of those agents. `None` when no agent
+    /// that can take tasks offers it.
+    pub fn describe(&self, procedure: &str) -> Option<Described> {
+        let agents: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|a| a.can_take_tasks() && a.offers(procedure))
+            .map(|a| a.agent_id.clone())
+            .collect();
+        if agents.is_empty() {
+            return None;
+        }
+        let catalogs = self.catalogs();
+        let entry = agents
+            .iter()
+            .find_map(|a| catalogs.get(a)?.procedures.get(procedure).cloned());
+        let (kind, schema) = match entry {
+            Some((k, s)) => (Some(k), s),
+            None => (None, None),
+        };
+        Some(Described {
+            kind,
+            schema,
+            agent_ids: agents,
+        })
     }
 
     async fn missed(&self, agent_id: &str) {
@@ -542,6 +668,8 @@ mod tests {
                             capacity: 1,
                             running: 0,
                             agent_id: None,
+                            catalog_digest: None,
+                            catalog: None,
                         };
                         let line = json!({"code": 100, "description": "OK", "data": data});
                         if write

@@ -114,6 +114,9 @@ pub struct TaskRecord {
     /// Run with ARPCP TASK (the client waits on the call; the agent keeps no copy).
     #[serde(default)]
     pub sync: bool,
+    /// An Opal model's call: its result is a table.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opal: bool,
 }
 
 /// Splits an ARPCP id `<task_id>.<attempt>` made by [`TaskRecord::atask_id`].
@@ -148,6 +151,7 @@ impl TaskRecord {
                 agent_id: None,
             }],
             sync: false,
+            opal: false,
         }
     }
 

@@ -10,13 +10,16 @@ use futures::Stream;
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use super::convert::{agent_to_pb, call_args, status_from_pb, task_to_pb};
+use super::convert::{
+    agent_to_pb, call_args, kind_to_pb, schema_to_pb, status_from_pb, task_to_pb,
+};
 use super::membership::Membership;
 use super::model::TaskRecord;
 use super::scheduler::{Scheduler, DEFAULT_SYNC_TIMEOUT};
 use super::store::{GatewayStore, TaskFilter};
 use super::watch::TaskWatchers;
 use super::GatewayError;
+use crate::arpcp::Args;
 use crate::pb;
 
 /// Longest GetResult wait.
@@ -94,13 +97,39 @@ impl pb::gateway_server::Gateway for GatewayService {
             )
             .into());
         }
-        let args = call_args(&r.args, r.kwargs.as_ref())?;
+        let mut args = call_args(&r.args, r.kwargs.as_ref())?;
+        // An Opal model's call is checked against its schema before anything is
+        // stored, and stored with the defaults filled in.
+        let described = self.membership.describe(&procedure);
+        let opal = match described.as_ref().and_then(|d| d.schema.as_ref()) {
+            Some(schema) => {
+                // No arguments at all: every parameter takes its default.
+                if matches!(&args, Args::Positional(a) if a.is_empty()) {
+                    args = Args::Named(Default::default());
+                }
+                let Args::Named(named) = &args else {
+                    return Err(invalid(
+                        "kwargs",
+                        "an Opal model takes named arguments, {\"main\": {...}, \"algo\": {\"<algorithm>\": {...}}} (see DescribeProcedure)",
+                    )
+                    .into());
+                };
+                let validated = schema
+                    .validate(named)
+                    .map_err(|e| GatewayError::InvalidCall(e.to_string()))?;
+                args = Args::Named(validated);
+                true
+            }
+            None => false,
+        };
         let timeout = duration("timeout", r.timeout.as_ref(), MAX_SYNC_TIMEOUT)?;
         if timeout.is_some() && !r.sync {
             return Err(invalid("timeout", "applies to synchronous calls only (set sync)").into());
         }
         let requested = Some(r.agent_id.trim().to_string()).filter(|a| !a.is_empty());
-        let task = TaskRecord::new(uuid::Uuid::now_v7().to_string(), procedure, args, requested);
+        let mut task =
+            TaskRecord::new(uuid::Uuid::now_v7().to_string(), procedure, args, requested);
+        task.opal = opal;
         let task = if r.sync {
             self.scheduler
                 .submit_sync(task, timeout.unwrap_or(DEFAULT_SYNC_TIMEOUT))
@@ -252,9 +281,28 @@ impl pb::gateway_server::Gateway for GatewayService {
                 .membership
                 .procedures()
                 .into_iter()
-                .map(|(name, agent_ids)| pb::Procedure { name, agent_ids })
+                .map(|(name, kind, agent_ids)| pb::Procedure {
+                    name,
+                    agent_ids,
+                    kind: kind_to_pb(kind) as i32,
+                })
                 .collect(),
         }))
+    }
+
+    async fn describe_procedure(
+        &self,
+        req: Request<pb::DescribeProcedureRequest>,
+    ) -> Result<Response<pb::ProcedureSchema>, Status> {
+        let procedure = req.into_inner().procedure;
+        required_id("procedure", &procedure)?;
+        let described = self.membership.describe(procedure.trim()).ok_or_else(|| {
+            GatewayError::ProcedureNotOffered {
+                procedure: procedure.clone(),
+                offered_elsewhere: Vec::new(),
+            }
+        })?;
+        Ok(Response::new(schema_to_pb(procedure.trim(), &described)))
     }
 
     async fn blacklist_agent(

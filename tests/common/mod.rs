@@ -577,6 +577,22 @@ pub fn live_processes_in_group(pgid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Live processes whose environment holds `var` (`KEY=VALUE`), e.g. the programs an
+/// agent started for one task (`ARPCP_ATASK_ID=<id>`).
+pub fn processes_with_env(var: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == var.as_bytes()))
+                && process_alive(pid)
+        })
+        .collect()
+}
+
 /// Resident memory of a process in KiB (VmRSS).
 pub fn rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmRSS:")

@@ -29,9 +29,15 @@ except ImportError as e:  # pragma: no cover - only without generated stubs
 __all__ = [
     "FINAL_STATUSES",
     "Agent",
+    "Algorithm",
     "Client",
+    "Column",
     "GatewayError",
+    "Parameter",
+    "Partition",
+    "ProcedureSchema",
     "Progress",
+    "Table",
     "Task",
     "TaskFailed",
     "from_value",
@@ -91,6 +97,72 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Column:
+    """A column of an Opal result table."""
+
+    name: str
+    #: As the model declares it: "int", "float", "string", "bool", "period", "datetime".
+    type: str
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    """An Opal model's result: typed columns and rows of cells."""
+
+    columns: List[Column]
+    rows: List[List[Any]]
+
+    def to_dicts(self) -> List[Dict[str, Any]]:
+        """One dict per row, keyed by column name."""
+        names = [c.name for c in self.columns]
+        return [dict(zip(names, row)) for row in self.rows]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A range a parameter is swept over, with its step."""
+
+    start: float
+    stop: float
+    step: float
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One typed parameter of an Opal model."""
+
+    name: str
+    type: str
+    choices: List[Any] = field(default_factory=list)
+    default: Any = None
+    partition: Optional[Partition] = None
+    comment: str = ""
+    #: No default: a call must give a value.
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One of an Opal model's algorithms (a call names exactly one)."""
+
+    name: str
+    parameters: List[Parameter]
+
+
+@dataclass(frozen=True)
+class ProcedureSchema:
+    """How to call a procedure: its kind ("builtin", "command", "opal") and, for an
+    Opal model, its parameters."""
+
+    procedure: str
+    kind: str
+    main: List[Parameter]
+    algorithms: List[Algorithm]
+    agent_ids: List[str]
+
+
+@dataclass(frozen=True)
 class Task:
     """A task as the gateway stores it."""
 
@@ -115,6 +187,8 @@ class Task:
     started_at: Optional[_dt.datetime] = None
     finished_at: Optional[_dt.datetime] = None
     attempts: int = 0
+    #: An Opal model's result table, when status is "done" (``result`` is then None).
+    table: Optional[Table] = None
 
     @property
     def ended(self) -> bool:
@@ -304,6 +378,17 @@ class Client:
         resp = self._rpc(self._stub.ListProcedures, pb.ListProceduresRequest())
         return {p.name: list(p.agent_ids) for p in resp.procedures}
 
+    def describe(self, procedure: str) -> ProcedureSchema:
+        """How to call ``procedure``: its kind and, for an Opal model, its parameters."""
+        s = self._rpc(self._stub.DescribeProcedure, pb.DescribeProcedureRequest(procedure=procedure))
+        return ProcedureSchema(
+            procedure=s.procedure,
+            kind=pb.ProcedureKind.Name(s.kind).removeprefix("PROCEDURE_KIND_").lower(),
+            main=[_parameter(p) for p in s.main],
+            algorithms=[Algorithm(a.name, [_parameter(p) for p in a.parameters]) for a in s.algorithms],
+            agent_ids=list(s.agent_ids),
+        )
+
     def blacklist(self, agent_id: str) -> Agent:
         """Excludes the agent from task placement."""
         return _agent(self._rpc(self._stub.BlacklistAgent, pb.BlacklistAgentRequest(agent_id=agent_id)))
@@ -426,6 +511,30 @@ def _task(t: pb.Task) -> Task:
         started_at=_time(t, "started_at"),
         finished_at=_time(t, "finished_at"),
         attempts=t.attempts,
+        table=_table(t.table) if t.HasField("table") else None,
+    )
+
+
+def _table(t: pb.ResultTable) -> Table:
+    return Table(
+        columns=[Column(c.name, c.type, c.comment) for c in t.columns],
+        rows=[[from_value(v) for v in r.cells] for r in t.rows],
+    )
+
+
+def _parameter(p: pb.Parameter) -> Parameter:
+    return Parameter(
+        name=p.name,
+        type=p.type,
+        choices=[from_value(v) for v in p.choices],
+        default=from_value(p.default_value) if p.HasField("default_value") else None,
+        partition=(
+            Partition(getattr(p.partition, "from"), p.partition.to, p.partition.step)
+            if p.HasField("partition")
+            else None
+        ),
+        comment=p.comment,
+        required=p.required,
     )
 
 

@@ -19,16 +19,47 @@ pub const STDERR_TAIL_BYTES: usize = 4 * 1024;
 /// Most arguments a call may append to argv.
 pub const MAX_COMMAND_ARGS: usize = 1024;
 
+/// What a configured program is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpecKind {
+    /// Arguments appended to argv, stdout the result.
+    #[default]
+    Command,
+    /// An Opal model (`opal.rs`).
+    Opal,
+}
+
 /// A `[[procedure]]` entry of the agent's configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandSpec {
     pub name: String,
+    #[serde(default)]
+    pub kind: SpecKind,
     /// Program and its fixed arguments.
     pub command: Vec<String>,
     /// Kill the program after this many seconds.
     #[serde(default)]
     pub timeout_secs: Option<f64>,
+    /// Opal models: how often the agent asks for the status, in milliseconds.
+    #[serde(default)]
+    pub poll_ms: Option<u64>,
+}
+
+/// The checked `timeout_secs` of a spec (and its `name` and `command`).
+pub(super) fn timeout_of(spec: &CommandSpec) -> Result<Option<Duration>, String> {
+    if spec.name.trim().is_empty() {
+        return Err("`name` must not be empty".into());
+    }
+    if spec.command.first().is_none_or(|p| p.is_empty()) {
+        return Err("`command` must name a program: command = [\"prog\", \"arg\", ...]".into());
+    }
+    match spec.timeout_secs {
+        None => Ok(None),
+        Some(t) if t > 0.0 && t.is_finite() && t < 1e9 => Ok(Some(Duration::from_secs_f64(t))),
+        Some(t) => Err(format!("`timeout_secs` must be a positive number, got {t}")),
+    }
 }
 
 pub struct CommandProcedure {
@@ -38,17 +69,10 @@ pub struct CommandProcedure {
 
 impl CommandProcedure {
     pub fn new(spec: CommandSpec) -> Result<Self, String> {
-        if spec.name.trim().is_empty() {
-            return Err("`name` must not be empty".into());
+        if spec.poll_ms.is_some() {
+            return Err("`poll_ms` applies to Opal models only (kind = \"opal\")".into());
         }
-        if spec.command.first().is_none_or(|p| p.is_empty()) {
-            return Err("`command` must name a program: command = [\"prog\", \"arg\", ...]".into());
-        }
-        let timeout = match spec.timeout_secs {
-            None => None,
-            Some(t) if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
-            Some(t) => return Err(format!("`timeout_secs` must be a positive number, got {t}")),
-        };
+        let timeout = timeout_of(&spec)?;
         Ok(CommandProcedure { spec, timeout })
     }
 
@@ -70,7 +94,7 @@ impl CommandProcedure {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| RunError::Failed(format!("cannot start {program:?}: {e}")))?;
-        let group = ProcessGroup(child.id());
+        let group = ProcessGroup::new(child.id());
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(RunError::Failed(
                 "program's output pipes are missing".into(),
@@ -114,9 +138,14 @@ impl CommandProcedure {
 
 /// Kills the whole process group when dropped while armed: on timeout, on
 /// cancellation (the task's future is dropped) and on failure.
-struct ProcessGroup(Option<u32>);
+pub(super) struct ProcessGroup(Option<u32>);
 
 impl ProcessGroup {
+    /// The group led by the process `pid` (started with `process_group(0)`).
+    pub(super) fn new(pid: Option<u32>) -> ProcessGroup {
+        ProcessGroup(pid)
+    }
+
     fn disarm(mut self) {
         self.0 = None;
     }
@@ -224,7 +253,7 @@ async fn read_capped(mut r: impl AsyncRead + Unpin) -> std::io::Result<Vec<u8>> 
 }
 
 /// Reads everything, keeping only the last `STDERR_TAIL_BYTES`.
-async fn read_tail(mut r: impl AsyncRead + Unpin) -> std::io::Result<Vec<u8>> {
+pub(super) async fn read_tail(mut r: impl AsyncRead + Unpin) -> std::io::Result<Vec<u8>> {
     let mut tail = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {

@@ -5,6 +5,7 @@
 
 mod builtin;
 mod command;
+mod opal;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,10 +14,11 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::arpcp::{Args, Code, Progress, ProtocolError, TaskError};
+use crate::arpcp::{Args, CatalogEntry, Code, ProcedureKind, Progress, ProtocolError, TaskError};
 
 pub use builtin::Builtin;
-pub use command::{kill_marked_processes, CommandProcedure, CommandSpec};
+pub use command::{kill_marked_processes, CommandProcedure, CommandSpec, SpecKind};
+pub use opal::OpalProcedure;
 
 /// Why a procedure did not produce a value.
 #[derive(Debug, Error, PartialEq)]
@@ -71,6 +73,7 @@ impl RunContext {
 pub enum Procedure {
     Builtin(Builtin),
     Command(CommandProcedure),
+    Opal(OpalProcedure),
 }
 
 impl Procedure {
@@ -79,6 +82,7 @@ impl Procedure {
         let reason = match self {
             Procedure::Builtin(b) => b.validate(args),
             Procedure::Command(c) => c.validate(args),
+            Procedure::Opal(o) => o.validate(args).map(|_| ()),
         };
         reason.map_err(|r| ProtocolError::bad_args(name, r))
     }
@@ -90,6 +94,7 @@ impl Procedure {
         let v = match self {
             Procedure::Builtin(b) => b.run(args, ctx.progress).await,
             Procedure::Command(c) => c.run(args, &ctx.env).await,
+            Procedure::Opal(o) => o.run(args, &ctx.progress, &ctx.env).await,
         }?;
         crate::limits::check_result(&v).map_err(|e| RunError::Failed(e.to_string()))?;
         Ok(v)
@@ -111,6 +116,9 @@ pub enum RegistryError {
 
 impl Registry {
     /// The built-ins plus the configured programs.
+    /// The built-ins plus the configured programs. An Opal model whose `--info`
+    /// fails or does not parse is logged with the reason and not offered: one
+    /// broken model does not keep the agent from serving the rest.
     pub fn new(commands: Vec<CommandSpec>) -> Result<Registry, RegistryError> {
         let mut procedures = BTreeMap::new();
         for b in Builtin::ALL {
@@ -118,18 +126,47 @@ impl Registry {
         }
         for spec in commands {
             let name = spec.name.clone();
-            let proc = CommandProcedure::new(spec).map_err(|reason| RegistryError::Invalid {
-                name: name.clone(),
-                reason,
-            })?;
-            if procedures
-                .insert(name.clone(), Procedure::Command(proc))
-                .is_some()
-            {
+            if procedures.contains_key(&name) {
                 return Err(RegistryError::Duplicate(name));
             }
+            let invalid = |reason| RegistryError::Invalid {
+                name: name.clone(),
+                reason,
+            };
+            let proc = match spec.kind {
+                SpecKind::Command => {
+                    Procedure::Command(CommandProcedure::new(spec).map_err(invalid)?)
+                }
+                SpecKind::Opal => match OpalProcedure::load(spec) {
+                    Ok(o) => Procedure::Opal(o),
+                    Err(reason) => {
+                        tracing::warn!(procedure = %name, "Opal model not offered: {reason}");
+                        continue;
+                    }
+                },
+            };
+            procedures.insert(name, proc);
         }
         Ok(Registry { procedures })
+    }
+
+    /// What each procedure is, with each Opal model's `--info` text.
+    pub fn catalog(&self) -> Vec<CatalogEntry> {
+        self.procedures
+            .iter()
+            .map(|(name, p)| CatalogEntry {
+                name: name.clone(),
+                kind: match p {
+                    Procedure::Builtin(_) => ProcedureKind::Builtin,
+                    Procedure::Command(_) => ProcedureKind::Command,
+                    Procedure::Opal(_) => ProcedureKind::Opal,
+                },
+                info: match p {
+                    Procedure::Opal(o) => Some(o.info().to_string()),
+                    _ => None,
+                },
+            })
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Result<&Procedure, ProtocolError> {

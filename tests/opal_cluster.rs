@@ -1,0 +1,326 @@
+//! Opal models through the real agent and gateway: an agent declaring the example
+//! models of `examples/opal/` (and one whose `--info` is broken), described, called
+//! with validated parameters, watched while they report progress, and read back as
+//! typed tables; failing, crashing and cancelled models.
+
+mod common;
+
+use std::time::Duration;
+
+use arpcp::pb;
+use common::gateway::{agent_with_config, assert_status, describe, pstruct, Cluster};
+use common::{call, code, req, wait_until, FakeController, WAIT};
+use serde_json::{json, Value};
+use tonic::Code;
+
+/// How long a model run may take in these tests (the trajectory takes ~1.5 s).
+const RUN: Duration = Duration::from_secs(30);
+
+fn model(name: &str) -> String {
+    format!("{}/examples/opal/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// An agent configuration declaring the example models, polled every 100 ms.
+fn models_config() -> String {
+    let mut toml = String::new();
+    for (name, file) in [
+        ("trajectory", "trajectory.py"),
+        ("failing", "error_model.py"),
+        ("crashing", "crash_model.py"),
+        ("hanging", "hang_model.py"),
+    ] {
+        toml += &format!(
+            "[[procedure]]\nname = \"{name}\"\nkind = \"opal\"\ncommand = [\"python3\", \"{}\"]\npoll_ms = 100\n\n",
+            model(file)
+        );
+    }
+    // A model whose --info fails: logged and not offered, the agent starts anyway.
+    toml += "[[procedure]]\nname = \"broken\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", \"echo no schema here >&2; exit 3\"]\n";
+    toml
+}
+
+fn python_available() -> bool {
+    std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn submit_named(procedure: &str, kwargs: Value) -> pb::SubmitRequest {
+    let Value::Object(m) = kwargs else {
+        panic!("named arguments must be an object")
+    };
+    pb::SubmitRequest {
+        procedure: procedure.into(),
+        kwargs: Some(pstruct(&m)),
+        ..Default::default()
+    }
+}
+
+fn cluster() -> Cluster {
+    Cluster::start(
+        vec![agent_with_config(&models_config(), &["--capacity", "4"])],
+        &["--echo-interval-ms", "200"],
+    )
+}
+
+/// The cluster describes the model, refuses a call that does not fit its schema
+/// (the seed's own `population` typo), runs one with its defaults, shows progress
+/// while it runs and returns its table typed.
+#[test]
+fn a_model_is_described_validated_run_and_read_as_a_table() {
+    if !python_available() {
+        println!("SKIPPED: python3 is not installed");
+        return;
+    }
+    let c = cluster();
+    let gw = &c.gw;
+    // The catalog reaches the gateway with the next echoes.
+    let schema = common::wait_for(WAIT, "the model's schema", || {
+        let r = gw.call("DescribeProcedure", |mut cl| async move {
+            cl.describe_procedure(pb::DescribeProcedureRequest {
+                procedure: "trajectory".into(),
+            })
+            .await
+        });
+        r.ok().filter(|s| s.kind == pb::ProcedureKind::Opal as i32)
+    });
+    let main: Vec<(&str, &str)> = schema
+        .main
+        .iter()
+        .map(|p| (p.name.as_str(), p.r#type.as_str()))
+        .collect();
+    assert_eq!(
+        main,
+        [
+            ("size", "int"),
+            ("x", "float"),
+            ("y", "float"),
+            ("time", "period")
+        ]
+    );
+    let algos: Vec<&str> = schema.algorithms.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(algos, ["genetic", "bellman"]);
+    let genetic = &schema.algorithms[0];
+    let method = &genetic.parameters[0];
+    assert_eq!(method.choices.len(), 2);
+    assert!(!method.required);
+    let xpart = &schema.algorithms[1].parameters[0];
+    let part = xpart.partition.as_ref().expect("xpart has a partition");
+    assert_eq!((part.from, part.to, part.step), (0.0, 100.0, 1.0));
+    assert_eq!(schema.agent_ids, [c.id(0)]);
+
+    // Kinds are listed; the broken model is not offered.
+    let procs = gw.procedures();
+    let kind_of = |n: &str| procs.iter().find(|p| p.name == n).map(|p| p.kind);
+    assert_eq!(kind_of("trajectory"), Some(pb::ProcedureKind::Opal as i32));
+    assert_eq!(kind_of("add"), Some(pb::ProcedureKind::Builtin as i32));
+    assert_eq!(kind_of("broken"), None, "{procs:?}");
+    let add = gw
+        .call("DescribeProcedure", |mut cl| async move {
+            cl.describe_procedure(pb::DescribeProcedureRequest {
+                procedure: "add".into(),
+            })
+            .await
+        })
+        .expect("add is described");
+    assert_eq!(add.kind, pb::ProcedureKind::Builtin as i32);
+
+    // The seed's calculate request, typo and all, is refused with the path.
+    let typo = json!({
+        "main": {"size": 100, "x": 20.0, "y": 5.0, "time": "00:00 to 48:00"},
+        "algo": {"genetic": {"method": "last", "population": 1200}},
+    });
+    let before = gw.list_all(pb::ListTasksRequest::default()).len();
+    let r = gw.submit(submit_named("trajectory", typo));
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        &["algo.genetic.population: unknown parameter", "poplulation"],
+    );
+    for (kwargs, needle) in [
+        (
+            json!({"main": {"size": "many"}, "algo": {"genetic": {}}}),
+            "main.size",
+        ),
+        (
+            json!({"algo": {"genetic": {"method": "best"}}}),
+            "algo.genetic.method",
+        ),
+        (
+            json!({"algo": {"bellman": {"xpart": 0.5}}}),
+            "algo.bellman.xpart",
+        ),
+        (json!({"algo": {}}), "algo"),
+        (json!({"algo": {"genetic": {}, "bellman": {}}}), "algo"),
+    ] {
+        let r = gw.submit(submit_named("trajectory", kwargs.clone()));
+        assert_status(r, Code::InvalidArgument, &[needle]);
+    }
+    assert_eq!(
+        gw.list_all(pb::ListTasksRequest::default()).len(),
+        before,
+        "nothing stored for a refused call"
+    );
+
+    // Defaults filled in; progress seen; a typed table at the end.
+    let id = gw
+        .submit(submit_named("trajectory", json!({"algo": {"genetic": {}}})))
+        .expect("a valid call")
+        .task_id;
+    let updates = gw.watch(&id, RUN).expect("watch the run");
+    assert!(
+        updates.iter().any(|t| t
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.fraction > 0.0 && p.fraction < 1.0)),
+        "an intermediate progress: {:?}",
+        updates
+            .iter()
+            .map(|t| t.progress.clone())
+            .collect::<Vec<_>>()
+    );
+    let t = gw.wait_final(&id, RUN);
+    assert_eq!(t.status, pb::TaskStatus::Done as i32, "{}", describe(&t));
+    let kwargs = t.kwargs.as_ref().expect("stored named arguments");
+    assert!(
+        kwargs.fields.contains_key("main"),
+        "defaults filled in: {kwargs:?}"
+    );
+    let table = t.table.as_ref().expect("the result table");
+    assert!(t.result.is_none(), "the table is the result");
+    let cols: Vec<(&str, &str)> = table
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.r#type.as_str()))
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            ("time", "datetime"),
+            ("x", "float"),
+            ("y", "float"),
+            ("u", "float")
+        ]
+    );
+    assert_eq!(table.rows.len(), 101, "size 100: 101 rows");
+    let first = &table.rows[0].cells;
+    assert_eq!(common::gateway::jv(&first[0]), json!("00:00"));
+    assert!(matches!(
+        first[1].kind,
+        Some(prost_types::value::Kind::NumberValue(_))
+    ));
+}
+
+/// A model that answers an error, one that crashes and one that hangs: the first
+/// two fail with the model's own words; cancelling the third kills its process.
+#[test]
+fn failing_crashing_and_cancelled_models() {
+    if !python_available() {
+        println!("SKIPPED: python3 is not installed");
+        return;
+    }
+    let c = cluster();
+    let gw = &c.gw;
+    wait_until(WAIT, "the models' catalog", || {
+        gw.procedures()
+            .iter()
+            .any(|p| p.name == "hanging" && p.kind == pb::ProcedureKind::Opal as i32)
+    });
+    let run = |procedure: &str| {
+        gw.submit(submit_named(procedure, json!({})))
+            .unwrap_or_else(|e| panic!("Submit {procedure}: {e:?}"))
+            .task_id
+    };
+    let failing = run("failing");
+    let crashing = run("crashing");
+    let t = gw.wait_final(&failing, RUN);
+    assert_eq!(t.status, pb::TaskStatus::Failed as i32, "{}", describe(&t));
+    assert_eq!(t.error_code, 400);
+    let t2 = gw.wait_final(&crashing, RUN);
+    assert_eq!(
+        t2.status,
+        pb::TaskStatus::Failed as i32,
+        "{}",
+        describe(&t2)
+    );
+    assert!(
+        t2.error.contains("stderr"),
+        "the crash's stderr: {}",
+        t2.error
+    );
+    println!("failing: {}\ncrashing: {}", t.error, t2.error);
+
+    let hanging = run("hanging");
+    gw.wait_status(&hanging, pb::TaskStatus::Running, WAIT);
+    let mark = format!("ARPCP_ATASK_ID={hanging}.1");
+    let pid = common::wait_for(WAIT, "the model's process", || {
+        common::processes_with_env(&mark).into_iter().next()
+    });
+    gw.cancel(&hanging).expect("cancel");
+    wait_until(WAIT, "the model's process to be killed", || {
+        !common::process_alive(pid)
+    });
+}
+
+/// Through raw ARPCP, as any controller would: named arguments validated before
+/// 100 (204 with the path), progress in `accepted` SIGNALs, the table in GET.
+#[test]
+fn an_agent_runs_a_model_over_raw_arpcp() {
+    if !python_available() {
+        println!("SKIPPED: python3 is not installed");
+        return;
+    }
+    let controller = FakeController::start();
+    let agent = agent_with_config(&models_config(), &[]);
+    let a = agent.arpcp();
+    let r = call(
+        &a,
+        &req::atask_with(
+            "m-bad",
+            "trajectory",
+            json!({"algo": {"genetic": {"population": 5}}}),
+            Some(controller.addr()),
+        ),
+    );
+    assert_eq!(code(&r), 204, "{r}");
+    assert!(r["description"]
+        .as_str()
+        .is_some_and(|d| d.contains("algo.genetic.population")));
+    let r = call(
+        &a,
+        &req::atask_with(
+            "m-pos",
+            "trajectory",
+            json!([1, 2]),
+            Some(controller.addr()),
+        ),
+    );
+    assert_eq!(code(&r), 204, "{r}");
+
+    let r = call(
+        &a,
+        &req::atask_with(
+            "m-1",
+            "trajectory",
+            json!({"main": {"size": 30}, "algo": {"bellman": {"xpart": 10, "ypart": 5}}}),
+            Some(controller.addr()),
+        ),
+    );
+    assert_eq!(code(&r), 100, "{r}");
+    controller.wait_signal("m-1", "done", RUN);
+    let progress: Vec<f64> = controller
+        .signals("m-1")
+        .iter()
+        .filter_map(|s| s["progress"]["percent"].as_f64())
+        .collect();
+    assert!(
+        progress.iter().any(|p| *p > 0.0 && *p < 1.0),
+        "intermediate progress: {progress:?}"
+    );
+    let got = call(&a, &req::get("m-1"));
+    assert_eq!(code(&got), 100, "{got}");
+    let result = &got["data"]["result"];
+    assert_eq!(result["columns"][0]["name"], "time");
+    assert_eq!(result["rows"].as_array().map(Vec::len), Some(31));
+}
