@@ -47,7 +47,14 @@ struct Cluster {
 impl Cluster {
     fn start(with_agent: bool) -> Cluster {
         let gateway = Daemon::gateway(&[]);
-        let agent = with_agent.then(|| Daemon::agent(&["--controller", &gateway.addr("arpcp")]));
+        let agent = with_agent.then(|| {
+            // The agent offers the example Opal model too.
+            let model = format!("{}/examples/opal/trajectory.py", env!("CARGO_MANIFEST_DIR"));
+            let config = format!(
+                "[[procedure]]\nname = \"trajectory\"\nkind = \"opal\"\ncommand = [\"python3\", \"{model}\"]\npoll_ms = 100\n"
+            );
+            common::gateway::agent_with_config(&config, &["--controller", &gateway.addr("arpcp")])
+        });
         Cluster {
             grpc: gateway.addr("grpc"),
             _agent: agent,
@@ -185,4 +192,58 @@ fn a_bad_call_is_invalid_argument() {
     assert!(!out.status.success(), "an empty procedure was accepted");
     assert!(stderr.contains("InvalidArgument"), "{stderr}");
     assert!(stderr.contains("procedure"), "{stderr}");
+}
+
+/// The example Opal model as an operator reaches it with grpcurl: described,
+/// refused with the path of a wrong parameter, run, its table read back as JSON.
+#[test]
+fn an_opal_model_in_json() {
+    let Some(grpcurl) = grpcurl() else { return };
+    let c = Cluster::start(true);
+    let schema = wait_for(WAIT, "the model's schema", || {
+        let out = run(
+            &grpcurl,
+            &c.grpc,
+            Some(r#"{"procedure":"trajectory"}"#),
+            &["arpcp.v1.Gateway/DescribeProcedure"],
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["kind"] == "PROCEDURE_KIND_OPAL").then_some(v)
+    });
+    assert_eq!(schema["main"][0]["name"], "size", "{schema}");
+    assert_eq!(schema["main"][0]["type"], "int", "{schema}");
+    assert_eq!(schema["algorithms"][1]["name"], "bellman", "{schema}");
+
+    let out = run(
+        &grpcurl,
+        &c.grpc,
+        Some(r#"{"procedure":"trajectory","kwargs":{"algo":{"genetic":{"population":5}}}}"#),
+        &["arpcp.v1.Gateway/Submit"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a wrong parameter was accepted");
+    assert!(stderr.contains("InvalidArgument"), "{stderr}");
+    assert!(stderr.contains("algo.genetic.population"), "{stderr}");
+
+    let submitted = call(
+        &grpcurl,
+        &c.grpc,
+        "arpcp.v1.Gateway/Submit",
+        r#"{"procedure":"trajectory","kwargs":{"main":{"size":20},"algo":{"genetic":{"method":"last"}}}}"#,
+    );
+    let task_id = submitted["taskId"].as_str().expect("taskId").to_string();
+    let task = wait_for(WAIT, "the model's table", || {
+        let t = call(
+            &grpcurl,
+            &c.grpc,
+            "arpcp.v1.Gateway/GetResult",
+            &serde_json::json!({"taskId": task_id, "wait": "5s"}).to_string(),
+        );
+        (t["status"] == "TASK_STATUS_DONE").then_some(t)
+    });
+    let table = &task["table"];
+    assert_eq!(table["columns"][0]["name"], "time", "{task}");
+    assert_eq!(table["columns"][1]["type"], "float", "{task}");
+    assert_eq!(table["rows"].as_array().map(Vec::len), Some(21), "{task}");
+    assert_eq!(table["rows"][0]["cells"][0], "00:00", "{task}");
 }

@@ -533,7 +533,7 @@ pub async fn blacklist(c: BlacklistCmd) -> anyhow::Result<ExitCode> {
 }
 
 /// `arpcp up`'s demonstration: waits for the local agent, runs add(2, 3), prints it.
-pub async fn demo(endpoint: &str) -> anyhow::Result<()> {
+pub async fn demo(endpoint: &str, with_model: bool) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut client = loop {
         match connect(endpoint).await {
@@ -571,6 +571,11 @@ pub async fn demo(endpoint: &str) -> anyhow::Result<()> {
         status_name(t.status)
     );
     println!("try: arpcp submit add 40 2 --wait    |    arpcp agents    |    arpcp tasks");
+    if with_model {
+        println!(
+            "an Opal model too: arpcp describe trajectory    |    arpcp submit trajectory --param algo.genetic.method=last --wait"
+        );
+    }
     Ok(())
 }
 

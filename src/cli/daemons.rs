@@ -7,6 +7,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::procedures::{CommandSpec, SpecKind};
 use crate::agent::{self, AgentConfig, AgentFlags};
 use crate::arpcp::DEFAULT_AGENT_PORT;
 use crate::durable;
@@ -258,6 +259,8 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         grace_secs: None,
         keep_finished_secs: None,
     })?;
+    let mut agent_config = agent_config;
+    let with_model = offer_example_model(&u.data_dir, &mut agent_config.procedures);
     let gateway_config = GatewayConfig {
         data_dir: u.data_dir.join("gateway"),
         advertise: None,
@@ -296,7 +299,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
     if !u.no_demo {
         let endpoint = format!("http://{grpc_addr}");
         tokio::spawn(async move {
-            if let Err(e) = super::commands::demo(&endpoint).await {
+            if let Err(e) = super::commands::demo(&endpoint, with_model).await {
                 tracing::warn!("demo task failed: {e:#}");
             }
         });
@@ -310,4 +313,51 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         }
     }
     outcome
+}
+
+/// The example Opal model, built into the binary so that `arpcp up` can offer it
+/// wherever it runs (`examples/opal/`).
+const EXAMPLE_MODEL: &str = include_str!("../../examples/opal/trajectory.py");
+const EXAMPLE_HELPER: &str = include_str!("../../examples/opal/opal.py");
+/// The name `arpcp up` offers the example model under.
+pub const EXAMPLE_MODEL_NAME: &str = "trajectory";
+
+/// Offers the example model `trajectory` on the local agent when `python3` runs
+/// here and no configured procedure has its name: writes it into the data
+/// directory and declares it. Returns whether it did.
+fn offer_example_model(data_dir: &std::path::Path, procedures: &mut Vec<CommandSpec>) -> bool {
+    if procedures.iter().any(|p| p.name == EXAMPLE_MODEL_NAME) {
+        return false;
+    }
+    let python = std::process::Command::new("python3")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python {
+        return false;
+    }
+    let dir = data_dir.join("models");
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("trajectory.py"), EXAMPLE_MODEL))
+        .and_then(|()| std::fs::write(dir.join("opal.py"), EXAMPLE_HELPER));
+    if let Err(e) = written {
+        tracing::warn!(
+            "not offering the example model: cannot write it to {}: {e}",
+            dir.display()
+        );
+        return false;
+    }
+    procedures.push(CommandSpec {
+        name: EXAMPLE_MODEL_NAME.into(),
+        kind: SpecKind::Opal,
+        command: vec![
+            "python3".into(),
+            dir.join("trajectory.py").to_string_lossy().into_owned(),
+        ],
+        timeout_secs: Some(600.0),
+        poll_ms: Some(200),
+    });
+    true
 }

@@ -124,6 +124,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         daemons.append(gw)
         ready = gw.read_ready_line()
         assert ready["role"] == "gateway", ready
+        # Both agents offer the example Opal model.
+        config = tmp / "agent.toml"
+        model = REPO / "examples" / "opal" / "trajectory.py"
+        config.write_text(
+            '[[procedure]]\nname = "trajectory"\nkind = "opal"\n'
+            f'command = ["python3", "{model}"]\npoll_ms = 100\n'
+        )
         agents = []
         for i in (1, 2):
             a = start(
@@ -134,6 +141,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
                     "--listen", "127.0.0.1:0",
                     "--data-dir", str(tmp / f"agent{i}"),
                     "--controller", ready["arpcp"],
+                    "--config", str(config),
                 ],
                 tmp,
             )

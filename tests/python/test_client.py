@@ -13,7 +13,7 @@ from typing import Callable, Optional, TypeVar
 import grpc
 import pytest
 
-from arpcp_client import Client, GatewayError, Task, TaskFailed
+from arpcp_client import Client, GatewayError, ProcedureSchema, Table, Task, TaskFailed
 
 # Every wait in these tests ends by this many seconds.
 WAIT = 20.0
@@ -276,3 +276,35 @@ def test_wait_gives_up_at_its_timeout(client: Client) -> None:
         assert not task.ended
     finally:
         client.cancel(task_id)
+
+
+def test_an_opal_model_is_described_run_and_read_as_a_table(client: Client) -> None:
+    schema = poll("the model's schema", lambda: (lambda s: s if s.kind == "opal" else None)(client.describe("trajectory")))
+    assert isinstance(schema, ProcedureSchema)
+    assert [p.name for p in schema.main] == ["size", "x", "y", "time"]
+    size = schema.main[0]
+    assert (size.type, size.default, size.required) == ("int", 100, False)
+    assert [a.name for a in schema.algorithms] == ["genetic", "bellman"]
+    xpart = schema.algorithms[1].parameters[0]
+    assert xpart.partition is not None and (xpart.partition.start, xpart.partition.stop, xpart.partition.step) == (0, 100, 1)
+    assert client.describe("add").kind == "builtin"
+
+    # The seed's own typo is refused, naming the path and the near miss.
+    with pytest.raises(GatewayError) as e:
+        client.submit("trajectory", main={"size": 10}, algo={"genetic": {"population": 5}})
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message.startswith("algo.genetic.population: unknown parameter")
+    assert "poplulation" in e.value.message
+
+    task_id = client.submit("trajectory", main={"size": 40}, algo={"bellman": {"xpart": 10, "ypart": 2.5}})
+    seen = list(client.watch(task_id, timeout=WAIT))
+    assert any(t.progress and 0 < t.progress.fraction < 1 for t in seen), [t.progress for t in seen]
+    task = seen[-1]
+    assert task.status == "done", task
+    assert isinstance(task.table, Table) and task.result is None
+    assert [(c.name, c.type) for c in task.table.columns] == [
+        ("time", "datetime"), ("x", "float"), ("y", "float"), ("u", "float")]
+    assert len(task.table.rows) == 41
+    rows = task.table.to_dicts()
+    assert rows[0]["time"] == "00:00" and isinstance(rows[0]["x"], (int, float))
+    assert abs(rows[-1]["x"] - 10) < 2.0, rows[-1]

@@ -24,6 +24,8 @@ pub const MAX_INFO_BYTES: usize = 256 * 1024;
 pub const DEFAULT_POLL: Duration = Duration::from_millis(500);
 /// Shortest poll interval a configuration may ask for.
 pub const MIN_POLL: Duration = Duration::from_millis(10);
+/// Bytes read from a model's stdout at a time (large: each read re-splits the buffer).
+const READ_CHUNK: usize = 64 * 1024;
 /// How long a model may take to answer one request.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -217,16 +219,24 @@ impl<R: AsyncRead + Unpin> Conversation<R> {
 
     /// The next brace-balanced message on stdout, at most `opal::MAX_MESSAGE_BYTES`.
     async fn next_message(&mut self) -> Result<opal::Section, String> {
-        let mut chunk = [0u8; 8192];
+        let mut chunk = vec![0u8; READ_CHUNK];
         loop {
-            if let Ok(text) = std::str::from_utf8(&self.buf) {
-                match opal::split_message(text) {
+            match std::str::from_utf8(&self.buf) {
+                Ok(text) => match opal::split_message(text) {
                     Ok(Some((used, msg))) => {
                         self.buf.drain(..used);
                         return Ok(msg);
                     }
                     Ok(None) => {}
                     Err(e) => return Err(format!("its output does not parse: {e}")),
+                },
+                // A character cut by the read completes with the next one.
+                Err(e) if e.error_len().is_none() => {}
+                Err(e) => {
+                    return Err(format!(
+                        "its output is not UTF-8 (byte {} of its answer)",
+                        e.valid_up_to()
+                    ))
                 }
             }
             if self.buf.len() > opal::MAX_MESSAGE_BYTES {
