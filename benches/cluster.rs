@@ -8,7 +8,11 @@
 //! * baselines: a bare tonic unary call (grpc.health Check on a server that serves
 //!   nothing else) and a bare TCP JSON-line echo, both in this process.
 //!
-//! `cargo bench --bench cluster` (env: BENCH_TASKS, BENCH_CONCURRENCY, BENCH_SAMPLES).
+//! * an Opal model that answers at once, run through the cluster (sync Submit, the
+//!   typed table back) against the same program run by hand, p50 and p99.
+//!
+//! `cargo bench --bench cluster` (env: BENCH_TASKS, BENCH_CONCURRENCY, BENCH_SAMPLES,
+//! BENCH_OPAL_SAMPLES).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -216,6 +220,15 @@ async fn main() -> anyhow::Result<()> {
         "500",
     ])?;
     let controller = addr(&gateway, "arpcp");
+    // The smallest Opal model, for the overhead of running one through the cluster.
+    let model_dir = tempfile::tempdir()?;
+    let model = format!("{}/examples/opal/instant.py", env!("CARGO_MANIFEST_DIR"));
+    let config = model_dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("[[procedure]]\nname = \"instant\"\nkind = \"opal\"\ncommand = [\"python3\", \"{model}\"]\npoll_ms = 10\n"),
+    )?;
+    let config = config.to_string_lossy().into_owned();
     let agents: Vec<Daemon> = (0..2)
         .map(|_| {
             spawn(&[
@@ -226,6 +239,8 @@ async fn main() -> anyhow::Result<()> {
                 &controller,
                 "--capacity",
                 "64",
+                "--config",
+                &config,
             ])
         })
         .collect::<anyhow::Result<_>>()?;
@@ -310,6 +325,55 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await?;
+    // An Opal model through the cluster (sync Submit → its table back) against the
+    // same program run by hand (spawn, calculate, read the answer), in this run.
+    let opal_samples = env_usize("BENCH_OPAL_SAMPLES", 200);
+    let opal = latencies(opal_samples, || {
+        let mut c = client.clone();
+        async move {
+            let t = c
+                .submit(pb::SubmitRequest {
+                    procedure: "instant".into(),
+                    sync: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .task
+                .ok_or_else(|| anyhow::anyhow!("no task"))?;
+            anyhow::ensure!(
+                t.table.as_ref().is_some_and(|tab| tab.rows.len() == 3),
+                "the model's table did not come back: {t:?}"
+            );
+            Ok(())
+        }
+    })
+    .await?;
+    let by_hand = latencies(opal_samples, || {
+        let model = model.clone();
+        async move {
+            let mut child = tokio::process::Command::new("python3")
+                .arg(&model)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut stdin = child
+                .stdin
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+            stdin
+                .write_all(b"{ request = calculate main = { n = 3 } }\n")
+                .await?;
+            drop(stdin);
+            let out = child.wait_with_output().await?;
+            anyhow::ensure!(
+                String::from_utf8_lossy(&out.stdout).contains("status = ready"),
+                "the model answered nothing"
+            );
+            Ok(())
+        }
+    })
+    .await?;
     let tonic = tonic_baseline(samples).await?;
     let tcp = tcp_json_baseline(samples).await?;
     let base = percentile(&tonic, 0.5) + percentile(&tcp, 0.5);
@@ -342,7 +406,22 @@ async fn main() -> anyhow::Result<()> {
         "sync p50 / (tonic p50 + TCP p50) = {:.2}",
         percentile(&sync, 0.5).as_secs_f64() / base.as_secs_f64()
     );
+    println!(
+        "Opal model, sync Submit  : p50 {:.0} µs  p99 {:.0} µs  ({opal_samples} calls, table back)",
+        micros(percentile(&opal, 0.5)),
+        micros(percentile(&opal, 0.99))
+    );
+    println!(
+        "same model run by hand   : p50 {:.0} µs  p99 {:.0} µs  (spawn, calculate, answer)",
+        micros(percentile(&by_hand, 0.5)),
+        micros(percentile(&by_hand, 0.99))
+    );
+    println!(
+        "Opal through the cluster / by hand (p50) = {:.2}",
+        percentile(&opal, 0.5).as_secs_f64() / percentile(&by_hand, 0.5).as_secs_f64()
+    );
     drop(agents);
     drop(gateway);
+    drop(model_dir);
     Ok(())
 }
