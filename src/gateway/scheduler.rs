@@ -166,6 +166,15 @@ impl Scheduler {
             })
     }
 
+    /// Whether the agents describe `procedure` as an Opal model (its result is a
+    /// table). Asked again when a result arrives: a call submitted before the
+    /// gateway had the agents' catalog is recognised then.
+    fn is_opal(&self, procedure: &str) -> bool {
+        self.membership
+            .describe(procedure)
+            .is_some_and(|d| d.kind == Some(crate::arpcp::ProcedureKind::Opal))
+    }
+
     /// Stores a new task durably and queues it for placement. Refused at once when
     /// no agent could run it now.
     pub async fn submit(
@@ -261,7 +270,11 @@ impl Scheduler {
             }
         };
         let attempt = task.attempt;
-        let saved = self.save(&task.task_id, |t| t.finish(attempt, outcome.clone()))?;
+        let opal = self.is_opal(&task.procedure);
+        let saved = self.save(&task.task_id, |t| {
+            t.opal |= opal;
+            t.finish(attempt, outcome.clone())
+        })?;
         // The caller holds its result in the answer; the outcome reaches disk with
         // the next group commit, started now. (A crash in between leaves the task
         // marked interrupted after the restart.)
@@ -597,8 +610,12 @@ impl Scheduler {
             }
             code => Outcome::from_error(code.as_u16(), r.description),
         };
-        self.save_durable(task_id, |t| t.finish(attempt, outcome.clone()))
-            .await?;
+        let opal = self.is_opal(&task.procedure);
+        self.save_durable(task_id, |t| {
+            t.opal |= opal;
+            t.finish(attempt, outcome.clone())
+        })
+        .await?;
         // Durable (or the task ended otherwise): the agent's copy is not needed.
         self.terminate_on(&agent, atask_id).await;
         Ok(())
