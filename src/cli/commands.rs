@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde_json::Value;
 use tonic::transport::Channel;
 
-use super::output::{self, agent_json, short, status_name, table, task_json};
+use super::output::{self, agent_json, kind_name, short, status_name, table, task_json};
 use crate::gateway::model::TaskStatus;
 use crate::pb;
 use crate::pb::gateway_client::GatewayClient;
@@ -624,16 +624,6 @@ fn params_to_kwargs(
         node.insert(name.to_string(), value);
     }
     Ok(out)
-}
-
-fn kind_name(k: i32) -> String {
-    pb::ProcedureKind::try_from(k)
-        .map(|k| {
-            k.as_str_name()
-                .trim_start_matches("PROCEDURE_KIND_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| k.to_string())
 }
 
 fn describe_params(params: &[pb::Parameter], indent: &str) {

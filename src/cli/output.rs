@@ -17,25 +17,26 @@ pub fn time(t: &Option<prost_types::Timestamp>) -> Value {
     }
 }
 
-/// `TASK_STATUS_DONE` → `done`.
+/// A protobuf enum value as people say it: `TASK_STATUS_DONE` → `done`; an
+/// unknown number as itself.
+fn enum_name(name: Option<&str>, prefix: &str, n: i32) -> String {
+    name.map(|s| s.trim_start_matches(prefix).to_lowercase())
+        .unwrap_or_else(|| n.to_string())
+}
+
 pub fn status_name(s: i32) -> String {
-    pb::TaskStatus::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("TASK_STATUS_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| s.to_string())
+    let name = pb::TaskStatus::try_from(s).ok().map(|v| v.as_str_name());
+    enum_name(name, "TASK_STATUS_", s)
 }
 
 pub fn agent_state_name(s: i32) -> String {
-    pb::AgentState::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("AGENT_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| s.to_string())
+    let name = pb::AgentState::try_from(s).ok().map(|v| v.as_str_name());
+    enum_name(name, "AGENT_STATE_", s)
+}
+
+pub fn kind_name(k: i32) -> String {
+    let name = pb::ProcedureKind::try_from(k).ok().map(|v| v.as_str_name());
+    enum_name(name, "PROCEDURE_KIND_", k)
 }
 
 pub fn task_json(t: &pb::Task) -> Value {

@@ -83,17 +83,7 @@ impl CommandProcedure {
     pub async fn run(&self, args: &Args, env: &[(String, String)]) -> Result<Value, RunError> {
         let tail = argv_tail(args).map_err(RunError::BadArguments)?;
         let program = &self.spec.command[0];
-        let mut child = tokio::process::Command::new(program)
-            .args(&self.spec.command[1..])
-            .args(&tail)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| RunError::Failed(format!("cannot start {program:?}: {e}")))?;
+        let mut child = spawn_program(&self.spec.command, &tail, env, Stdio::null())?;
         let group = ProcessGroup::new(child.id());
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(RunError::Failed(
@@ -134,6 +124,30 @@ impl CommandProcedure {
             .map(Value::String)
             .map_err(|_| RunError::Failed(format!("{program:?} wrote output that is not UTF-8")))
     }
+}
+
+/// Starts `command` (program and fixed arguments) with `extra` arguments, the
+/// task's environment marks, stdout and stderr piped, in a process group of its
+/// own (so that stopping the task kills everything it started) and killed if the
+/// handle is dropped.
+pub(super) fn spawn_program(
+    command: &[String],
+    extra: &[String],
+    env: &[(String, String)],
+    stdin: Stdio,
+) -> Result<tokio::process::Child, RunError> {
+    let program = &command[0];
+    tokio::process::Command::new(program)
+        .args(&command[1..])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| RunError::Failed(format!("cannot start {program:?}: {e}")))
 }
 
 /// Kills the whole process group when dropped while armed: on timeout, on

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::command::{read_tail, CommandSpec, ProcessGroup};
+use super::command::{read_tail, spawn_program, CommandSpec, ProcessGroup};
 use super::{ProgressSink, RunError};
 use crate::arpcp::{Args, Progress};
 use crate::opal::{self, Answer, Schema, Table};
@@ -97,17 +97,7 @@ impl OpalProcedure {
         env: &[(String, String)],
     ) -> Result<Value, RunError> {
         let validated = self.validate(args).map_err(RunError::BadArguments)?;
-        let program = &self.spec.command[0];
-        let mut child = tokio::process::Command::new(program)
-            .args(&self.spec.command[1..])
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| RunError::Failed(format!("cannot start {program:?}: {e}")))?;
+        let mut child = spawn_program(&self.spec.command, &[], env, Stdio::piped())?;
         // Killed with everything it started however this ends (a result, an
         // error, a timeout, a cancel dropping this future).
         let _group = ProcessGroup::new(child.id());
