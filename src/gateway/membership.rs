@@ -468,6 +468,14 @@ impl Membership {
         );
     }
 
+    /// What the agents' catalogs say `procedure` is (and, for an Opal model, its
+    /// schema), without building a listing: this is on Submit's path.
+    pub fn kind_of(&self, procedure: &str) -> Option<(ProcedureKind, Option<Arc<Schema>>)> {
+        self.catalogs()
+            .values()
+            .find_map(|c| c.procedures.get(procedure).cloned())
+    }
+
     /// What a procedure is and, for an Opal model, its schema, as the alive agents
     /// offering it describe it; with the ids of those agents. `None` when no agent
     /// that can take tasks offers it.

@@ -171,8 +171,8 @@ impl Scheduler {
     /// gateway had the agents' catalog is recognised then.
     fn is_opal(&self, procedure: &str) -> bool {
         self.membership
-            .describe(procedure)
-            .is_some_and(|d| d.kind == Some(crate::arpcp::ProcedureKind::Opal))
+            .kind_of(procedure)
+            .is_some_and(|(kind, _)| kind == crate::arpcp::ProcedureKind::Opal)
     }
 
     /// Stores a new task durably and queues it for placement. Refused at once when

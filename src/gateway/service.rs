@@ -100,8 +100,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         let mut args = call_args(&r.args, r.kwargs.as_ref())?;
         // An Opal model's call is checked against its schema before anything is
         // stored, and stored with the defaults filled in.
-        let described = self.membership.describe(&procedure);
-        let opal = match described.as_ref().and_then(|d| d.schema.as_ref()) {
+        let opal = match self.membership.kind_of(&procedure).and_then(|(_, s)| s) {
             Some(schema) => {
                 // No arguments at all: every parameter takes its default.
                 if matches!(&args, Args::Positional(a) if a.is_empty()) {
