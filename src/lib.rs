@@ -8,6 +8,7 @@ pub mod durable;
 pub mod gateway;
 pub mod limits;
 pub mod opal;
+pub mod tls;
 
 /// Code generated from `proto/arpcp/v1/gateway.proto`.
 pub mod pb {

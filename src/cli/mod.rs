@@ -2,6 +2,7 @@
 //! machine-readable JSON line on stdout once they listen (`{"role":…,"grpc":…}`),
 //! so scripts and tests can bind to port 0 and learn the address; logs go to stderr.
 
+mod ca;
 mod commands;
 mod daemons;
 mod output;
@@ -48,6 +49,8 @@ enum Command {
     Procedures(commands::ProceduresCmd),
     /// Add an agent to the blacklist, or remove it.
     Blacklist(commands::BlacklistCmd),
+    /// Make the cluster CA and issue certificates (not yet used by the daemons).
+    Ca(ca::CaCmd),
 }
 
 pub fn main() -> ExitCode {
@@ -157,5 +160,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents(c) => commands::agents(c).await,
         Command::Procedures(c) => commands::procedures(c).await,
         Command::Blacklist(c) => commands::blacklist(c).await,
+        Command::Ca(c) => ca::run(c).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -1,0 +1,345 @@
+//! The cluster CA: create one (ECDSA P-256) and issue certificates that carry a role,
+//! all as PEM files in one directory an operator can read, copy and replace.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+};
+use time::{Duration, OffsetDateTime};
+
+use super::{Role, TlsFiles, CA_CERT_FILE, CA_KEY_FILE};
+
+/// The directory `arpcp ca` uses when given none.
+pub const DEFAULT_DIR: &str = "arpcp-tls";
+/// How long the CA is valid: long, since replacing it means reissuing every certificate.
+pub const CA_DAYS: i64 = 3650;
+/// How long an issued certificate is valid unless told otherwise.
+pub const DEFAULT_DAYS: u32 = 365;
+/// Longest validity `--days` may ask for: the CA's own.
+pub const MAX_DAYS: u32 = 3650;
+/// A certificate is valid from a little before it was made, so a peer whose clock is
+/// slightly behind does not refuse it as not yet valid.
+pub const CLOCK_SKEW_MINUTES: i64 = 5;
+/// Longest NAME: the X.520 upper bound of a common name.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Most `--san` entries on one certificate.
+pub const MAX_SANS: usize = 16;
+/// Longest `--san` host name (the DNS limit).
+pub const MAX_SAN_CHARS: usize = 253;
+/// The name a gateway certificate gets when none is given.
+pub const DEFAULT_GATEWAY_NAME: &str = "gateway";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("a CA already exists in {dir} ({CA_CERT_FILE}); to start over, remove {CA_CERT_FILE} and {CA_KEY_FILE} there (certificates it issued will then no longer be trusted) or choose another --dir")]
+    CaExists { dir: PathBuf },
+    #[error("no CA in {dir} ({CA_CERT_FILE} and {CA_KEY_FILE} expected): run `arpcp ca init --dir {dir}` first")]
+    NoCa { dir: PathBuf },
+    #[error("{path} already exists: remove it to issue a new certificate under that name")]
+    Exists { path: PathBuf },
+    #[error("invalid name {name:?}: {reason}")]
+    BadName { name: String, reason: String },
+    #[error("invalid --san {value:?}: {reason}")]
+    BadSan { value: String, reason: String },
+    #[error("too many --san values: {count}, at most {MAX_SANS}")]
+    TooManySans { count: usize },
+    #[error("--days must be 1 to {MAX_DAYS}, got {days}")]
+    BadDays { days: u32 },
+    #[error("cannot read the CA's {path}: {source}")]
+    ReadCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the CA's {path} is not usable: {source}")]
+    BadCa { path: PathBuf, source: rcgen::Error },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot generate the certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// When an issued certificate is valid.
+#[derive(Clone, Copy, Debug)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From a few minutes ago for `days` days.
+    pub fn days(days: u32) -> Result<Validity, CaError> {
+        if days == 0 || days > MAX_DAYS {
+            return Err(CaError::BadDays { days });
+        }
+        let now = OffsetDateTime::now_utc();
+        Ok(Validity {
+            not_before: now - Duration::minutes(CLOCK_SKEW_MINUTES),
+            not_after: now + Duration::days(i64::from(days)),
+        })
+    }
+}
+
+/// What to issue: a role, a name, more host names or addresses to put in the SAN.
+#[derive(Clone, Debug)]
+pub struct IssueRequest {
+    pub role: Role,
+    pub name: String,
+    pub sans: Vec<String>,
+    pub validity: Validity,
+}
+
+/// The files written by `init` or `issue`.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Creates a CA in `dir` (made 0700 if missing); refuses if one is there.
+pub fn init(dir: &Path) -> Result<Written, CaError> {
+    let cert_path = dir.join(CA_CERT_FILE);
+    let key_path = dir.join(CA_KEY_FILE);
+    if cert_path.exists() || key_path.exists() {
+        return Err(CaError::CaExists {
+            dir: dir.to_path_buf(),
+        });
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CaError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "arpcp cluster CA");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "arpcp");
+    // Path length 0: the CA signs leaf certificates only, so a stolen leaf key can
+    // never mint further certificates that chain to it.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(CLOCK_SKEW_MINUTES);
+    params.not_after = now + Duration::days(CA_DAYS);
+    let cert = params.self_signed(&key)?;
+    write_pair(&cert_path, &cert.pem(), &key_path, &key.serialize_pem())?;
+    Ok(Written {
+        cert: cert_path,
+        key: key_path,
+    })
+}
+
+/// Issues a certificate signed by the CA in `dir`, written as `NAME.pem` and
+/// `NAME-key.pem` there; refuses to replace either.
+pub fn issue(dir: &Path, req: &IssueRequest) -> Result<Written, CaError> {
+    check_name(&req.name)?;
+    if req.sans.len() > MAX_SANS {
+        return Err(CaError::TooManySans {
+            count: req.sans.len(),
+        });
+    }
+    let files = TlsFiles::in_dir(dir, &req.name);
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    if !files.ca.exists() || !ca_key_path.exists() {
+        return Err(CaError::NoCa {
+            dir: dir.to_path_buf(),
+        });
+    }
+    for path in [&files.cert, &files.key] {
+        if path.exists() {
+            return Err(CaError::Exists { path: path.clone() });
+        }
+    }
+    let ca_key = KeyPair::from_pem(&read_ca(&ca_key_path)?).map_err(|source| CaError::BadCa {
+        path: ca_key_path.clone(),
+        source,
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&read_ca(&files.ca)?, ca_key).map_err(|source| {
+        CaError::BadCa {
+            path: files.ca.clone(),
+            source,
+        }
+    })?;
+
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, &req.name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, req.role.as_ou());
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "arpcp");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // Agents and the gateway each serve one socket and dial another (the gateway
+    // dials agents, agents announce themselves to the gateway), so both need both.
+    params.extended_key_usages = if req.role.is_client() {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    } else {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    };
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = req.validity.not_before;
+    params.not_after = req.validity.not_after;
+    if !req.role.is_client() {
+        if let Some(san) = san_of(&req.name) {
+            params.subject_alt_names.push(san);
+        }
+    }
+    for value in &req.sans {
+        let san = parse_san(value)?;
+        if !params.subject_alt_names.contains(&san) {
+            params.subject_alt_names.push(san);
+        }
+    }
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = params.signed_by(&key, &issuer)?;
+    write_pair(&files.cert, &cert.pem(), &files.key, &key.serialize_pem())?;
+    Ok(Written {
+        cert: files.cert,
+        key: files.key,
+    })
+}
+
+/// Names become file names and CNs: letters, digits, `.`, `-`, `_`, starting with a
+/// letter or digit, so no name can reach outside the directory or shadow the CA.
+pub fn check_name(name: &str) -> Result<(), CaError> {
+    let bad = |reason: String| CaError::BadName {
+        name: name.to_string(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(bad(format!("longer than {MAX_NAME_CHARS} characters")));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(bad(format!(
+            "{c:?} is not allowed (letters, digits, '.', '-', '_')"
+        )));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(bad("it must start with a letter or a digit".into()));
+    }
+    if name == "ca" || name.ends_with("-key") {
+        return Err(bad(
+            "it would collide with the CA's or a key's file name".into()
+        ));
+    }
+    Ok(())
+}
+
+/// The SAN a NAME gives: an IP address, or a host name if it is a valid one (a name
+/// with `_` is not, and is then only the CN).
+fn san_of(name: &str) -> Option<SanType> {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Some(SanType::IpAddress(ip));
+    }
+    rustls_pki_types::DnsName::try_from(name).ok()?;
+    name.try_into().ok().map(SanType::DnsName)
+}
+
+fn parse_san(value: &str) -> Result<SanType, CaError> {
+    let bad = |reason: &str| CaError::BadSan {
+        value: value.to_string(),
+        reason: reason.to_string(),
+    };
+    if value.len() > MAX_SAN_CHARS {
+        return Err(bad(&format!("longer than {MAX_SAN_CHARS} characters")));
+    }
+    if let Ok(ip) = value.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    rustls_pki_types::DnsName::try_from(value)
+        .map_err(|_| bad("neither an IP address nor a valid host name"))?;
+    value
+        .try_into()
+        .map(SanType::DnsName)
+        .map_err(|_| bad("not ASCII"))
+}
+
+fn read_ca(path: &Path) -> Result<String, CaError> {
+    let bytes = super::read_bounded(path).map_err(|e| match e {
+        super::TlsError::Read { source, .. } => CaError::ReadCa {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => CaError::ReadCa {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })?;
+    String::from_utf8(bytes).map_err(|_| CaError::ReadCa {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not PEM text"),
+    })
+}
+
+/// Writes the key (0600) and then the certificate, each only if absent; on failure
+/// removes what it wrote, so a retry is not refused by a half-written pair.
+fn write_pair(cert: &Path, cert_pem: &str, key: &Path, key_pem: &str) -> Result<(), CaError> {
+    write_new(key, key_pem, 0o600)?;
+    if let Err(e) = write_new(cert, cert_pem, 0o644) {
+        let _ = std::fs::remove_file(key);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
+    let write_err = |source| CaError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                CaError::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                write_err(source)
+            }
+        })?;
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all());
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(path);
+        return Err(write_err(source));
+    }
+    Ok(())
+}
