@@ -69,6 +69,9 @@ pub struct AgentConfig {
     /// Finished tasks nobody claimed are dropped this long after they ended.
     pub keep_finished: Duration,
     pub procedures: Vec<CommandSpec>,
+    /// ARPCP over mutual TLS (`--tls-dir`): served to the gateway's certificate only,
+    /// and SIGNALs and announcements sent with the agent's.
+    pub tls: Option<crate::arpcp::tls::ArpcpTls>,
 }
 
 /// Flag values (None when not given on the command line).
@@ -144,6 +147,7 @@ impl AgentConfig {
             grace,
             keep_finished,
             procedures: file.procedures,
+            tls: None,
         })
     }
 }

@@ -23,6 +23,7 @@ use crate::arpcp::{
     ArpcpClient, AtaskStatus, CatalogEntry, IdData, ProtocolError, Request, Response,
     SignalRequest, VERSION,
 };
+use crate::tls::Role;
 pub use config::{AgentConfig, AgentFlags};
 use identity::Identity;
 use procedures::Registry;
@@ -82,6 +83,8 @@ impl Handler for AgentService {
 
 impl AgentService {
     async fn dispatch(&self, req: Request, peer: PeerInfo) -> Result<Response, ProtocolError> {
+        // Every request an agent serves drives or reads its tasks: the controller's.
+        peer.require(req.method(), Role::Gateway)?;
         match req {
             Request::Atask {
                 procedure,
@@ -200,7 +203,13 @@ impl Agent {
         let store = AgentStore::open(&config.data_dir)?;
         let port = listener.local_addr().map_err(AgentError::Listener)?.port();
         let controller = config.controller.clone().or(store.meta(META_CONTROLLER)?);
-        let signals = SignalSender::new(store.clone(), controller, store.meta(META_AGENT_ID)?);
+        let controller_tls = config.tls.as_ref().map(|t| t.calling(Role::Gateway));
+        let signals = SignalSender::new(
+            store.clone(),
+            controller,
+            store.meta(META_AGENT_ID)?,
+            controller_tls,
+        );
         let runner = TaskRunner::new(
             store.clone(),
             registry.clone(),
@@ -249,6 +258,7 @@ impl Agent {
         if let Some(controller) = config.controller.clone() {
             tokio::spawn(announce(
                 controller,
+                config.tls.as_ref().map(|t| t.calling(Role::Gateway)),
                 port,
                 signals.clone(),
                 shutdown.clone(),
@@ -266,7 +276,8 @@ impl Agent {
                 runner.interrupt();
             })
         };
-        serve(listener, service, shutdown).await;
+        let tls = config.tls.as_ref().map(|t| t.server.clone());
+        serve(listener, service, tls, shutdown).await;
         info!(
             "agent stopping: waiting up to {:?} for running tasks",
             config.grace
@@ -324,8 +335,14 @@ async fn drop_unclaimed(store: AgentStore, keep: Duration, stop: CancellationTok
 
 /// Tells the controller this agent exists (ARPCP ID with our port), retrying with
 /// backoff until it answers; the controller then probes us and registers us.
-async fn announce(controller: String, port: u16, signals: SignalSender, stop: CancellationToken) {
-    let client = ArpcpClient::default();
+async fn announce(
+    controller: String,
+    tls: Option<crate::arpcp::tls::ClientTls>,
+    port: u16,
+    signals: SignalSender,
+    stop: CancellationToken,
+) {
+    let client = ArpcpClient::default().with_tls(tls);
     let mut delay = signals::SIGNAL_BACKOFF_START;
     loop {
         let req = Request::Id {

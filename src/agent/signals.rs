@@ -83,10 +83,16 @@ struct Inner {
 }
 
 impl SignalSender {
-    pub fn new(store: AgentStore, controller: Option<String>, agent_id: Option<String>) -> Self {
+    pub fn new(
+        store: AgentStore,
+        controller: Option<String>,
+        agent_id: Option<String>,
+        tls: Option<crate::arpcp::tls::ClientTls>,
+    ) -> Self {
         SignalSender {
             inner: Arc::new(Inner {
-                client: ArpcpClient::new(Duration::from_secs(2), Duration::from_secs(5)),
+                client: ArpcpClient::new(Duration::from_secs(2), Duration::from_secs(5))
+                    .with_tls(tls),
                 store,
                 controller: RwLock::new(controller),
                 agent_id: RwLock::new(agent_id),

@@ -1,6 +1,7 @@
 //! The requesting side of ARPCP, used by the gateway (ATASK, GET, TASK, ID, SIGNAL
 //! terminate) and by agents (SIGNALs, announcements). Keeps one pipelined
-//! connection per peer, and bounds every exchange by a timeout.
+//! connection per peer, and bounds every exchange by a timeout. Built with a TLS
+//! configuration, it opens every connection as a mutual-TLS session.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{CodecError, InputBudget};
-use super::connection::Connection;
+use super::connection::{self, BoxIo, Connection};
+use super::tls::ClientTls;
 use super::{Method, ProtocolError, Request, Response};
 
 /// Longest response line accepted: results can be larger than requests.
@@ -39,6 +41,11 @@ pub enum ClientError {
     Io { addr: String, source: CodecError },
     #[error("{addr} closed the connection without answering")]
     Closed { addr: String },
+    #[error("TLS with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: super::tls::HandshakeError,
+    },
     #[error("{addr} sent an invalid response: {error}")]
     BadResponse { addr: String, error: ProtocolError },
 }
@@ -46,7 +53,7 @@ pub enum ClientError {
 impl ClientError {
     /// True when the peer could not be reached at all (it did not see the request).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Connect { .. })
+        matches!(self, ClientError::Connect { .. } | ClientError::Tls { .. })
     }
 }
 
@@ -72,6 +79,7 @@ pub struct ArpcpClient {
     request_timeout: Duration,
     /// Shared by the read buffers of every connection of this client.
     budget: Arc<InputBudget>,
+    tls: Option<ClientTls>,
 }
 
 impl Default for ArpcpClient {
@@ -202,7 +210,14 @@ impl ArpcpClient {
             connect_timeout,
             request_timeout,
             budget: InputBudget::new("MAX_BUFFERED_RESPONSES", MAX_BUFFERED_RESPONSES),
+            tls: None,
         }
+    }
+
+    /// Connects with TLS (`Some`) or plain TCP (`None`).
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sends `req` to `addr` and returns the response, with the default timeout.
@@ -373,12 +388,27 @@ impl ArpcpClient {
                 addr: addr.to_string(),
                 source,
             })?;
-        Connection::new(stream, MAX_RESPONSE_LEN, self.budget.clone()).map_err(|source| {
-            ClientError::Connect {
+        let (peer, local) =
+            connection::prepare(&stream).map_err(|source| ClientError::Connect {
                 addr: addr.to_string(),
                 source,
-            }
-        })
+            })?;
+        let io: BoxIo = match &self.tls {
+            None => Box::new(stream),
+            Some(tls) => Box::new(super::tls::connect(tls, addr, stream).await.map_err(
+                |source| ClientError::Tls {
+                    addr: addr.to_string(),
+                    source,
+                },
+            )?),
+        };
+        Ok(Connection::over(
+            io,
+            peer,
+            local,
+            MAX_RESPONSE_LEN,
+            self.budget.clone(),
+        ))
     }
 
     /// Drops the connection to `addr` (after it failed, say).

@@ -1,5 +1,6 @@
-//! A TCP connection carrying ARPCP lines: owns the socket and its read buffer,
-//! which is charged to a budget shared with the owner's other connections.
+//! A connection carrying ARPCP lines, plain TCP or TLS over it: owns the stream and
+//! its read buffer, which is charged to a budget shared with the owner's other
+//! connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,18 +8,27 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use super::codec::{CodecError, InputBudget, LineCodec};
 
+/// A byte stream a connection can run over: a TCP socket, or a TLS session on one.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Boxed so that the server loop, the table and the client pool are one code path
+/// for plain and TLS connections.
+pub type BoxIo = Box<dyn Io>;
+
 /// The writing half of a split connection, taking items of type `T`.
-pub type Writer<T> = futures::stream::SplitSink<Framed<TcpStream, LineCodec>, T>;
+pub type Writer<T> = futures::stream::SplitSink<Framed<BoxIo, LineCodec>, T>;
 /// The reading half of a split connection: lines.
-pub type Reader = futures::stream::SplitStream<Framed<TcpStream, LineCodec>>;
+pub type Reader = futures::stream::SplitStream<Framed<BoxIo, LineCodec>>;
 
 pub struct Connection {
-    framed: Framed<TcpStream, LineCodec>,
+    framed: Framed<BoxIo, LineCodec>,
     peer: SocketAddr,
     local: SocketAddr,
 }
@@ -31,14 +41,30 @@ impl Connection {
         max_line: usize,
         budget: Arc<InputBudget>,
     ) -> std::io::Result<Self> {
-        stream.set_nodelay(true)?;
-        let peer = stream.peer_addr()?;
-        let local = stream.local_addr()?;
-        Ok(Connection {
-            framed: Framed::new(stream, LineCodec::with_budget(max_line, budget)),
+        let (peer, local) = prepare(&stream)?;
+        Ok(Connection::over(
+            Box::new(stream),
             peer,
             local,
-        })
+            max_line,
+            budget,
+        ))
+    }
+
+    /// A connection over an established stream (a TLS session, say) between `peer`
+    /// and `local`.
+    pub fn over(
+        io: BoxIo,
+        peer: SocketAddr,
+        local: SocketAddr,
+        max_line: usize,
+        budget: Arc<InputBudget>,
+    ) -> Self {
+        Connection {
+            framed: Framed::new(io, LineCodec::with_budget(max_line, budget)),
+            peer,
+            local,
+        }
     }
 
     pub fn peer_addr(&self) -> SocketAddr {
@@ -73,4 +99,11 @@ impl Connection {
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), CodecError> {
         self.framed.send(msg).await
     }
+}
+
+/// Sets up a fresh socket for line traffic (small answers go out at once) and
+/// returns its peer and local addresses.
+pub fn prepare(stream: &TcpStream) -> std::io::Result<(SocketAddr, SocketAddr)> {
+    stream.set_nodelay(true)?;
+    Ok((stream.peer_addr()?, stream.local_addr()?))
 }

@@ -137,6 +137,13 @@ pub enum ProtocolError {
         method: &'static str,
         served: &'static str,
     },
+    #[error("method {method} is served only to a peer whose certificate has role {needed}; {name:?} has role {role}")]
+    RoleRequired {
+        method: &'static str,
+        needed: crate::tls::Role,
+        role: crate::tls::Role,
+        name: String,
+    },
     #[error("header `{header}` must be {expected}, got {got}")]
     BadHeader {
         header: &'static str,
@@ -170,7 +177,7 @@ impl ProtocolError {
             | NotJson(_)
             | NotObject(_)
             | BadHeader { .. } => Code::Malformed,
-            UnknownMethod(_) | MethodNotServed { .. } => Code::UnknownMethod,
+            UnknownMethod(_) | MethodNotServed { .. } | RoleRequired { .. } => Code::UnknownMethod,
             MissingHeader { .. } => Code::MissingHeader,
             UnknownProcedure(_) => Code::UnknownProcedure,
             BadArguments { .. } => Code::BadArguments,

@@ -2,7 +2,7 @@
 //! its agents. This module is the wire layer only: message types and their parsing
 //! (`message`), status codes and errors (`error`), framing (`codec`), a framed
 //! socket (`connection`), a generic server loop (`server`) and a pooled client
-//! (`client`). What a request *means* is decided by the agent and the gateway.
+//! (`client`), over plain TCP or mutual TLS (`tls`). What a request *means* is decided by the agent and the gateway.
 
 pub mod client;
 pub mod codec;
@@ -10,6 +10,7 @@ pub mod connection;
 pub mod error;
 pub mod message;
 pub mod server;
+pub mod tls;
 
 use std::time::Duration;
 

@@ -8,6 +8,10 @@
 //! (`MAX_BUFFERED_INPUT`), closes idle, stalled, over-long-line and over-budget
 //! connections, and on shutdown stops accepting and reading and lets each
 //! connection answer what it has read.
+//!
+//! Given a TLS configuration, a connection is served only once its TLS handshake
+//! with a client certificate of the cluster CA has finished; the handshake runs
+//! inside the connection's place in the table, so the limits hold for it too.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,26 +25,52 @@ use futures::future::Either;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::codec::{CodecError, InputBudget};
-use super::connection::Connection;
+use super::connection::{self, Connection};
+use super::tls::HandshakeError;
 use super::{
-    ProtocolError, Request, Response, IDLE_TIMEOUT, MAX_BUFFERED_INPUT, MAX_CONNECTIONS,
+    Method, ProtocolError, Request, Response, IDLE_TIMEOUT, MAX_BUFFERED_INPUT, MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_PEER, MAX_LINE_LEN, MAX_PIPELINED_REQUESTS,
 };
+use crate::tls::{PeerIdentity, Role};
 
 /// At most one warning per this interval about connections closed or refused for
 /// the limits (each one is logged at debug level): a flood must not flood the log.
 const LIMIT_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// At most this many refused TLS handshakes are logged as warnings per
+/// `LIMIT_WARN_INTERVAL` (the rest at debug level, counted in the next warning):
+/// a stranger knocking must not flood the log.
+pub const MAX_HANDSHAKE_WARNINGS: u64 = 20;
+
 /// Who sent a request, and on which of our addresses it arrived.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PeerInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// Who the peer's certificate says it is; `None` on a plain (non-TLS) server.
+    pub identity: Option<PeerIdentity>,
+}
+
+impl PeerInfo {
+    /// Refuses `method` unless the peer's certificate carries `needed`. A plain
+    /// server has no identities to check and serves everyone, as ARPCP 1.0 did.
+    pub fn require(&self, method: Method, needed: Role) -> Result<(), ProtocolError> {
+        match &self.identity {
+            Some(who) if who.role != needed => Err(ProtocolError::RoleRequired {
+                method: method.as_str(),
+                needed,
+                role: who.role,
+                name: who.name.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What a server does with a well-formed request.
@@ -49,12 +79,16 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then waits for open connections
-/// to finish the request they are on.
+/// to finish the request they are on. With `tls`, only TLS connections with a client
+/// certificate of the cluster CA are served.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) {
+    let acceptor = tls.map(TlsAcceptor::from);
+    let refusals = Arc::new(HandshakeLog::default());
     let table = ConnTable::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     let budget = InputBudget::new("MAX_BUFFERED_INPUT", MAX_BUFFERED_INPUT);
     let tracker = TaskTracker::new();
@@ -77,13 +111,29 @@ pub async fn serve<H: Handler>(
         let slot = match table.admit(addr.ip()) {
             Ok(slot) => slot,
             Err(e) => {
-                refuse(stream, &e);
+                // A TLS peer could not read a plain answer: it just sees the close.
+                if acceptor.is_none() {
+                    refuse(stream, &e);
+                }
                 continue;
             }
         };
         let (handler, shutdown, budget) = (handler.clone(), shutdown.clone(), budget.clone());
+        let (acceptor, refusals) = (acceptor.clone(), refusals.clone());
         tracker.spawn(async move {
-            if let Err(e) = serve_connection(stream, &*handler, &shutdown, &slot, budget).await {
+            let conn = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = slot.closed() => return,
+                c = open(stream, acceptor.as_ref(), budget) => c,
+            };
+            let (conn, identity) = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    refusals.note(addr, &e);
+                    return;
+                }
+            };
+            if let Err(e) = serve_connection(conn, identity, &*handler, &shutdown, &slot).await {
                 debug!(error = %e, "connection ended");
             }
             drop(slot);
@@ -105,17 +155,73 @@ fn refuse(stream: TcpStream, e: &ProtocolError) {
     }
 }
 
-async fn serve_connection<H: Handler>(
+/// Why a connection was not served at all.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error("{0}")]
+    Socket(std::io::Error),
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
+}
+
+/// The connection over `stream`: as is, or once a TLS handshake has finished.
+async fn open(
     stream: TcpStream,
+    acceptor: Option<&TlsAcceptor>,
+    budget: Arc<InputBudget>,
+) -> Result<(Connection, Option<PeerIdentity>), OpenError> {
+    let (peer, local) = connection::prepare(&stream).map_err(OpenError::Socket)?;
+    let Some(acceptor) = acceptor else {
+        let conn = Connection::over(Box::new(stream), peer, local, MAX_LINE_LEN, budget);
+        return Ok((conn, None));
+    };
+    let (tls, who) = super::tls::accept(acceptor, stream).await?;
+    let conn = Connection::over(Box::new(tls), peer, local, MAX_LINE_LEN, budget);
+    Ok((conn, Some(who)))
+}
+
+/// Logs refused handshakes, each with the peer and the reason, up to
+/// `MAX_HANDSHAKE_WARNINGS` per `LIMIT_WARN_INTERVAL`.
+#[derive(Default)]
+struct HandshakeLog {
+    inner: Mutex<(Option<Instant>, u64, u64)>,
+}
+
+impl HandshakeLog {
+    fn note(&self, peer: SocketAddr, e: &OpenError) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (since, warned, quiet) = &mut *g;
+        if since.is_none_or(|s| s.elapsed() >= LIMIT_WARN_INTERVAL) {
+            *since = Some(Instant::now());
+            *warned = 0;
+        }
+        if *warned >= MAX_HANDSHAKE_WARNINGS {
+            *quiet += 1;
+            debug!(%peer, "refused a connection: {e}");
+            return;
+        }
+        *warned += 1;
+        let unlogged = std::mem::take(quiet);
+        drop(g);
+        if unlogged > 0 {
+            warn!(%peer, "refused a connection from {peer}: {e} ({unlogged} more refused since at debug level)");
+        } else {
+            warn!(%peer, "refused a connection from {peer}: {e}");
+        }
+    }
+}
+
+async fn serve_connection<H: Handler>(
+    conn: Connection,
+    identity: Option<PeerIdentity>,
     handler: &H,
     shutdown: &CancellationToken,
     slot: &Slot,
-    budget: Arc<InputBudget>,
 ) -> Result<(), CodecError> {
-    let conn = Connection::new(stream, MAX_LINE_LEN, budget)?;
     let peer = PeerInfo {
         peer: conn.peer_addr(),
         local: conn.local_addr(),
+        identity,
     };
     let (mut sink, mut lines) = conn.split();
     // Requests being handled, answered in the order they came. Each handler runs
@@ -144,7 +250,7 @@ async fn serve_connection<H: Handler>(
                         continue;
                     }
                     Some(Ok(line)) => match Request::parse(&line) {
-                        Ok(req) => Either::Left(handler.handle(req, peer)),
+                        Ok(req) => Either::Left(handler.handle(req, peer.clone())),
                         Err(e) => {
                             debug!(peer = %peer.peer, "bad request: {e}");
                             Either::Right(std::future::ready(Response::error(&e)))

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::procedures::{CommandSpec, SpecKind};
 use crate::agent::{self, AgentConfig, AgentFlags};
+use crate::arpcp::tls::ArpcpTls;
 use crate::arpcp::DEFAULT_AGENT_PORT;
 use crate::durable;
 use crate::gateway::{self, membership::parse_scan, GatewayConfig};
@@ -42,6 +43,14 @@ pub struct AgentCmd {
     /// unreadable) stops the start with an error.
     #[arg(long)]
     accept_damaged_store: bool,
+    /// Speak ARPCP over mutual TLS with the certificates in DIR (ca.pem and
+    /// NAME.pem / NAME-key.pem, as `arpcp ca` writes them); only the gateway's
+    /// certificate is served.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The name of the agent's certificate in --tls-dir [default: the host name]
+    #[arg(long, requires = "tls_dir")]
+    tls_name: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -84,6 +93,10 @@ pub struct GatewayCmd {
     /// unreadable) stops the start with an error.
     #[arg(long)]
     accept_damaged_store: bool,
+    /// Speak ARPCP over mutual TLS with the certificates in DIR (ca.pem,
+    /// gateway.pem, gateway-key.pem); only agents' certificates are served.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -195,6 +208,15 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
         grace_secs: a.grace_secs,
         keep_finished_secs: a.keep_finished_secs,
     })?;
+    let mut config = config;
+    if let Some(dir) = &a.tls_dir {
+        let name = a.tls_name.clone().unwrap_or_else(|| {
+            hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        config.tls = Some(ArpcpTls::load(dir, &name).context("--tls-dir")?);
+    }
     let listener = bind(&config.listen.to_string()).await?;
     let addr = listener.local_addr()?.to_string();
     if a.accept_damaged_store {
@@ -226,6 +248,12 @@ fn gateway_config(g: &GatewayCmd) -> anyhow::Result<GatewayConfig> {
         retention: Duration::from_secs(g.retention_secs),
         retention_count: g.retention_count,
         accept_damaged_store: g.accept_damaged_store,
+        tls: g
+            .tls_dir
+            .as_deref()
+            .map(|dir| ArpcpTls::load(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME))
+            .transpose()
+            .context("--tls-dir")?,
     })
 }
 
@@ -272,6 +300,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         retention: Duration::from_secs(7 * 24 * 3600),
         retention_count: 1_000_000,
         accept_damaged_store: u.accept_damaged_store,
+        tls: None,
     };
     if u.accept_damaged_store {
         accept_agent_store_damage(&agent_config.data_dir)?;

@@ -49,7 +49,7 @@ enum Command {
     Procedures(commands::ProceduresCmd),
     /// Add an agent to the blacklist, or remove it.
     Blacklist(commands::BlacklistCmd),
-    /// Make the cluster CA and issue certificates (not yet used by the daemons).
+    /// Make the cluster CA and issue certificates (used by ARPCP with `--tls-dir`).
     Ca(ca::CaCmd),
 }
 

@@ -8,6 +8,7 @@ use super::membership::Membership;
 use super::scheduler::Scheduler;
 use crate::arpcp::server::{Handler, PeerInfo};
 use crate::arpcp::{ProtocolError, Request, Response, VERSION};
+use crate::tls::Role;
 
 pub struct ControllerService {
     pub scheduler: Arc<Scheduler>,
@@ -16,6 +17,9 @@ pub struct ControllerService {
 
 impl Handler for ControllerService {
     async fn handle(&self, req: Request, peer: PeerInfo) -> Response {
+        if let Err(e) = peer.require(req.method(), Role::Agent) {
+            return Response::error(&e);
+        }
         let answer = match req {
             Request::Signal(sig) => self.scheduler.on_signal(sig).await,
             Request::Id { port, .. } => {

@@ -71,6 +71,8 @@ pub struct MembershipConfig {
     pub advertise: String,
     /// The lease granted to agents (sent in ID's `lease_ms`: we fence attempts).
     pub lease: Duration,
+    /// Probes agents over mutual TLS when set.
+    pub tls: Option<crate::arpcp::tls::ClientTls>,
 }
 
 pub struct Membership {
@@ -125,7 +127,7 @@ impl Membership {
             candidates: Mutex::new(candidates),
             catalogs: Mutex::new(HashMap::new()),
             store,
-            client: ArpcpClient::new(timeout, timeout),
+            client: ArpcpClient::new(timeout, timeout).with_tls(config.tls.clone()),
             config,
             events,
         }))
@@ -741,6 +743,7 @@ mod tests {
                 scan_port,
                 advertise: "127.0.0.1:1".into(),
                 lease: interval * 3,
+                tls: None,
             },
             events,
         )

@@ -35,6 +35,7 @@ pub use error::GatewayError;
 pub(crate) fn convert_status(n: i32) -> Option<model::TaskStatus> {
     convert::status_from_pb(n).ok().flatten()
 }
+use crate::tls::Role;
 use membership::{Membership, MembershipConfig};
 use scheduler::Scheduler;
 use store::GatewayStore;
@@ -62,6 +63,9 @@ pub struct GatewayConfig {
     /// Start on a damaged store with what is readable (what was lost is logged)
     /// instead of refusing to start.
     pub accept_damaged_store: bool,
+    /// ARPCP over mutual TLS (`--tls-dir`): the listener takes agents' certificates
+    /// only, and agents are called with the gateway's.
+    pub tls: Option<crate::arpcp::tls::ArpcpTls>,
 }
 
 #[derive(Debug, Error)]
@@ -133,6 +137,7 @@ impl Gateway {
             lease_duration,
             std::time::Instant::now(),
         ));
+        let agents_tls = config.tls.as_ref().map(|t| t.calling(Role::Agent));
         let membership = Membership::new(
             store.clone(),
             MembershipConfig {
@@ -143,6 +148,7 @@ impl Gateway {
                 scan_port: config.scan_port,
                 advertise: advertise.clone(),
                 lease: lease_duration,
+                tls: agents_tls.clone(),
             },
             events_tx,
         )?;
@@ -153,6 +159,7 @@ impl Gateway {
             watchers.clone(),
             leases,
             advertise.clone(),
+            agents_tls,
         );
         scheduler.recover().await?;
         Ok(Gateway {
@@ -210,6 +217,7 @@ impl Gateway {
                 scheduler: scheduler.clone(),
                 membership: membership.clone(),
             }),
+            config.tls.as_ref().map(|t| t.server.clone()),
             shutdown.clone(),
         ));
 

@@ -71,13 +71,14 @@ impl Scheduler {
         watchers: Arc<TaskWatchers>,
         leases: Arc<Leases>,
         reply_to: String,
+        tls: Option<crate::arpcp::tls::ClientTls>,
     ) -> (Arc<Self>, mpsc::Receiver<String>) {
         let (queue, rx) = mpsc::channel(DISPATCH_QUEUE_LEN);
         let s = Scheduler {
             store,
             membership,
             watchers,
-            client: ArpcpClient::default(),
+            client: ArpcpClient::default().with_tls(tls),
             reply_to,
             queue,
             open: Mutex::new(HashSet::new()),
