@@ -178,10 +178,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let roots = Arc::new(load_roots(&files.ca)?);
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
-        .map_err(|e| TlsError::Verifier {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| verifier_error(files, e))?;
     let (chain, key) = load_cert_and_key(files)?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -198,10 +195,7 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = Arc::new(load_roots(&files.ca)?);
     let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
-        .map_err(|e| TlsError::Verifier {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| verifier_error(files, e))?;
     let (chain, key) = load_cert_and_key(files)?;
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -210,6 +204,14 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
         .with_client_auth_cert(chain, key)
         .map_err(|source| cert_key_error(files, source))?;
     Ok(Arc::new(config))
+}
+
+/// The CA in `files.ca` could not make a certificate verifier.
+fn verifier_error(files: &TlsFiles, e: impl std::fmt::Display) -> TlsError {
+    TlsError::Verifier {
+        path: files.ca.clone(),
+        reason: e.to_string(),
+    }
 }
 
 fn cert_key_error(files: &TlsFiles, source: rustls::Error) -> TlsError {
