@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as _dt
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,43 @@ _MAX_EXACT_INT = 2**53
 _MAX_WAIT = 600.0
 # Extra time given to a gRPC call over the wait it asks the gateway for.
 _MARGIN = 10.0
+
+#: A file path, or PEM content as bytes.
+PathOrPem = Union[str, "os.PathLike[str]", bytes]
+
+
+def _pem(what: str, value: PathOrPem) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    try:
+        with open(value, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {os.fspath(value)!r}: {e.strerror}") from None
+
+
+def _credentials(
+    ca: PathOrPem, cert: Optional[PathOrPem], key: Optional[PathOrPem], token: Optional[str]
+) -> grpc.ChannelCredentials:
+    if key is not None and cert is None:
+        raise ValueError("key= needs cert= (the client certificate it belongs to)")
+    chain = private = None
+    if cert is not None:
+        chain = _pem("client certificate", cert)
+        if key is None:
+            if isinstance(cert, bytes):
+                raise ValueError("cert= given as PEM bytes needs key= too")
+            path = os.fspath(cert)
+            key = path[:-4] + "-key.pem" if path.endswith(".pem") else path + "-key.pem"
+        private = _pem("client key", key)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_pem("CA certificate", ca), private_key=private, certificate_chain=chain
+    )
+    if token is None:
+        token = os.environ.get("ARPCP_TOKEN") or None
+    if token is not None:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return creds
 
 
 class GatewayError(Exception):
@@ -226,12 +264,41 @@ class Client:
     5
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 30.0,
+        ca: Optional[PathOrPem] = None,
+        cert: Optional[PathOrPem] = None,
+        key: Optional[PathOrPem] = None,
+        token: Optional[str] = None,
+        server_name: Optional[str] = None,
+    ) -> None:
         """``target`` is the gateway's gRPC address (``host:port``); ``timeout`` is the
-        deadline, in seconds, of calls that do not wait for tasks."""
+        deadline, in seconds, of calls that do not wait for tasks.
+
+        A gateway started with ``--tls-dir`` speaks TLS and wants credentials: ``ca``
+        is the cluster CA (``ca.pem``), then either ``cert`` (a client certificate
+        from ``arpcp ca issue client NAME --role ...``; ``key`` defaults to the
+        ``-key.pem`` file beside it) or ``token`` (from ``arpcp token create``;
+        defaults to the environment variable ``ARPCP_TOKEN``). ``server_name`` is the
+        name the gateway's certificate is checked against when it differs from the
+        host in ``target``. Each argument is a file path or the PEM itself (bytes)."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        if ca is None:
+            if cert is not None or key is not None or token is not None:
+                raise ValueError(
+                    "cert, key and token are sent only over TLS: give ca= (the cluster's ca.pem) too"
+                )
+            self._channel = grpc.insecure_channel(target)
+        else:
+            self._channel = grpc.secure_channel(
+                target,
+                _credentials(ca, cert, key, token),
+                options=[("grpc.ssl_target_name_override", server_name)] if server_name else [],
+            )
         self._stub = pb_grpc.GatewayStub(self._channel)
 
     def close(self) -> None:
