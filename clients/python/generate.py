@@ -7,6 +7,11 @@ Compiles ``proto/arpcp/v1/gateway.proto`` (at the repository's root) with
 ``gateway_pb2_grpc.py``), and makes the stubs import each other relatively, so
 they live inside the package rather than as a top-level ``arpcp`` module.
 
+protoc writes no type stub for ``gateway_pb2_grpc.py``, so this script writes
+``gateway_pb2_grpc.pyi`` from the service's descriptor: the client stub's methods
+typed by request and response, for ``grpc`` and ``grpc.aio`` channels, which is what
+lets ``mypy --strict`` check the client (and code using it) without ``Any``.
+
 Usage: ``python clients/python/generate.py [--proto-root DIR] [--out DIR]``.
 ``pip install ./clients/python`` runs it too (see ``setup.py``).
 """
@@ -60,6 +65,7 @@ def generate(proto_root: Path = DEFAULT_PROTO_ROOT, out: Path = DEFAULT_OUT) -> 
                 f"--python_out={tmp}",
                 f"--pyi_out={tmp}",
                 f"--grpc_python_out={tmp}",
+                f"--descriptor_set_out={Path(tmp) / 'gateway.desc'}",
                 PROTO,
             ]
         )
@@ -73,9 +79,52 @@ def generate(proto_root: Path = DEFAULT_PROTO_ROOT, out: Path = DEFAULT_OUT) -> 
             # arpcp_client._generated, so import the sibling module relatively.
             text = text.replace("from arpcp.v1 import gateway_pb2", "from . import gateway_pb2")
             (out / name).write_text(text)
+        (out / "gateway_pb2_grpc.pyi").write_text(_grpc_stub((Path(tmp) / "gateway.desc").read_bytes()))
         init = out / "__init__.py"
         init.write_text('"""gRPC stubs generated from proto/arpcp/v1/gateway.proto by generate.py."""\n')
     return out
+
+
+def _grpc_stub(descriptor_set: bytes) -> str:
+    """The text of ``gateway_pb2_grpc.pyi``: the client stub of each service."""
+    from google.protobuf import descriptor_pb2
+
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
+    (proto,) = [f for f in fds.file if f.name == PROTO]
+    package = "." + proto.package + "."
+    lines = [
+        '"""Types of the client stubs in gateway_pb2_grpc.py (written by generate.py).',
+        "",
+        "``<Service>AsyncStub`` exists only here: it is what ``<Service>Stub`` is on a",
+        '``grpc.aio`` channel."""',
+        "",
+        "from typing import Union",
+        "",
+        "import grpc",
+        "import grpc.aio",
+        "",
+        "from . import gateway_pb2",
+    ]
+
+    def message(name: str) -> str:
+        if not name.startswith(package):
+            raise SystemExit(f"generate.py: {name} is not a message of {proto.package}")
+        return "gateway_pb2." + name[len(package):]
+
+    for service in proto.service:
+        for flavour, module in (("", "grpc"), ("Async", "grpc.aio")):
+            lines += ["", "", f"class {service.name}{flavour}Stub:"]
+            if not flavour:
+                lines.append("    def __init__(self, channel: Union[grpc.Channel, grpc.aio.Channel]) -> None: ...")
+            for m in service.method:
+                kind = ("Stream" if m.client_streaming else "Unary") + (
+                    "Stream" if m.server_streaming else "Unary"
+                )
+                lines.append(
+                    f"    {m.name}: {module}.{kind}MultiCallable"
+                    f"[{message(m.input_type)}, {message(m.output_type)}]"
+                )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

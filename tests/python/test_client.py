@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
 import threading
 import time
@@ -13,7 +14,19 @@ from typing import Callable, Optional, TypeVar
 import grpc
 import pytest
 
-from arpcp_client import Client, GatewayError, ProcedureSchema, Table, Task, TaskFailed
+from arpcp_client import (
+    FINAL_STATUSES,
+    ArpcpError,
+    Client,
+    ClientClosed,
+    GatewayError,
+    ProcedureSchema,
+    Table,
+    Task,
+    TaskFailed,
+    TaskHandle,
+    TaskStatus,
+)
 
 # Every wait in these tests ends by this many seconds.
 WAIT = 20.0
@@ -308,3 +321,98 @@ def test_an_opal_model_is_described_run_and_read_as_a_table(client: Client) -> N
     rows = task.table.to_dicts()
     assert rows[0]["time"] == "00:00" and isinstance(rows[0]["x"], (int, float))
     assert abs(rows[-1]["x"] - 10) < 2.0, rows[-1]
+
+
+def os_threads() -> int:
+    """Threads of this process as the kernel counts them (Python's and grpc's own)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_on_done_follows_50_tasks_from_one_thread(client: Client, cluster) -> None:
+    # 50 tasks that do not end until cancelled: four run, the rest stay queued.
+    ids = [client.submit("sleep", 60) for _ in range(50)]
+    try:
+        py_before, os_before = threading.active_count(), os_threads()
+        ran_in: set[str] = set()
+        futures = [client.on_done(i, lambda t: ran_in.add(threading.current_thread().name)) for i in ids]
+        py_pending, os_pending = threading.active_count(), os_threads()
+        assert not any(f.done() for f in futures)
+        # One watcher (and grpc's one polling thread), not one thread per task.
+        assert py_pending - py_before <= 2, (py_before, py_pending, [t.name for t in threading.enumerate()])
+        assert os_pending - os_before < 10, (os_before, os_pending)
+    finally:
+        for i in ids:
+            client.cancel(i)
+    ended = [f.result(timeout=WAIT) for f in futures]
+    assert [t.task_id for t in ended] == ids
+    assert {t.status for t in ended} == {"cancelled"}
+    assert len(ran_in) == 1 and threading.current_thread().name not in ran_in, ran_in
+    # With nothing left to follow, the watcher thread ends.
+    poll("the watcher thread to end", lambda: threading.active_count() <= py_before)
+
+
+def test_a_task_handle_gives_the_result_or_raises_task_failed(client: Client) -> None:
+    handle = client.start("add", 2, 3)
+    assert isinstance(handle, TaskHandle) and handle.id
+    assert handle.result(timeout=WAIT) == 5
+    assert handle.status() is TaskStatus.DONE
+    assert client.task(handle.id).wait(timeout=WAIT).result == 5
+
+    failing = client.start("div", 1, 0)
+    with pytest.raises(TaskFailed) as e:
+        failing.result(timeout=WAIT)
+    assert e.value.status is TaskStatus.FAILED and e.value.error_code == 400
+    assert "division by zero" in e.value.error and failing.id in str(e.value)
+    assert isinstance(e.value, ArpcpError)
+
+    slow = client.start("sleep", 30)
+    try:
+        with pytest.raises(TimeoutError) as t:
+            slow.result(timeout=0.3)
+        assert slow.id in str(t.value)
+    finally:
+        assert slow.cancel().status == "cancelled"
+    with pytest.raises(TaskFailed) as e:
+        slow.result(timeout=WAIT)
+    assert e.value.status == "cancelled"
+
+
+def test_status_is_an_enum_that_compares_as_its_string(client: Client) -> None:
+    task = client.wait(client.submit("add", 1, 2), timeout=WAIT)
+    assert task.status is TaskStatus.DONE
+    assert task.status == "done" and "done" == task.status
+    assert str(task.status) == "done" and f"{task.status}" == "done"
+    assert task.status in FINAL_STATUSES and "done" in FINAL_STATUSES and "running" not in FINAL_STATUSES
+    assert {"done": 1}[task.status] == 1
+    assert TaskStatus("client_error") is TaskStatus.CLIENT_ERROR and TaskStatus.DONE.ended
+    ids = {t.task_id for t in client.tasks(status=TaskStatus.DONE, procedure="add")}
+    assert task.task_id in ids
+    with pytest.raises(ValueError) as e:
+        list(client.tasks(status="finished"))
+    assert "finished" in str(e.value) and "client_error" in str(e.value)
+
+
+def test_a_closed_client_raises_client_closed(client: Client, cluster) -> None:
+    other = Client(cluster.grpc, timeout=10)
+    slow = other.submit("sleep", 30)
+    pending = other.on_done(slow, lambda t: None)
+    other.close()
+    assert other.closed
+    # The callback's future ends with the same error rather than waiting forever.
+    assert isinstance(pending.exception(timeout=WAIT), ClientClosed)
+    for call in (
+        lambda: other.submit("add", 1, 2),
+        lambda: other.call("add", 1, 2),
+        lambda: other.get(slow),
+        lambda: other.wait(slow, timeout=1),
+        lambda: other.start("add", 1, 2),
+        lambda: list(other.watch(slow)),
+        lambda: list(other.tasks()),
+        lambda: other.agents(),
+        lambda: other.on_done(slow, lambda t: None),
+    ):
+        with pytest.raises(ClientClosed) as e:
+            call()
+        assert "closed" in str(e.value) and "new Client" in str(e.value), str(e.value)
+        assert isinstance(e.value, ArpcpError)
+    client.cancel(slow)

@@ -1,17 +1,18 @@
-"""Python client of the arpcp gateway.
+"""Python client of the arpcp gateway: :class:`Client` blocks, :class:`arpcp_client.aio.Client`
+is the asyncio one with the same calls.
 
 >>> from arpcp_client import Client
 >>> c = Client("127.0.0.1:50051")
->>> task_id = c.submit("add", 2, 3)
->>> c.wait(task_id, timeout=10).result
+>>> c.start("add", 2, 3).result(timeout=10)
 5
 """
 
-from .client import (
+from ._common import (
     FINAL_STATUSES,
     Agent,
     Algorithm,
-    Client,
+    ArpcpError,
+    ClientClosed,
     Column,
     GatewayError,
     Parameter,
@@ -21,15 +22,21 @@ from .client import (
     Table,
     Task,
     TaskFailed,
+    TaskStatus,
     from_value,
     to_value,
 )
+from .client import MAX_ON_DONE_POLLS, MAX_ON_DONE_TASKS, Client, TaskHandle
 
 __all__ = [
     "FINAL_STATUSES",
+    "MAX_ON_DONE_POLLS",
+    "MAX_ON_DONE_TASKS",
     "Agent",
     "Algorithm",
+    "ArpcpError",
     "Client",
+    "ClientClosed",
     "Column",
     "GatewayError",
     "Parameter",
@@ -39,6 +46,8 @@ __all__ = [
     "Table",
     "Task",
     "TaskFailed",
+    "TaskHandle",
+    "TaskStatus",
     "from_value",
     "to_value",
 ]
