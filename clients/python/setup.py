@@ -17,5 +17,11 @@ elif not (generate.DEFAULT_OUT / "gateway_pb2.py").is_file():
         "build from the arpcp repository (pip install ./clients/python)"
     )
 protobuf, grpc = generate.generated_versions(generate.DEFAULT_OUT)
+if not protobuf or not grpc:
+    sys.exit(
+        "the generated stubs do not say which protobuf and grpcio they need "
+        "(grpcio-tools older than 1.66?): pip install -U grpcio-tools, then build again"
+    )
 major = int(protobuf.split(".")[0])
-setup(install_requires=[f"grpcio>={grpc}", f"protobuf>={protobuf},<{major + 1}"])
+# protobuf refuses stubs from a newer major version; grpcio keeps compatibility within 1.x.
+setup(install_requires=[f"grpcio>={grpc},<2", f"protobuf>={protobuf},<{major + 1}"])
