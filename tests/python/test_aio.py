@@ -147,3 +147,15 @@ def test_a_closed_client_raises_client_closed(cluster) -> None:
             [t async for t in client.tasks()]
 
     asyncio.run(main())
+
+
+def test_tls_arguments_are_checked_as_in_the_blocking_client() -> None:
+    async def main() -> None:
+        with pytest.raises(ValueError) as e:
+            Client("127.0.0.1:1", token="secret")
+        assert "ca=" in str(e.value)
+        with pytest.raises(ValueError) as e:
+            Client("127.0.0.1:1", ca="/nonexistent/ca.pem")
+        assert "CA certificate" in str(e.value) and "/nonexistent/ca.pem" in str(e.value)
+
+    asyncio.run(main())

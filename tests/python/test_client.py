@@ -347,6 +347,11 @@ def test_on_done_follows_50_tasks_from_one_thread(client: Client, cluster) -> No
     assert [t.task_id for t in ended] == ids
     assert {t.status for t in ended} == {"cancelled"}
     assert len(ran_in) == 1 and threading.current_thread().name not in ran_in, ran_in
+    # A task the gateway does not know ends its future with the gateway's error.
+    missing = str(uuid.uuid4())
+    error = client.on_done(missing, lambda t: None).exception(timeout=WAIT)
+    assert isinstance(error, GatewayError) and error.code == grpc.StatusCode.NOT_FOUND
+    assert missing in error.message
     # With nothing left to follow, the watcher thread ends.
     poll("the watcher thread to end", lambda: threading.active_count() <= py_before)
 

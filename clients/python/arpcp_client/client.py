@@ -425,10 +425,14 @@ class _Watcher:
                 continue
             with self._lock:
                 self._polling -= 1
+            what = f"wait for task {task_id}"
             try:
                 task = c._task(call.result())
             except grpc.RpcError as e:
-                self._settle(task_id, error=self._client._error(e, f"wait for task {task_id}"))
+                self._settle(task_id, error=self._client._error(e, what))
+                continue
+            except grpc.FutureCancelledError:  # only close() cancels these calls
+                self._settle(task_id, error=ClientClosed(what))
                 continue
             if task.ended:
                 self._settle(task_id, task=task)
