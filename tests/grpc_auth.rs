@@ -379,7 +379,7 @@ fn a_client_certificate_of_another_ca_is_refused_in_the_handshake() {
         &t.c.gateway,
         &[
             "refused a connection from 127.0.0.1:",
-            "invalid peer certificate",
+            "gRPC TLS handshake failed: invalid peer certificate",
         ],
     );
     assert!(!t.c.gw.agents()[0].blacklisted);
@@ -432,6 +432,10 @@ fn the_cli_submits_with_a_token_and_with_a_certificate_and_says_what_is_missing(
     let (status, _, err) = run_to_exit(d, &wrong_ca, WAIT);
     assert!(!status.success());
     assert!(err.contains("not signed by the CA given in --ca"), "{err}");
+    // A plain-text CLI is told the gateway may want TLS.
+    let (status, _, err) = run_to_exit(d, &submit, WAIT);
+    assert!(!status.success());
+    assert!(err.contains("pass --ca FILE"), "{err}");
     // A token is never sent in plain text.
     let plain_token = [&submit[..], &["--token", &token]].concat();
     let (status, _, err) = run_to_exit(d, &plain_token, WAIT);

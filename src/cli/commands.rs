@@ -322,8 +322,9 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
         tonic::Code::PermissionDenied => {
             "\n(ask an operator for a token or certificate with the role named)"
         }
-        tonic::Code::Unavailable if s.message().contains("h2 protocol error") || s.message().contains("tcp connect error") => {
-            "\n(if the gateway serves TLS, pass --ca FILE)"
+        // What a plain-text client sees of a gateway that serves TLS.
+        tonic::Code::Unknown if s.message().contains("transport error") => {
+            "\n(if the gateway serves TLS (started with --tls-dir), pass --ca FILE, the cluster's ca.pem)"
         }
         _ => "",
     };

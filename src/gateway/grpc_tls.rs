@@ -150,7 +150,7 @@ async fn accept_loop(
                 Ok(conn) => {
                     let _ = tx.send(Ok(conn)).await;
                 }
-                Err(e) => refusals.note(addr, &e),
+                Err(e) => refusals.note(addr, &format_args!("gRPC {e}")),
             }
         });
     }
