@@ -497,3 +497,37 @@ fn grpcurl_lists_agents_with_a_certificate_and_with_a_token() {
     assert!(!ok);
     assert!(err.contains("Unauthenticated"), "{err}");
 }
+
+/// Silent connections to the gRPC port, held open, in a fault test.
+const SILENT_PEERS: usize = 8;
+
+#[test]
+fn peers_that_never_finish_their_handshake_do_not_hold_up_other_callers() {
+    let t = Tls::start();
+    let addr = t.c.gateway.addr("grpc");
+    let silent: Vec<std::net::TcpStream> = (0..SILENT_PEERS)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // A new client handshakes and is served while all of them hang; a listener that
+    // handshook one connection at a time would wait out each one's timeout first.
+    let rita = t.as_cert("rita");
+    assert_eq!(list_agents(&rita, None).unwrap().agents.len(), 1);
+    let timed_out = || {
+        t.c.gateway
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("gRPC TLS handshake not finished within"))
+            .count()
+    };
+    assert!(
+        timed_out() < SILENT_PEERS,
+        "the client was served only after the silent connections timed out"
+    );
+    // And each silent one is dropped at the handshake timeout, with a log line.
+    wait_until(
+        arpcp::arpcp::tls::HANDSHAKE_TIMEOUT + WAIT,
+        "the silent connections to be refused",
+        || timed_out() >= SILENT_PEERS,
+    );
+    drop(silent);
+}
