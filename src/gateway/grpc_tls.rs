@@ -32,7 +32,7 @@ pub const MAX_GRPC_HANDSHAKES: usize = 64;
 /// ones wait in the kernel's backlog until one closes.
 pub const MAX_GRPC_CONNECTIONS: usize = 1024;
 /// Connections whose handshake finished, waiting for tonic to take them.
-const HANDED_OVER: usize = 16;
+pub const HANDED_OVER: usize = 16;
 
 /// A gRPC connection whose TLS handshake finished.
 pub struct GrpcConn {
