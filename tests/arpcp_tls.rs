@@ -31,7 +31,12 @@ fn cluster_pki() -> std::sync::Arc<tempfile::TempDir> {
     let pki = d.join("pki");
     let pki = pki.to_str().unwrap();
     arpcp_ok(d, &["ca", "init", "--dir", pki]);
-    arpcp_ok(d, &["ca", "issue", "gateway", "--dir", pki]);
+    // The gRPC API is served with this certificate too, to clients that check
+    // the host they dial.
+    arpcp_ok(
+        d,
+        &["ca", "issue", "gateway", "--san", "127.0.0.1", "--dir", pki],
+    );
     arpcp_ok(d, &["ca", "issue", "agent", "agent-1", "--dir", pki]);
     arpcp_ok(
         d,
@@ -39,7 +44,23 @@ fn cluster_pki() -> std::sync::Arc<tempfile::TempDir> {
             "ca", "issue", "client", "alice", "--role", "reader", "--dir", pki,
         ],
     );
+    arpcp_ok(
+        d,
+        &[
+            "ca", "issue", "client", "ops", "--role", "operator", "--dir", pki,
+        ],
+    );
     dir
+}
+
+/// A TLS cluster of one agent, called through gRPC as the `operator` "ops".
+fn tls_cluster(pki: &str) -> Cluster {
+    let p = Path::new(pki);
+    let tls = client_tls(
+        &p.join("ca.pem"),
+        Some((&p.join("ops.pem"), &p.join("ops-key.pem"))),
+    );
+    Cluster::start_tls(vec![tls_agent(pki)], &["--tls-dir", pki], tls)
 }
 
 fn pki_of(dir: &tempfile::TempDir) -> String {
@@ -101,7 +122,7 @@ fn wait_for_log(d: &Daemon, needles: &[&str]) {
 fn a_tls_cluster_runs_a_task_to_done() {
     let pki_dir = cluster_pki();
     let pki = pki_of(&pki_dir);
-    let c = Cluster::start(vec![tls_agent(&pki)], &["--tls-dir", &pki]);
+    let c = tls_cluster(&pki);
     let id = c.gw.submit_ok("add", json!([2, 3]));
     let t = c.gw.wait_final(&id, WAIT);
     assert_task_status(&t, pb::TaskStatus::Done);
@@ -139,7 +160,7 @@ fn a_plain_connection_to_a_tls_agent_gets_nothing() {
 fn an_impostor_with_its_own_ca_is_refused_by_the_gateway_and_the_agent() {
     let pki_dir = cluster_pki();
     let pki = pki_of(&pki_dir);
-    let c = Cluster::start(vec![tls_agent(&pki)], &["--tls-dir", &pki]);
+    let c = tls_cluster(&pki);
     // Same name, same role, but a CA of its own making. It trusts the cluster's
     // CA (ca.pem is no secret), so it is the daemons that must turn it away.
     let fake = tempdir();
@@ -199,7 +220,7 @@ fn the_agent_serves_only_the_gateway_role_and_the_gateway_only_agents() {
     let pki_dir = cluster_pki();
     let pki = pki_of(&pki_dir);
     let pki_path = Path::new(&pki);
-    let c = Cluster::start(vec![tls_agent(&pki)], &["--tls-dir", &pki]);
+    let c = tls_cluster(&pki);
     let agent_addr = c.agents[0].arpcp();
     for (name, role) in [("alice", "reader"), ("agent-1", "agent")] {
         for req in [atask_request(), id_request()] {

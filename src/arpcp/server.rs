@@ -183,12 +183,12 @@ async fn open(
 /// Logs refused handshakes, each with the peer and the reason, up to
 /// `MAX_HANDSHAKE_WARNINGS` per `LIMIT_WARN_INTERVAL`.
 #[derive(Default)]
-struct HandshakeLog {
+pub(crate) struct HandshakeLog {
     inner: Mutex<(Option<Instant>, u64, u64)>,
 }
 
 impl HandshakeLog {
-    fn note(&self, peer: SocketAddr, e: &OpenError) {
+    pub(crate) fn note(&self, peer: SocketAddr, e: &dyn std::fmt::Display) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (since, warned, quiet) = &mut *g;
         if since.is_none_or(|s| s.elapsed() >= LIMIT_WARN_INTERVAL) {

@@ -1,11 +1,14 @@
 //! Client commands: talk gRPC to a gateway and show the answers.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::Value;
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::output::{self, agent_json, kind_name, short, status_name, table, task_json};
 use crate::gateway::model::TaskStatus;
@@ -25,6 +28,18 @@ pub struct Common {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// The cluster CA (ca.pem): connect over TLS and trust only gateways it signed.
+    #[arg(long, value_name = "FILE", global = true)]
+    ca: Option<PathBuf>,
+    /// A client certificate of the cluster CA to authenticate with (needs --ca).
+    #[arg(long, value_name = "FILE", global = true)]
+    cert: Option<PathBuf>,
+    /// The key of --cert [default: NAME-key.pem beside NAME.pem, as `arpcp ca issue` writes it]
+    #[arg(long, value_name = "FILE", global = true)]
+    key: Option<PathBuf>,
+    /// A bearer token to authenticate with (`arpcp token create`; needs --ca).
+    #[arg(long, env = "ARPCP_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -142,23 +157,178 @@ enum BlacklistAction {
     Remove { agent_id: String },
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<GatewayClient<Channel>> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
+/// A gateway client that sends the bearer token, if any, with every call.
+type Client = GatewayClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer TOKEN` to each request.
+#[derive(Clone, Default)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut()
+                .insert(crate::gateway::auth::AUTHORIZATION, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// How to reach and authenticate to the gateway, from the common flags.
+#[derive(Default)]
+struct Credentials {
+    tls: Option<ClientTlsConfig>,
+    bearer: Bearer,
+}
+
+impl Credentials {
+    fn from_flags(c: &Common) -> anyhow::Result<Credentials> {
+        let Some(ca) = &c.ca else {
+            if c.cert.is_some() || c.key.is_some() {
+                anyhow::bail!("--cert and --key need --ca FILE (the cluster CA, ca.pem): a client certificate is only sent over TLS");
+            }
+            if c.token.is_some() {
+                anyhow::bail!("--token (or ARPCP_TOKEN) needs --ca FILE (the cluster CA, ca.pem): a token is only sent over TLS, never in plain text");
+            }
+            return Ok(Credentials::default());
+        };
+        let mut tls =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem(ca, "--ca")?));
+        match (&c.cert, &c.key) {
+            (Some(cert), key) => {
+                let key = key.clone().unwrap_or_else(|| key_beside(cert));
+                tls = tls.identity(Identity::from_pem(
+                    pem(cert, "--cert")?,
+                    pem(&key, "--key")?,
+                ));
+            }
+            (None, Some(_)) => anyhow::bail!("--key needs --cert FILE"),
+            (None, None) => {}
+        }
+        let bearer = match &c.token {
+            Some(t) => Bearer(Some(format!("Bearer {}", t.trim()).parse().map_err(
+                |_| {
+                    anyhow::anyhow!(
+                        "--token: a token is printable ASCII (as `arpcp token create` prints it)"
+                    )
+                },
+            )?)),
+            None => Bearer(None),
+        };
+        Ok(Credentials {
+            tls: Some(tls),
+            bearer,
+        })
+    }
+}
+
+/// `NAME-key.pem` beside `NAME.pem`.
+fn key_beside(cert: &Path) -> PathBuf {
+    let stem = cert
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    cert.with_file_name(format!("{stem}-key.pem"))
+}
+
+/// A PEM file of ours, bounded like every PEM file read.
+fn pem(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let limit = crate::tls::MAX_PEM_FILE_BYTES;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("{flag} {}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        anyhow::bail!(
+            "{flag} {}: larger than {limit} bytes, not a PEM file",
+            path.display()
+        );
+    }
+    Ok(bytes)
+}
+
+async fn connect(c: &Common) -> anyhow::Result<Client> {
+    connect_with(&c.gateway, Credentials::from_flags(c)?).await
+}
+
+async fn connect_with(endpoint: &str, creds: Credentials) -> anyhow::Result<Client> {
+    let url = match (endpoint.split_once("://"), creds.tls.is_some()) {
+        (Some(("http", rest)), true) => format!("https://{rest}"),
+        (Some(("https", _)), false) => anyhow::bail!(
+            "the gateway address {endpoint} is https: pass --ca FILE (the cluster CA, ca.pem)"
+        ),
+        (Some(_), _) => endpoint.to_string(),
+        (None, true) => format!("https://{endpoint}"),
+        (None, false) => format!("http://{endpoint}"),
     };
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+    let mut ep = tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("bad gateway address {endpoint:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the gateway at {url}"))?;
-    Ok(GatewayClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = creds.tls {
+        ep = ep.tls_config(tls).context("TLS configuration")?;
+    }
+    let channel = match ep.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            let chain = error_text(&e);
+            let hint = connect_hint(&chain);
+            anyhow::bail!("cannot reach the gateway at {url}: {chain}{hint}");
+        }
+    };
+    Ok(GatewayClient::with_interceptor(channel, creds.bearer)
+        .max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// An error and its causes on one line.
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text = format!("{text}: {t}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// What to do about a failed connection, when its cause says.
+fn connect_hint(chain: &str) -> &'static str {
+    if chain.contains("UnknownIssuer") || chain.contains("BadSignature") {
+        " (the gateway's certificate is not signed by the CA given in --ca: pass the cluster's ca.pem)"
+    } else if chain.contains("NotValidForName") {
+        " (the gateway's certificate does not name the host of --gateway: connect by a name or address it lists, or issue it with `arpcp ca issue gateway --san HOST`)"
+    } else if chain.contains("UnknownCA")
+        || chain.contains("BadCertificate")
+        || chain.contains("CertificateUnknown")
+    {
+        " (the gateway refused the client certificate: --cert must be issued by the cluster CA)"
+    } else if chain.contains("CertificateExpired") || chain.contains("Expired") {
+        " (a certificate has expired: issue a new one)"
+    } else if chain.contains("InvalidContentType") || chain.contains("corrupt message") {
+        " (the gateway does not speak TLS on this port: drop --ca, or check --gateway)"
+    } else {
+        ""
+    }
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    let hint = match s.code() {
+        tonic::Code::Unauthenticated => {
+            "\n(pass --ca FILE with --token TOKEN (or ARPCP_TOKEN) or with --cert FILE; an operator makes tokens with `arpcp token create` and certificates with `arpcp ca issue client`)"
+        }
+        tonic::Code::PermissionDenied => {
+            "\n(ask an operator for a token or certificate with the role named)"
+        }
+        // What a plain-text client sees of a gateway that serves TLS.
+        tonic::Code::Unknown if s.message().contains("transport error") => {
+            "\n(if the gateway serves TLS (started with --tls-dir), pass --ca FILE, the cluster's ca.pem)"
+        }
+        _ => "",
+    };
+    anyhow::anyhow!("{:?}: {}{hint}", s.code(), s.message())
 }
 
 /// A command-line argument as a JSON value.
@@ -173,7 +343,7 @@ fn is_final(status: i32) -> bool {
 }
 
 /// Blocks until the task ends (GetResult waits are bounded, so this asks again).
-async fn wait_for(client: &mut GatewayClient<Channel>, task_id: &str) -> anyhow::Result<pb::Task> {
+async fn wait_for(client: &mut Client, task_id: &str) -> anyhow::Result<pb::Task> {
     loop {
         let t = client
             .get_result(pb::GetResultRequest {
@@ -234,7 +404,7 @@ fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
 }
 
 pub async fn submit(c: SubmitCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let mut kwargs = std::collections::BTreeMap::new();
     for kv in &c.kwargs {
         let (k, v) = kv
@@ -292,7 +462,7 @@ pub async fn submit(c: SubmitCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn result(c: ResultCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let t = if c.wait {
         wait_for(&mut client, &c.task_id).await?
     } else {
@@ -309,7 +479,7 @@ pub async fn result(c: ResultCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn watch(c: WatchCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let mut stream = client
         .watch_task(pb::WatchTaskRequest {
             task_id: c.task_id.clone(),
@@ -358,7 +528,7 @@ pub async fn watch(c: WatchCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn cancel(c: CancelCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let t = client
         .cancel_task(pb::CancelTaskRequest { task_id: c.task_id })
         .await
@@ -378,7 +548,7 @@ pub async fn tasks(c: TasksCmd) -> anyhow::Result<ExitCode> {
         Some(s) => pb::TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_uppercase()))
             .with_context(|| format!("--status {s:?} is not a task status"))?,
     };
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let r = client
         .list_tasks(pb::ListTasksRequest {
             status: status as i32,
@@ -429,7 +599,7 @@ pub async fn tasks(c: TasksCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn agents(c: AgentsCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let r = client
         .list_agents(pb::ListAgentsRequest {})
         .await
@@ -479,7 +649,7 @@ pub async fn agents(c: AgentsCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn procedures(c: ProceduresCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let r = client
         .list_procedures(pb::ListProceduresRequest {})
         .await
@@ -504,7 +674,7 @@ pub async fn procedures(c: ProceduresCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn blacklist(c: BlacklistCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let a = match c.action {
         BlacklistAction::Add { agent_id } => {
             client
@@ -536,7 +706,7 @@ pub async fn blacklist(c: BlacklistCmd) -> anyhow::Result<ExitCode> {
 pub async fn demo(endpoint: &str, with_model: bool) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut client = loop {
-        match connect(endpoint).await {
+        match connect_with(endpoint, Credentials::default()).await {
             Ok(c) => break c,
             Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -648,7 +818,7 @@ fn describe_params(params: &[pb::Parameter], indent: &str) {
 }
 
 pub async fn describe(c: DescribeCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common.gateway).await?;
+    let mut client = connect(&c.common).await?;
     let s = client
         .describe_procedure(pb::DescribeProcedureRequest {
             procedure: c.procedure,

@@ -254,6 +254,15 @@ fn gateway_config(g: &GatewayCmd) -> anyhow::Result<GatewayConfig> {
             .map(|dir| ArpcpTls::load(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME))
             .transpose()
             .context("--tls-dir")?,
+        grpc_tls: g
+            .tls_dir
+            .as_deref()
+            .map(|dir| {
+                let files = crate::tls::TlsFiles::in_dir(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME);
+                crate::tls::server_config_optional_client(&files, &[b"h2"])
+            })
+            .transpose()
+            .context("--tls-dir")?,
     })
 }
 
@@ -301,6 +310,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         retention_count: 1_000_000,
         accept_damaged_store: u.accept_damaged_store,
         tls: None,
+        grpc_tls: None,
     };
     if u.accept_damaged_store {
         accept_agent_store_damage(&agent_config.data_dir)?;

@@ -6,6 +6,7 @@ mod ca;
 mod commands;
 mod daemons;
 mod output;
+mod token;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -51,6 +52,8 @@ enum Command {
     Blacklist(commands::BlacklistCmd),
     /// Make the cluster CA and issue certificates (used by ARPCP with `--tls-dir`).
     Ca(ca::CaCmd),
+    /// Make, list and revoke bearer tokens of the gRPC API (on the gateway's host).
+    Token(token::TokenCmd),
 }
 
 pub fn main() -> ExitCode {
@@ -161,5 +164,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Procedures(c) => commands::procedures(c).await,
         Command::Blacklist(c) => commands::blacklist(c).await,
         Command::Ca(c) => ca::run(c).map(|()| ExitCode::SUCCESS),
+        Command::Token(c) => token::run(c).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -182,6 +182,7 @@ pub fn task_to_pb(t: &TaskRecord) -> pb::Task {
         error_code: t.error_code.map_or(0, i32::from),
         attempts: t.attempt,
         requested_agent_id: t.requested_agent_id.clone().unwrap_or_default(),
+        owner: t.owner.clone(),
         history: t
             .history
             .iter()

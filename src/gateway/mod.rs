@@ -6,8 +6,10 @@
 //! receives agents' SIGNALs; `store` persists; `model` holds the records and their
 //! rules; `watch` wakes clients waiting on a task.
 
+pub mod auth;
 mod convert;
 mod error;
+pub mod grpc_tls;
 mod lease;
 mod listener;
 pub mod membership;
@@ -15,6 +17,7 @@ pub mod model;
 mod scheduler;
 mod service;
 mod store;
+pub mod tokens;
 mod watch;
 
 use std::net::SocketAddr;
@@ -66,6 +69,9 @@ pub struct GatewayConfig {
     /// ARPCP over mutual TLS (`--tls-dir`): the listener takes agents' certificates
     /// only, and agents are called with the gateway's.
     pub tls: Option<crate::arpcp::tls::ArpcpTls>,
+    /// The gRPC API over TLS with the gateway's certificate (`--tls-dir`): callers
+    /// are then authenticated and their roles checked (`auth.rs`).
+    pub grpc_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, Error)]
@@ -230,25 +236,44 @@ impl Gateway {
             health.clone(),
             shutdown.clone(),
         ));
+        let auth = config
+            .grpc_tls
+            .is_some()
+            .then(|| Arc::new(auth::Auth::new(&config.data_dir)));
         let service = pb_server(service::GatewayService {
             store: store.clone(),
             scheduler,
             membership,
             watchers,
+            auth,
         });
 
         info!(arpcp = %advertise, "gateway ready");
         let grpc_shutdown = shutdown.clone();
-        let served = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .add_service(service)
             .add_service(health_service)
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                async move { grpc_shutdown.cancelled().await },
-            )
-            .await;
+            .add_service(reflection_v1alpha);
+        let stopped = async move { grpc_shutdown.cancelled().await };
+        let served = match config.grpc_tls.clone() {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        grpc_tls::incoming(grpc, tls, shutdown.clone()),
+                        stopped,
+                    )
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                        stopped,
+                    )
+                    .await
+            }
+        };
         shutdown.cancel();
         while background.join_next().await.is_some() {}
         store.close();

@@ -117,6 +117,10 @@ pub struct TaskRecord {
     /// An Opal model's call: its result is a table.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub opal: bool,
+    /// Who submitted it (`cert:NAME`, `token:NAME`); empty when callers are not
+    /// authenticated. A submitter may cancel only tasks it owns.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
 }
 
 /// Splits an ARPCP id `<task_id>.<attempt>` made by [`TaskRecord::atask_id`].
@@ -152,6 +156,7 @@ impl TaskRecord {
             }],
             sync: false,
             opal: false,
+            owner: String::new(),
         }
     }
 

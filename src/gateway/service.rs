@@ -10,6 +10,7 @@ use futures::Stream;
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
+use super::auth::{Auth, Caller, GrpcMethod};
 use super::convert::{
     agent_to_pb, call_args, kind_to_pb, schema_to_pb, status_from_pb, task_to_pb,
 };
@@ -38,6 +39,8 @@ pub struct GatewayService {
     pub scheduler: Arc<Scheduler>,
     pub membership: Arc<Membership>,
     pub watchers: Arc<TaskWatchers>,
+    /// Set when the API is served over TLS: callers must authenticate.
+    pub auth: Option<Arc<Auth>>,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> GatewayError {
@@ -69,6 +72,15 @@ fn required_id(field: &'static str, id: &str) -> Result<(), GatewayError> {
 }
 
 impl GatewayService {
+    /// The one place a call is authorised: who sent `req`, if it may call `method`.
+    /// Without TLS every caller may do everything.
+    fn authorize<T>(&self, req: &Request<T>, method: GrpcMethod) -> Result<Caller, Status> {
+        match &self.auth {
+            Some(auth) => Ok(auth.authorize(req, method)?),
+            None => Ok(Caller::open()),
+        }
+    }
+
     fn task(&self, id: &str) -> Result<TaskRecord, GatewayError> {
         required_id("task_id", id)?;
         self.store
@@ -85,6 +97,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let caller = self.authorize(&req, GrpcMethod::Submit)?;
         let r = req.into_inner();
         let procedure = r.procedure.trim().to_string();
         if procedure.is_empty() {
@@ -129,6 +142,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         let mut task =
             TaskRecord::new(uuid::Uuid::now_v7().to_string(), procedure, args, requested);
         task.opal = opal;
+        task.owner = caller.owner();
         let task = if r.sync {
             self.scheduler
                 .submit_sync(task, timeout.unwrap_or(DEFAULT_SYNC_TIMEOUT))
@@ -146,6 +160,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        self.authorize(&req, GrpcMethod::GetResult)?;
         let r = req.into_inner();
         let wait = duration("wait", r.wait.as_ref(), MAX_WAIT)?;
         let Some(wait) = wait.filter(|w| !w.is_zero()) else {
@@ -179,6 +194,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        self.authorize(&req, GrpcMethod::WatchTask)?;
         let id = req.into_inner().task_id;
         self.task(&id)?;
         let store = self.store.clone();
@@ -204,8 +220,10 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        let caller = self.authorize(&req, GrpcMethod::CancelTask)?;
         let id = req.into_inner().task_id;
-        required_id("task_id", &id)?;
+        let owner = self.task(&id)?.owner;
+        super::auth::may_cancel(&caller, &id, &owner)?;
         let task = self.scheduler.cancel(&id).await?;
         Ok(Response::new(task_to_pb(&task)))
     }
@@ -214,6 +232,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        self.authorize(&req, GrpcMethod::ListTasks)?;
         let r = req.into_inner();
         let limit = match r.page_size {
             n if n < 0 => {
@@ -259,8 +278,9 @@ impl pb::gateway_server::Gateway for GatewayService {
 
     async fn list_agents(
         &self,
-        _req: Request<pb::ListAgentsRequest>,
+        req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.authorize(&req, GrpcMethod::ListAgents)?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: self
                 .membership
@@ -273,8 +293,9 @@ impl pb::gateway_server::Gateway for GatewayService {
 
     async fn list_procedures(
         &self,
-        _req: Request<pb::ListProceduresRequest>,
+        req: Request<pb::ListProceduresRequest>,
     ) -> Result<Response<pb::ListProceduresResponse>, Status> {
+        self.authorize(&req, GrpcMethod::ListProcedures)?;
         Ok(Response::new(pb::ListProceduresResponse {
             procedures: self
                 .membership
@@ -293,6 +314,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::DescribeProcedureRequest>,
     ) -> Result<Response<pb::ProcedureSchema>, Status> {
+        self.authorize(&req, GrpcMethod::DescribeProcedure)?;
         let procedure = req.into_inner().procedure;
         required_id("procedure", &procedure)?;
         let described = self.membership.describe(procedure.trim()).ok_or_else(|| {
@@ -308,6 +330,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::BlacklistAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        self.authorize(&req, GrpcMethod::BlacklistAgent)?;
         let id = req.into_inner().agent_id;
         required_id("agent_id", &id)?;
         let a = self.membership.set_blacklisted(&id, true)?;
@@ -320,6 +343,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::UnblacklistAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        self.authorize(&req, GrpcMethod::UnblacklistAgent)?;
         let id = req.into_inner().agent_id;
         required_id("agent_id", &id)?;
         let a = self.membership.set_blacklisted(&id, false)?;

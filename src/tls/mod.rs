@@ -189,6 +189,30 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// A server configuration for a listener where a client certificate is optional:
+/// one presented must chain to the CA in `files.ca`, and none is refused only later,
+/// by what the caller asks for. For the gRPC API, where bearer tokens are the other
+/// way in. Offers `alpn` (gRPC clients such as Go's require `h2`).
+pub fn server_config_optional_client(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let roots = Arc::new(load_roots(&files.ca)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| verifier_error(files, e))?;
+    let (chain, key) = load_cert_and_key(files)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| cert_key_error(files, source))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|source| cert_key_error(files, source))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
 /// A client configuration that trusts only the CA in `files.ca` and presents
 /// `files.cert` when the server asks for it.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {

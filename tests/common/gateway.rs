@@ -18,6 +18,23 @@ use tonic::{Code, Status};
 
 use super::{tempdir, wait_for, Daemon, IO_TIMEOUT, WAIT};
 
+/// A TLS client configuration trusting the CA in `ca` and, with `identity`,
+/// presenting that certificate and key (PEM files as `arpcp ca issue` writes them).
+pub fn client_tls(
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> tonic::transport::ClientTlsConfig {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(read(cert), read(key)));
+    }
+    tls
+}
+
 /// Echo interval of the gateways tests start (fast membership changes).
 pub const ECHO_MS: &str = "100";
 /// Bound of a gRPC call that does not wait on purpose.
@@ -32,6 +49,11 @@ impl Daemon {
 
     pub fn gateway_in(dir: Arc<TempDir>, extra: &[&str]) -> Daemon {
         Daemon::spawn_in(dir, &gateway_args(extra))
+    }
+
+    /// `https://HOST:PORT` of a gateway's gRPC API served over TLS.
+    pub fn grpcs_url(&self) -> String {
+        format!("https://{}", self.addr("grpc"))
     }
 
     /// `http://HOST:PORT` of a gateway's gRPC API.
@@ -233,15 +255,28 @@ impl Gw {
     }
 
     pub fn connect_url(url: &str) -> Gw {
+        Gw::connect_endpoint(url, None)
+    }
+
+    /// A client of a gateway serving gRPC over TLS (`--tls-dir`), at `https://…`.
+    pub fn connect_tls(url: &str, tls: tonic::transport::ClientTlsConfig) -> Gw {
+        Gw::connect_endpoint(url, Some(tls))
+    }
+
+    fn connect_endpoint(url: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Gw {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("a tokio runtime");
         let client = rt.block_on(async {
-            let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
                 .expect("a gRPC URL")
-                .connect_timeout(IO_TIMEOUT)
+                .connect_timeout(IO_TIMEOUT);
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls).expect("a TLS configuration");
+            }
+            let channel = endpoint
                 .connect()
                 .await
                 .unwrap_or_else(|e| panic!("connect to the gateway at {url}: {e}"));
@@ -544,6 +579,31 @@ impl Cluster {
         args.extend_from_slice(extra);
         let gateway = Daemon::gateway(&args);
         let gw = Gw::connect(&gateway);
+        let mut c = Cluster {
+            gw,
+            gateway,
+            agents,
+            ids: Vec::new(),
+        };
+        c.learn_ids();
+        c
+    }
+
+    /// `start` for a gateway serving gRPC over TLS (`--tls-dir` in `extra`), called
+    /// with `tls` (the cluster CA, and a client certificate allowed to list agents).
+    pub fn start_tls(
+        agents: Vec<Daemon>,
+        extra: &[&str],
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> Cluster {
+        let addrs: Vec<String> = agents.iter().map(Daemon::arpcp).collect();
+        let mut args: Vec<&str> = Vec::new();
+        for a in &addrs {
+            args.extend_from_slice(&["--agent", a]);
+        }
+        args.extend_from_slice(extra);
+        let gateway = Daemon::gateway(&args);
+        let gw = Gw::connect_tls(&gateway.grpcs_url(), tls);
         let mut c = Cluster {
             gw,
             gateway,

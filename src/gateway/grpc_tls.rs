@@ -1,0 +1,181 @@
+//! The gRPC API over TLS: accepts TCP connections, runs their TLS handshakes (the
+//! gateway's certificate, ALPN `h2`, a client certificate optional but verified
+//! against the cluster CA when given) and hands the finished ones to tonic, each
+//! carrying what its certificate says for `auth.rs`.
+//!
+//! The handshakes are ours rather than tonic's so that they are bounded in number and
+//! time like ARPCP's, and a refused one is logged with the peer and the reason.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::auth::{GrpcPeer, PeerCertificate};
+use crate::arpcp::server::HandshakeLog;
+use crate::arpcp::tls::{HandshakeError, HANDSHAKE_TIMEOUT};
+
+/// TLS handshakes of the gRPC listener under way at once; more connections wait in
+/// the kernel's backlog. Each lasts at most `HANDSHAKE_TIMEOUT`.
+pub const MAX_GRPC_HANDSHAKES: usize = 64;
+/// Open TLS connections of the gRPC API, handshaking or served; at this many, new
+/// ones wait in the kernel's backlog until one closes.
+pub const MAX_GRPC_CONNECTIONS: usize = 1024;
+/// Connections whose handshake finished, waiting for tonic to take them.
+pub const HANDED_OVER: usize = 16;
+
+/// A gRPC connection whose TLS handshake finished.
+pub struct GrpcConn {
+    tls: TlsStream<TcpStream>,
+    peer: GrpcPeer,
+    /// Its place under `MAX_GRPC_CONNECTIONS`, given back when it closes.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for GrpcConn {
+    type ConnectInfo = GrpcPeer;
+
+    fn connect_info(&self) -> GrpcPeer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for GrpcConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GrpcConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+/// The connections of `listener` once their handshakes have finished, until
+/// `shutdown` is cancelled.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<GrpcConn, io::Error>> {
+    let (tx, rx) = mpsc::channel(HANDED_OVER);
+    tokio::spawn(accept_loop(
+        listener,
+        TlsAcceptor::from(config),
+        tx,
+        shutdown,
+    ));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<Result<GrpcConn, io::Error>>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_GRPC_CONNECTIONS));
+    let handshakes = Arc::new(Semaphore::new(MAX_GRPC_HANDSHAKES));
+    let refusals = Arc::new(HandshakeLog::default());
+    loop {
+        let permits = async {
+            let slot = slots.clone().acquire_owned().await.ok()?;
+            let handshake = handshakes.clone().acquire_owned().await.ok()?;
+            Some((slot, handshake))
+        };
+        let Some((slot, handshake)) = (tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = permits => p,
+        }) else {
+            return;
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little instead of spinning.
+                warn!(error = %e, "gRPC accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), refusals.clone());
+        tokio::spawn(async move {
+            let conn = handshake_one(&acceptor, stream, addr, slot).await;
+            drop(handshake);
+            match conn {
+                Ok(conn) => {
+                    let _ = tx.send(Ok(conn)).await;
+                }
+                Err(e) => refusals.note(addr, &format_args!("gRPC {e}")),
+            }
+        });
+    }
+}
+
+async fn handshake_one(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    addr: SocketAddr,
+    slot: OwnedSemaphorePermit,
+) -> Result<GrpcConn, HandshakeError> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+        .map_err(HandshakeError::Failed)?;
+    let certificate = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => PeerCertificate::None,
+        Some(cert) => match crate::tls::identity_of(cert) {
+            Ok(who) => PeerCertificate::Verified(who),
+            Err(e) => PeerCertificate::Unusable(e.to_string()),
+        },
+    };
+    Ok(GrpcConn {
+        tls,
+        peer: GrpcPeer { addr, certificate },
+        _slot: slot,
+    })
+}
