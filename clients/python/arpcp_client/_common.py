@@ -265,6 +265,8 @@ class Task:
     attempts: int = 0
     #: An Opal model's result table, when status is "done" (``result`` is then None).
     table: Optional[Table] = None
+    #: Who submitted it, on a gateway with TLS: ``cert:NAME`` or ``token:NAME`` ("" otherwise).
+    owner: str = ""
 
     @property
     def ended(self) -> bool:
@@ -415,6 +417,7 @@ def _task(t: pb.Task) -> Task:
         started_at=_time(t, "started_at"),
         finished_at=_time(t, "finished_at"),
         attempts=t.attempts,
+        owner=t.owner,
         table=_table(t.table) if t.HasField("table") else None,
     )
 
