@@ -46,6 +46,19 @@ pub const COLLECT_TRIES: u32 = 3;
 /// Default limit of a synchronous call.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Who sent a SIGNAL, as far as the gateway can tell.
+#[derive(Clone, Copy, Debug)]
+pub enum SignalSender<'a> {
+    /// Plain ARPCP: anyone who reaches the port (ARPCP 1.0 has no identities).
+    Anyone,
+    /// Over TLS: an agent certificate's name and the agent id registered for it,
+    /// if any. Only attempts placed on that agent may be signalled.
+    Certified {
+        name: &'a str,
+        agent_id: Option<&'a str>,
+    },
+}
+
 pub struct Scheduler {
     store: GatewayStore,
     membership: Arc<Membership>,
@@ -391,6 +404,7 @@ impl Scheduler {
     pub async fn on_signal(
         self: &Arc<Self>,
         sig: SignalRequest,
+        sender: SignalSender<'_>,
     ) -> Result<Response, ProtocolError> {
         // Header values before lookups, as the protocol orders its checks.
         if sig.status == AtaskStatus::Terminate {
@@ -404,6 +418,9 @@ impl Scheduler {
         let (task_id, attempt) = parse_atask_id(&sig.atask_id).ok_or_else(unknown)?;
         if attempt == 0 {
             return Err(unknown());
+        }
+        if let SignalSender::Certified { name, agent_id } = sender {
+            self.check_sender(task_id, attempt, &sig.atask_id, name, agent_id)?;
         }
         if sig.status == AtaskStatus::Accepted && sig.start {
             return self.confirm_start(task_id, attempt, &sig).await;
@@ -433,6 +450,36 @@ impl Scheduler {
         self.tracker
             .spawn(async move { this.collect(Some(task), attempt).await });
         Ok(self.granting(&holder))
+    }
+
+    /// Refuses a SIGNAL about an attempt not placed on the agent the sender's
+    /// certificate names, before anything is read into the task. The agent an
+    /// attempt went to never changes, so checking ahead of the update is enough.
+    fn check_sender(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        atask_id: &str,
+        name: &str,
+        agent_id: Option<&str>,
+    ) -> Result<(), ProtocolError> {
+        let refuse = |placed| ProtocolError::NotYourTask {
+            atask_id: atask_id.to_string(),
+            name: name.to_string(),
+            placed,
+        };
+        let Some(agent_id) = agent_id else {
+            return Err(refuse("no agent is registered with that certificate"));
+        };
+        let task = self
+            .store
+            .get_task(task_id)?
+            .ok_or_else(|| ProtocolError::UnknownTask(atask_id.to_string()))?;
+        match task.agent_of_attempt(attempt) {
+            Some(holder) if holder == agent_id => Ok(()),
+            Some(_) => Err(refuse("it is placed on another agent")),
+            None => Err(ProtocolError::UnknownTask(atask_id.to_string())),
+        }
     }
 
     /// A 100 answer that grants `agent_id` its lease.
