@@ -124,6 +124,32 @@ fn impostor(pki: &str, name: &str, mac: &str, port: u32) -> String {
     addr.to_string()
 }
 
+type TlsLines = tokio::io::Lines<BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+
+/// A TLS connection to `addr` holding NAME's certificate, kept open by the test.
+async fn open_as(pki: &str, name: &str, addr: &str) -> TlsLines {
+    let tls = ArpcpTls::load(Path::new(pki), name).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls.client);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let ip: std::net::SocketAddr = addr.parse().unwrap();
+    let stream = connector
+        .connect(rustls_pki_types::ServerName::IpAddress(ip.ip().into()), tcp)
+        .await
+        .unwrap();
+    BufReader::new(stream).lines()
+}
+
+/// Sends ID on the open connection; its answer, or `None` once the server closed it.
+async fn ask(conn: &mut TlsLines) -> Option<Value> {
+    let line = b"{\"protocol\": \"arpcp\", \"version\": \"1.0\", \"method\": \"ID\"}\r\n";
+    conn.get_mut().get_mut().write_all(line).await.ok()?;
+    let answer = tokio::time::timeout(WAIT, conn.next_line())
+        .await
+        .ok()?
+        .ok()??;
+    serde_json::from_str(&answer).ok()
+}
+
 #[test]
 fn a_second_agent_certificate_cannot_take_over_an_agent_or_signal_its_tasks() {
     let (_dir, pki) = cluster_pki();
@@ -318,12 +344,30 @@ fn revoking_an_agent_cuts_it_off_without_a_restart() {
     assert_task_status(&t, pb::TaskStatus::Done);
     assert_eq!(t.agent_id, second.agent_id);
 
-    // A revoked client certificate is refused by an agent's server in the handshake.
+    // A revoked client certificate is refused by an agent's server in the handshake,
+    // and a connection it opened before is closed at its next request.
     let agent_addr = c.agents[1].arpcp();
     let id = request(json!({"protocol": "arpcp", "version": "1.0", "method": "ID"}));
     let before = call_as(&pki, "alice", Role::Agent, &agent_addr, &id).unwrap();
     assert_eq!(before.code, Code::UnknownMethod, "{before:?}");
+    let runtime = rt();
+    let mut open = runtime.block_on(open_as(&pki, "alice", &agent_addr));
+    let answer = runtime
+        .block_on(ask(&mut open))
+        .expect("an answer before the revocation");
+    assert_eq!(answer["code"], json!(201), "{answer}");
     arpcp_ok(dir.path(), &["ca", "revoke", "alice", "--dir", &pki]);
+    wait_until(WAIT, "the agent to close alice's open connection", || {
+        runtime.block_on(ask(&mut open)).is_none()
+    });
+    wait_for_log(
+        &c.agents[1],
+        &[
+            "closing the connection of 127.0.0.1:",
+            "alice",
+            "certificate revoked",
+        ],
+    );
     wait_until(WAIT, "the agent to refuse alice's certificate", || {
         call_as(&pki, "alice", Role::Agent, &agent_addr, &id).is_err()
     });

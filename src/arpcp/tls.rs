@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
 };
@@ -36,6 +37,9 @@ pub struct ArpcpTls {
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
     pub revocations: Arc<Revocations>,
+    /// The verifier `server` checks client certificates with, kept to check the
+    /// peers of open connections again when the revocation list changes.
+    pub client_verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl ArpcpTls {
@@ -46,10 +50,20 @@ impl ArpcpTls {
         let revocations = Revocations::load(&files.crl())?;
         let verifier = tls::client_verifier_with(&files, revocations.clone(), true)?;
         Ok(ArpcpTls {
-            server: tls::server_config_with(&files, verifier)?,
+            server: tls::server_config_with(&files, verifier.clone())?,
             client: client_config(&files, revocations.clone())?,
             revocations,
+            client_verifier: verifier,
         })
+    }
+
+    /// The server side: its configuration, and what re-checks open connections.
+    pub fn serving(&self) -> ServerTls {
+        ServerTls {
+            config: self.server.clone(),
+            verifier: self.client_verifier.clone(),
+            revocations: self.revocations.clone(),
+        }
     }
 
     /// The client side for calling peers that must hold `peer_role`.
@@ -58,6 +72,67 @@ impl ArpcpTls {
             config: self.client.clone(),
             peer_role,
             revocations: Some(self.revocations.clone()),
+        }
+    }
+}
+
+/// How an ARPCP server takes TLS connections: its configuration, and the verifier
+/// and revocation list an open connection's peer is checked against again each time
+/// the list changes (a peer revoked since its handshake is disconnected).
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    pub revocations: Arc<Revocations>,
+}
+
+/// A verified peer's certificate chain and the revocation list generation it was
+/// last checked under.
+pub struct Standing {
+    chain: Vec<CertificateDer<'static>>,
+    generation: u64,
+    verifier: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl Standing {
+    /// The chain the peer of `conn` presented, as checked under the list in force.
+    pub fn of(conn: &rustls::CommonState, tls: &ServerTls, generation: u64) -> Option<Standing> {
+        let chain = conn
+            .peer_certificates()?
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect();
+        Some(Standing {
+            chain,
+            generation,
+            verifier: tls.verifier.clone(),
+            revocations: tls.revocations.clone(),
+        })
+    }
+
+    /// Checks the peer's certificate again when the revocation list changed since
+    /// it was last checked; `Err` says why it is no longer good (a plain phrase).
+    pub fn recheck(&mut self) -> Result<(), String> {
+        let generation = self.revocations.generation();
+        if generation == self.generation {
+            return Ok(());
+        }
+        let Some((end_entity, intermediates)) = self.chain.split_first() else {
+            return Err("no certificate".into());
+        };
+        match self
+            .verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+        {
+            Ok(_) => {
+                self.generation = generation;
+                Ok(())
+            }
+            Err(e) => {
+                let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+                Err(failure(&io))
+            }
         }
     }
 }
