@@ -7,6 +7,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arpcp::arpcp::tls::ArpcpTls;
@@ -87,9 +88,22 @@ fn wait_for_log(d: &Daemon, needles: &[&str]) {
 /// as the agent those belong to. Runs until the test process ends; returns its
 /// address.
 fn impostor(pki: &str, name: &str, mac: &str, port: u32) -> String {
+    impostor_on(pki, name, mac, port, "127.0.0.1:0").0
+}
+
+/// `impostor` listening on `bind`; also returns every request line it received.
+fn impostor_on(
+    pki: &str,
+    name: &str,
+    mac: &str,
+    port: u32,
+    bind: &str,
+) -> (String, Arc<Mutex<Vec<String>>>) {
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let heard = received.clone();
     let tls = ArpcpTls::load(Path::new(pki), name).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind(bind).unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let answer = json!({"code": 100, "description": "OK", "data": {
@@ -105,13 +119,15 @@ fn impostor(pki: &str, name: &str, mac: &str, port: u32) -> String {
                     return;
                 };
                 let (acceptor, answer) = (acceptor.clone(), answer.clone());
+                let heard = heard.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let (read, mut write) = tokio::io::split(tls);
                     let mut lines = BufReader::new(read).lines();
-                    while let Ok(Some(_)) = lines.next_line().await {
+                    while let Ok(Some(request)) = lines.next_line().await {
+                        heard.lock().unwrap().push(request);
                         let line = format!("{answer}\r\n");
                         if write.write_all(line.as_bytes()).await.is_err() {
                             return;
@@ -121,7 +137,7 @@ fn impostor(pki: &str, name: &str, mac: &str, port: u32) -> String {
             }
         });
     });
-    addr.to_string()
+    (addr.to_string(), received)
 }
 
 type TlsLines = tokio::io::Lines<BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
@@ -377,5 +393,38 @@ fn revoking_an_agent_cuts_it_off_without_a_restart() {
             "refused a connection from 127.0.0.1:",
             "certificate revoked",
         ],
+    );
+}
+
+#[test]
+fn another_certificate_at_an_agents_address_gets_none_of_its_tasks() {
+    let (_dir, pki) = cluster_pki();
+    let mut c = Cluster::start(vec![tls_agent(&pki, "agent-1")], &["--tls-dir", &pki]);
+    let first = c.gw.wait_alive(1, WAIT).remove(0);
+    // agent-1's process goes away and agent-2's certificate takes over its port.
+    c.agents[0].kill9();
+    let (_, heard) = impostor_on(&pki, "agent-2", &first.mac, first.port, &first.address);
+    let mut req = submit_req("add", json!([2, 3]));
+    req.agent_id = first.agent_id.clone();
+    // Placed on agent-1 unless the gateway already saw it is not there (then refused).
+    let _ = c.gw.submit(req);
+
+    c.gw.wait_agent_state(&first.agent_id, pb::AgentState::Gone, WAIT);
+    let squatter = wait_for(WAIT, "agent-2 registered at agent-1's address", || {
+        c.gw.agents()
+            .into_iter()
+            .find(|a| a.certificate_name == "agent-2")
+    });
+    assert_eq!(squatter.address, first.address);
+    assert_ne!(squatter.agent_id, first.agent_id);
+    wait_for_log(
+        &c.gateway,
+        &[&first.agent_id, "answered with the certificate of"],
+    );
+    let heard = heard.lock().unwrap().clone();
+    let not_id: Vec<&String> = heard.iter().filter(|l| !l.contains("\"ID\"")).collect();
+    assert!(
+        not_id.is_empty(),
+        "agent-2 was sent agent-1's requests: {not_id:?}"
     );
 }

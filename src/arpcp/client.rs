@@ -47,6 +47,12 @@ pub enum ClientError {
         addr: String,
         source: super::tls::HandshakeError,
     },
+    #[error("{addr} is not {expected:?}: its certificate names {got:?}; the request was not sent")]
+    WrongPeer {
+        addr: String,
+        expected: String,
+        got: String,
+    },
     #[error("{addr} sent an invalid response: {error}")]
     BadResponse { addr: String, error: ProtocolError },
 }
@@ -54,7 +60,10 @@ pub enum ClientError {
 impl ClientError {
     /// True when the peer could not be reached at all (it did not see the request).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Connect { .. } | ClientError::Tls { .. })
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Tls { .. } | ClientError::WrongPeer { .. }
+        )
     }
 }
 
@@ -239,6 +248,11 @@ impl ArpcpClient {
         }
     }
 
+    /// How long `call` waits for an answer.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Connects with TLS (`Some`) or plain TCP (`None`).
     pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
         self.tls = tls;
@@ -284,19 +298,43 @@ impl ArpcpClient {
         req: &Request,
         timeout: Duration,
     ) -> Result<Identified, ClientError> {
+        self.exchange(addr, None, req, timeout).await
+    }
+
+    /// `call_with_timeout` to the peer whose certificate is named `name`: over TLS,
+    /// a connection to anyone else fails with `WrongPeer` before the request is
+    /// written (`None`, or plain TCP: whoever is at `addr`).
+    pub async fn call_named(
+        &self,
+        addr: &str,
+        name: Option<&str>,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        Ok(self.exchange(addr, name, req, timeout).await?.response)
+    }
+
+    async fn exchange(
+        &self,
+        addr: &str,
+        expect: Option<&str>,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Identified, ClientError> {
         let mut line = serde_json::to_vec(req).unwrap_or_default();
         line.extend_from_slice(b"\r\n");
         let line = Bytes::from(line);
         if req.method() == Method::Task {
-            return self.call_alone(addr, line, timeout).await;
+            return self.call_alone(addr, expect, line, timeout).await;
         }
         let deadline = tokio::time::Instant::now() + timeout;
         match self
-            .call_pipelined(addr, line.clone(), deadline, timeout)
+            .call_pipelined(addr, expect, line.clone(), deadline, timeout)
             .await
         {
             Err(ClientError::Closed { .. } | ClientError::Io { .. }) => {
-                self.call_pipelined(addr, line, deadline, timeout).await
+                self.call_pipelined(addr, expect, line, deadline, timeout)
+                    .await
             }
             other => other,
         }
@@ -338,6 +376,7 @@ impl ArpcpClient {
     async fn call_pipelined(
         &self,
         addr: &str,
+        expect: Option<&str>,
         line: Bytes,
         deadline: tokio::time::Instant,
         timeout: Duration,
@@ -348,6 +387,7 @@ impl ArpcpClient {
         };
         let exchange = async {
             let p = self.pipeline(addr).await?;
+            check_peer(addr, expect, p.peer.as_ref())?;
             let slot = p
                 .slots
                 .clone()
@@ -388,6 +428,7 @@ impl ArpcpClient {
     async fn call_alone(
         &self,
         addr: &str,
+        expect: Option<&str>,
         line: Bytes,
         timeout: Duration,
     ) -> Result<Identified, ClientError> {
@@ -395,6 +436,7 @@ impl ArpcpClient {
             Some(c) => c,
             None => self.connect(addr).await?,
         };
+        check_peer(addr, expect, opened.peer.as_ref())?;
         let conn = &mut opened.conn;
         let io = |source| ClientError::Io {
             addr: addr.to_string(),
@@ -499,5 +541,21 @@ impl ArpcpClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(addr);
+    }
+}
+
+/// Whether the peer of a connection is the one expected (see `call_named`).
+fn check_peer(
+    addr: &str,
+    expect: Option<&str>,
+    peer: Option<&PeerIdentity>,
+) -> Result<(), ClientError> {
+    match (expect, peer) {
+        (Some(expected), Some(who)) if who.name != expected => Err(ClientError::WrongPeer {
+            addr: addr.to_string(),
+            expected: expected.to_string(),
+            got: who.name.clone(),
+        }),
+        _ => Ok(()),
     }
 }

@@ -336,6 +336,19 @@ impl Membership {
         };
         match answer {
             Ok((id, peer)) => {
+                // Over TLS, another certificate answering at a known agent's address
+                // is not that agent: it is registered as itself, and the agent we
+                // knew there missed its echo.
+                let answering = peer.as_ref().map(|p| p.name.clone());
+                if let (Some(_), Some(agent_id)) = (&self.config.tls, &known) {
+                    let expected = self.get(agent_id).and_then(|a| a.certificate.clone());
+                    if expected != answering {
+                        let why = format!(
+                            "{addr} answered with the certificate of {answering:?}, not {expected:?}"
+                        );
+                        self.missed(agent_id, &why).await;
+                    }
+                }
                 if let Err(e) = self.register(&addr, id, peer).await {
                     warn!(%addr, "cannot register agent: {e}");
                 }

@@ -265,10 +265,8 @@ impl Scheduler {
         let wait = timeout + Duration::from_secs(2);
         // The placed task becomes durable while the agent works on it: the answer
         // waits for both, so it costs the longer of the two, not their sum.
-        let (answer, stored) = tokio::join!(
-            self.client.call_with_timeout(&agent.address, &req, wait),
-            self.store.commit()
-        );
+        let (answer, stored) =
+            tokio::join!(self.call_agent(&agent, &req, wait), self.store.commit());
         stored?;
         let outcome = match answer {
             Ok(r) => outcome_of_task_response(r),
@@ -365,7 +363,10 @@ impl Scheduler {
             }
             r.map(|_| ())
         };
-        match self.client.call(&agent.address, &req).await {
+        match self
+            .call_agent(agent, &req, self.client.request_timeout())
+            .await
+        {
             Ok(r) if r.is_ok() => {
                 // Cancelled while the ATASK was on its way: the cancel's terminate may
                 // have reached the agent before it held the task. It holds it now.
@@ -480,6 +481,20 @@ impl Scheduler {
             Some(_) => Err(refuse("it is placed on another agent")),
             None => Err(ProtocolError::UnknownTask(atask_id.to_string())),
         }
+    }
+
+    /// A request to `agent` at its address; over TLS only to the holder of the
+    /// certificate it registered with, so whoever else holds that address now (a
+    /// valid agent certificate of another name) never sees a task or sends a result.
+    async fn call_agent(
+        &self,
+        agent: &AgentRecord,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        self.client
+            .call_named(&agent.address, agent.certificate.as_deref(), req, timeout)
+            .await
     }
 
     /// A 100 answer that grants `agent_id` its lease.
@@ -599,7 +614,10 @@ impl Scheduler {
         let mut delay = Duration::from_millis(100);
         let mut response = None;
         for _ in 0..COLLECT_TRIES {
-            match self.client.call(&agent.address, &req).await {
+            match self
+                .call_agent(&agent, &req, self.client.request_timeout())
+                .await
+            {
                 Ok(r) => {
                     response = Some(r);
                     break;
@@ -680,7 +698,10 @@ impl Scheduler {
         });
         let mut delay = Duration::from_millis(100);
         for _ in 0..TERMINATE_TRIES {
-            match self.client.call(&agent.address, &req).await {
+            match self
+                .call_agent(agent, &req, self.client.request_timeout())
+                .await
+            {
                 Ok(_) => return,
                 Err(e) => {
                     debug!(%atask_id, agent = %agent.agent_id, "terminate not delivered: {e}");
