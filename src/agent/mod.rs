@@ -276,7 +276,7 @@ impl Agent {
                 runner.interrupt();
             })
         };
-        let tls = config.tls.as_ref().map(|t| t.server.clone());
+        let tls = config.tls.as_ref().map(|t| t.serving());
         serve(listener, service, tls, shutdown).await;
         info!(
             "agent stopping: waiting up to {:?} for running tasks",

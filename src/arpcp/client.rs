@@ -18,6 +18,7 @@ use super::codec::{CodecError, InputBudget};
 use super::connection::{self, BoxIo, Connection};
 use super::tls::ClientTls;
 use super::{Method, ProtocolError, Request, Response};
+use crate::tls::PeerIdentity;
 
 /// Longest response line accepted: results can be larger than requests.
 pub const MAX_RESPONSE_LEN: usize = 16 * 1024 * 1024;
@@ -46,6 +47,12 @@ pub enum ClientError {
         addr: String,
         source: super::tls::HandshakeError,
     },
+    #[error("{addr} is not {expected:?}: its certificate names {got:?}; the request was not sent")]
+    WrongPeer {
+        addr: String,
+        expected: String,
+        got: String,
+    },
     #[error("{addr} sent an invalid response: {error}")]
     BadResponse { addr: String, error: ProtocolError },
 }
@@ -53,7 +60,10 @@ pub enum ClientError {
 impl ClientError {
     /// True when the peer could not be reached at all (it did not see the request).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Connect { .. } | ClientError::Tls { .. })
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Tls { .. } | ClientError::WrongPeer { .. }
+        )
     }
 }
 
@@ -74,7 +84,7 @@ const PIPELINE_QUEUE: usize = 1024;
 pub struct ArpcpClient {
     peers: Mutex<HashMap<String, Arc<Pipeline>>>,
     /// Idle connections for TASKs, with the time each went idle.
-    idle: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
+    idle: Mutex<HashMap<String, Vec<(Opened, Instant)>>>,
     connect_timeout: Duration,
     request_timeout: Duration,
     /// Shared by the read buffers of every connection of this client.
@@ -96,15 +106,37 @@ struct Queued {
     slot: OwnedSemaphorePermit,
 }
 
+/// A response and who sent it: the server's certificate identity, over TLS.
+#[derive(Debug)]
+pub struct Identified {
+    pub response: Response,
+    pub peer: Option<PeerIdentity>,
+}
+
+/// A connection just opened, with who is at the other end (TLS) and the revocation
+/// list generation its handshake was checked under.
+struct Opened {
+    conn: Connection,
+    peer: Option<PeerIdentity>,
+    generation: u64,
+}
+
 /// One pipelined connection: a writer task and a reader task.
 struct Pipeline {
     queue: mpsc::Sender<Queued>,
     slots: Arc<Semaphore>,
     dead: CancellationToken,
+    peer: Option<PeerIdentity>,
+    generation: u64,
 }
 
 impl Pipeline {
-    fn open(addr: &str, conn: Connection) -> Pipeline {
+    fn open(addr: &str, opened: Opened) -> Pipeline {
+        let Opened {
+            conn,
+            peer,
+            generation,
+        } = opened;
         let (queue, mut rx) = mpsc::channel::<Queued>(PIPELINE_QUEUE);
         let dead = CancellationToken::new();
         let waiting: Arc<Mutex<VecDeque<(Reply, OwnedSemaphorePermit)>>> = Arc::default();
@@ -198,6 +230,8 @@ impl Pipeline {
             queue,
             slots: Arc::new(Semaphore::new(MAX_PIPELINED_PER_PEER)),
             dead,
+            peer,
+            generation,
         }
     }
 }
@@ -212,6 +246,11 @@ impl ArpcpClient {
             budget: InputBudget::new("MAX_BUFFERED_RESPONSES", MAX_BUFFERED_RESPONSES),
             tls: None,
         }
+    }
+
+    /// How long `call` waits for an answer.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
     }
 
     /// Connects with TLS (`Some`) or plain TCP (`None`).
@@ -235,39 +274,98 @@ impl ArpcpClient {
         req: &Request,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
+        Ok(self
+            .call_identified_with_timeout(addr, req, timeout)
+            .await?
+            .response)
+    }
+
+    /// `call`, saying also who answered: the identity in the verified certificate
+    /// of the connection the response came on (`None` over plain TCP).
+    pub async fn call_identified(
+        &self,
+        addr: &str,
+        req: &Request,
+    ) -> Result<Identified, ClientError> {
+        self.call_identified_with_timeout(addr, req, self.request_timeout)
+            .await
+    }
+
+    /// `call_with_timeout`, saying also who answered (see `call_identified`).
+    pub async fn call_identified_with_timeout(
+        &self,
+        addr: &str,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Identified, ClientError> {
+        self.exchange(addr, None, req, timeout).await
+    }
+
+    /// `call_with_timeout` to the peer whose certificate is named `name`: over TLS,
+    /// a connection to anyone else fails with `WrongPeer` before the request is
+    /// written (`None`, or plain TCP: whoever is at `addr`).
+    pub async fn call_named(
+        &self,
+        addr: &str,
+        name: Option<&str>,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        Ok(self.exchange(addr, name, req, timeout).await?.response)
+    }
+
+    async fn exchange(
+        &self,
+        addr: &str,
+        expect: Option<&str>,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Identified, ClientError> {
         let mut line = serde_json::to_vec(req).unwrap_or_default();
         line.extend_from_slice(b"\r\n");
         let line = Bytes::from(line);
         if req.method() == Method::Task {
-            return self.call_alone(addr, line, timeout).await;
+            return self.call_alone(addr, expect, line, timeout).await;
         }
         let deadline = tokio::time::Instant::now() + timeout;
         match self
-            .call_pipelined(addr, line.clone(), deadline, timeout)
+            .call_pipelined(addr, expect, line.clone(), deadline, timeout)
             .await
         {
             Err(ClientError::Closed { .. } | ClientError::Io { .. }) => {
-                self.call_pipelined(addr, line, deadline, timeout).await
+                self.call_pipelined(addr, expect, line, deadline, timeout)
+                    .await
             }
             other => other,
         }
     }
 
+    /// The generation of the revocation list the next handshake is checked under.
+    fn generation(&self) -> u64 {
+        self.tls
+            .as_ref()
+            .map_or(0, super::tls::ClientTls::revocation_generation)
+    }
+
     async fn pipeline(&self, addr: &str) -> Result<Arc<Pipeline>, ClientError> {
-        if let Some(p) = self
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(addr)
+        let generation = self.generation();
+        // A connection verified under an older revocation list may be to a peer
+        // revoked since: it is closed and the peer verified afresh.
+        let usable = |p: &Arc<Pipeline>| !p.dead.is_cancelled() && p.generation == generation;
         {
-            if !p.dead.is_cancelled() {
-                return Ok(p.clone());
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = peers.get(addr) {
+                if usable(p) {
+                    return Ok(p.clone());
+                }
+                p.dead.cancel();
+                peers.remove(addr);
             }
         }
         let conn = self.connect(addr).await?;
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         // Another caller may have connected meanwhile: use one connection.
-        if let Some(p) = peers.get(addr).filter(|p| !p.dead.is_cancelled()) {
+        if let Some(p) = peers.get(addr).filter(|p| usable(p)) {
             return Ok(p.clone());
         }
         let p = Arc::new(Pipeline::open(addr, conn));
@@ -278,16 +376,18 @@ impl ArpcpClient {
     async fn call_pipelined(
         &self,
         addr: &str,
+        expect: Option<&str>,
         line: Bytes,
         deadline: tokio::time::Instant,
         timeout: Duration,
-    ) -> Result<Response, ClientError> {
+    ) -> Result<Identified, ClientError> {
         let timed_out = || ClientError::Timeout {
             addr: addr.to_string(),
             timeout,
         };
         let exchange = async {
             let p = self.pipeline(addr).await?;
+            check_peer(addr, expect, p.peer.as_ref())?;
             let slot = p
                 .slots
                 .clone()
@@ -309,7 +409,10 @@ impl ArpcpClient {
             Ok::<_, ClientError>((p, answer))
         };
         match tokio::time::timeout_at(deadline, exchange).await {
-            Ok(Ok((_, answer))) => answer,
+            Ok(Ok((p, answer))) => answer.map(|response| Identified {
+                response,
+                peer: p.peer.clone(),
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 // A peer that does not answer in time holds up everything behind
@@ -325,13 +428,16 @@ impl ArpcpClient {
     async fn call_alone(
         &self,
         addr: &str,
+        expect: Option<&str>,
         line: Bytes,
         timeout: Duration,
-    ) -> Result<Response, ClientError> {
-        let mut conn = match self.take_idle(addr) {
+    ) -> Result<Identified, ClientError> {
+        let mut opened = match self.take_idle(addr) {
             Some(c) => c,
             None => self.connect(addr).await?,
         };
+        check_peer(addr, expect, opened.peer.as_ref())?;
+        let conn = &mut opened.conn;
         let io = |source| ClientError::Io {
             addr: addr.to_string(),
             source,
@@ -356,28 +462,36 @@ impl ArpcpClient {
             })??;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let conns = idle.entry(addr.to_string()).or_default();
+        let peer = opened.peer.clone();
         if conns.len() < MAX_IDLE_PER_PEER {
-            conns.push((conn, Instant::now()));
+            conns.push((opened, Instant::now()));
         }
-        Ok(answer)
+        Ok(Identified {
+            response: answer,
+            peer,
+        })
     }
 
     /// An idle connection that was used recently and that the peer has not closed.
-    fn take_idle(&self, addr: &str) -> Option<Connection> {
+    fn take_idle(&self, addr: &str) -> Option<Opened> {
+        let generation = self.generation();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let conns = idle.get_mut(addr)?;
-        while let Some((mut conn, since)) = conns.pop() {
+        while let Some((mut opened, since)) = conns.pop() {
             // Nothing may be waiting on an idle connection: anything readable is
             // the peer closing it (or breaking the protocol).
-            let closed = conn.read_line().now_or_never().is_some();
-            if since.elapsed() < IDLE_REUSE && !closed {
-                return Some(conn);
+            let closed = opened.conn.read_line().now_or_never().is_some();
+            if since.elapsed() < IDLE_REUSE && !closed && opened.generation == generation {
+                return Some(opened);
             }
         }
         None
     }
 
-    async fn connect(&self, addr: &str) -> Result<Connection, ClientError> {
+    async fn connect(&self, addr: &str) -> Result<Opened, ClientError> {
+        // Read before the handshake: a list that changes during it makes the
+        // connection look older than it is (reopened once), never newer.
+        let generation = self.generation();
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ClientError::Connect {
@@ -393,22 +507,24 @@ impl ArpcpClient {
                 addr: addr.to_string(),
                 source,
             })?;
-        let io: BoxIo = match &self.tls {
-            None => Box::new(stream),
-            Some(tls) => Box::new(super::tls::connect(tls, addr, stream).await.map_err(
-                |source| ClientError::Tls {
-                    addr: addr.to_string(),
-                    source,
-                },
-            )?),
+        let (io, identity): (BoxIo, _) = match &self.tls {
+            None => (Box::new(stream), None),
+            Some(tls) => {
+                let (tls, who) =
+                    super::tls::connect(tls, addr, stream)
+                        .await
+                        .map_err(|source| ClientError::Tls {
+                            addr: addr.to_string(),
+                            source,
+                        })?;
+                (Box::new(tls), Some(who))
+            }
         };
-        Ok(Connection::over(
-            io,
-            peer,
-            local,
-            MAX_RESPONSE_LEN,
-            self.budget.clone(),
-        ))
+        Ok(Opened {
+            conn: Connection::over(io, peer, local, MAX_RESPONSE_LEN, self.budget.clone()),
+            peer: identity,
+            generation,
+        })
     }
 
     /// Drops the connection to `addr` (after it failed, say).
@@ -425,5 +541,21 @@ impl ArpcpClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(addr);
+    }
+}
+
+/// Whether the peer of a connection is the one expected (see `call_named`).
+fn check_peer(
+    addr: &str,
+    expect: Option<&str>,
+    peer: Option<&PeerIdentity>,
+) -> Result<(), ClientError> {
+    match (expect, peer) {
+        (Some(expected), Some(who)) if who.name != expected => Err(ClientError::WrongPeer {
+            addr: addr.to_string(),
+            expected: expected.to_string(),
+            got: who.name.clone(),
+        }),
+        _ => Ok(()),
     }
 }

@@ -144,6 +144,13 @@ pub enum ProtocolError {
         role: crate::tls::Role,
         name: String,
     },
+    #[error("SIGNAL for task {atask_id} refused: that attempt is not placed on the agent of certificate {name:?} ({placed})")]
+    NotYourTask {
+        atask_id: String,
+        name: String,
+        /// Where the attempt is placed, as far as the sender may know.
+        placed: &'static str,
+    },
     #[error("header `{header}` must be {expected}, got {got}")]
     BadHeader {
         header: &'static str,
@@ -177,7 +184,10 @@ impl ProtocolError {
             | NotJson(_)
             | NotObject(_)
             | BadHeader { .. } => Code::Malformed,
-            UnknownMethod(_) | MethodNotServed { .. } | RoleRequired { .. } => Code::UnknownMethod,
+            UnknownMethod(_)
+            | MethodNotServed { .. }
+            | RoleRequired { .. }
+            | NotYourTask { .. } => Code::UnknownMethod,
             MissingHeader { .. } => Code::MissingHeader,
             UnknownProcedure(_) => Code::UnknownProcedure,
             BadArguments { .. } => Code::BadArguments,

@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use super::codec::{CodecError, InputBudget};
 use super::connection::{self, Connection};
-use super::tls::HandshakeError;
+use super::tls::{HandshakeError, ServerTls, Standing};
 use super::{
     Method, ProtocolError, Request, Response, IDLE_TIMEOUT, MAX_BUFFERED_INPUT, MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_PEER, MAX_LINE_LEN, MAX_PIPELINED_REQUESTS,
@@ -80,14 +80,15 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Serves `listener` until `shutdown` is cancelled, then waits for open connections
 /// to finish the request they are on. With `tls`, only TLS connections with a client
-/// certificate of the cluster CA are served.
+/// certificate of the cluster CA are served, and a connection whose peer's
+/// certificate is revoked while it is open is closed at its next request.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<ServerTls>,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tls.map(TlsAcceptor::from);
+    let acceptor = tls.map(|t| (TlsAcceptor::from(t.config.clone()), t));
     let refusals = Arc::new(HandshakeLog::default());
     let table = ConnTable::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     let budget = InputBudget::new("MAX_BUFFERED_INPUT", MAX_BUFFERED_INPUT);
@@ -126,14 +127,15 @@ pub async fn serve<H: Handler>(
                 _ = slot.closed() => return,
                 c = open(stream, acceptor.as_ref(), budget) => c,
             };
-            let (conn, identity) = match conn {
+            let (conn, identity, standing) = match conn {
                 Ok(c) => c,
                 Err(e) => {
                     refusals.note(addr, &e);
                     return;
                 }
             };
-            if let Err(e) = serve_connection(conn, identity, &*handler, &shutdown, &slot).await {
+            let served = serve_connection(conn, identity, standing, &*handler, &shutdown, &slot);
+            if let Err(e) = served.await {
                 debug!(error = %e, "connection ended");
             }
             drop(slot);
@@ -164,20 +166,27 @@ enum OpenError {
     Handshake(#[from] HandshakeError),
 }
 
+/// A connection, who its peer is, and what re-checks the peer's certificate.
+type Opened = (Connection, Option<PeerIdentity>, Option<Standing>);
+
 /// The connection over `stream`: as is, or once a TLS handshake has finished.
 async fn open(
     stream: TcpStream,
-    acceptor: Option<&TlsAcceptor>,
+    acceptor: Option<&(TlsAcceptor, ServerTls)>,
     budget: Arc<InputBudget>,
-) -> Result<(Connection, Option<PeerIdentity>), OpenError> {
+) -> Result<Opened, OpenError> {
     let (peer, local) = connection::prepare(&stream).map_err(OpenError::Socket)?;
-    let Some(acceptor) = acceptor else {
+    let Some((acceptor, server_tls)) = acceptor else {
         let conn = Connection::over(Box::new(stream), peer, local, MAX_LINE_LEN, budget);
-        return Ok((conn, None));
+        return Ok((conn, None, None));
     };
+    // Read before the handshake: a list that changes during it only makes the
+    // connection be checked once more.
+    let generation = server_tls.revocations.generation();
     let (tls, who) = super::tls::accept(acceptor, stream).await?;
+    let standing = Standing::of(tls.get_ref().1, server_tls, generation);
     let conn = Connection::over(Box::new(tls), peer, local, MAX_LINE_LEN, budget);
-    Ok((conn, Some(who)))
+    Ok((conn, Some(who), standing))
 }
 
 /// Logs refused handshakes, each with the peer and the reason, up to
@@ -214,6 +223,7 @@ impl HandshakeLog {
 async fn serve_connection<H: Handler>(
     conn: Connection,
     identity: Option<PeerIdentity>,
+    mut standing: Option<Standing>,
     handler: &H,
     shutdown: &CancellationToken,
     slot: &Slot,
@@ -244,6 +254,14 @@ async fn serve_connection<H: Handler>(
             _ = idle, if in_flight.is_empty() => return Ok(()),
             line = lines.next(), if can_read => {
                 idle_since = tokio::time::Instant::now();
+                // A peer revoked since its handshake is served nothing more.
+                if let (Some(Ok(_)), Some(standing)) = (&line, standing.as_mut()) {
+                    if let Err(why) = standing.recheck() {
+                        let name = peer.identity.as_ref().map_or("", |w| w.name.as_str());
+                        warn!(peer = %peer.peer, "closing the connection of {} ({name:?}): {why}", peer.peer);
+                        return Ok(());
+                    }
+                }
                 let answer = match line {
                     None => {
                         reading = false;

@@ -13,15 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::tls::crl::{self, RevocationAwareServerVerifier, Revocations};
 use crate::tls::{self, IdentityError, PeerIdentity, Role, TlsError, TlsFiles};
 
 /// A TLS handshake (server or client side) not finished within this long fails: a
@@ -30,21 +30,40 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a daemon started with `--tls-dir` uses on ARPCP: a server configuration
 /// that requires a client certificate of the cluster CA, and a client configuration
-/// that presents the same certificate.
+/// that presents the same certificate. Both check peers against the CA's revocation
+/// list (`DIR/crl.pem`), re-read when it changes.
 #[derive(Clone, Debug)]
 pub struct ArpcpTls {
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
+    pub revocations: Arc<Revocations>,
+    /// The verifier `server` checks client certificates with, kept to check the
+    /// peers of open connections again when the revocation list changes.
+    pub client_verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl ArpcpTls {
-    /// From `DIR/ca.pem`, `DIR/NAME.pem` and `DIR/NAME-key.pem`.
+    /// From `DIR/ca.pem`, `DIR/NAME.pem`, `DIR/NAME-key.pem` and, when present,
+    /// `DIR/crl.pem`.
     pub fn load(dir: &Path, name: &str) -> Result<ArpcpTls, TlsError> {
         let files = TlsFiles::in_dir(dir, name);
+        let revocations = Revocations::load(&files.crl())?;
+        let verifier = tls::client_verifier_with(&files, revocations.clone(), true)?;
         Ok(ArpcpTls {
-            server: tls::server_config(&files)?,
-            client: client_config(&files)?,
+            server: tls::server_config_with(&files, verifier.clone())?,
+            client: client_config(&files, revocations.clone())?,
+            revocations,
+            client_verifier: verifier,
         })
+    }
+
+    /// The server side: its configuration, and what re-checks open connections.
+    pub fn serving(&self) -> ServerTls {
+        ServerTls {
+            config: self.server.clone(),
+            verifier: self.client_verifier.clone(),
+            revocations: self.revocations.clone(),
+        }
     }
 
     /// The client side for calling peers that must hold `peer_role`.
@@ -52,6 +71,68 @@ impl ArpcpTls {
         ClientTls {
             config: self.client.clone(),
             peer_role,
+            revocations: Some(self.revocations.clone()),
+        }
+    }
+}
+
+/// How an ARPCP server takes TLS connections: its configuration, and the verifier
+/// and revocation list an open connection's peer is checked against again each time
+/// the list changes (a peer revoked since its handshake is disconnected).
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    pub revocations: Arc<Revocations>,
+}
+
+/// A verified peer's certificate chain and the revocation list generation it was
+/// last checked under.
+pub struct Standing {
+    chain: Vec<CertificateDer<'static>>,
+    generation: u64,
+    verifier: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl Standing {
+    /// The chain the peer of `conn` presented, as checked under the list in force.
+    pub fn of(conn: &rustls::CommonState, tls: &ServerTls, generation: u64) -> Option<Standing> {
+        let chain = conn
+            .peer_certificates()?
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect();
+        Some(Standing {
+            chain,
+            generation,
+            verifier: tls.verifier.clone(),
+            revocations: tls.revocations.clone(),
+        })
+    }
+
+    /// Checks the peer's certificate again when the revocation list changed since
+    /// it was last checked; `Err` says why it is no longer good (a plain phrase).
+    pub fn recheck(&mut self) -> Result<(), String> {
+        let generation = self.revocations.generation();
+        if generation == self.generation {
+            return Ok(());
+        }
+        let Some((end_entity, intermediates)) = self.chain.split_first() else {
+            return Err("no certificate".into());
+        };
+        match self
+            .verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+        {
+            Ok(_) => {
+                self.generation = generation;
+                Ok(())
+            }
+            Err(e) => {
+                let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+                Err(failure(&io))
+            }
         }
     }
 }
@@ -62,11 +143,21 @@ impl ArpcpTls {
 pub struct ClientTls {
     pub config: Arc<ClientConfig>,
     pub peer_role: Role,
+    /// The list the configuration's verifier checks against: a connection opened
+    /// under an older generation of it is not reused (its peer may be revoked since).
+    pub revocations: Option<Arc<Revocations>>,
+}
+
+impl ClientTls {
+    /// The generation of the revocation list in force (0 without one).
+    pub fn revocation_generation(&self) -> u64 {
+        self.revocations.as_ref().map_or(0, |r| r.generation())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    #[error("TLS handshake failed: {0}")]
+    #[error("TLS handshake failed: {}", failure(.0))]
     Failed(std::io::Error),
     #[error("TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}")]
     Timeout,
@@ -74,6 +165,14 @@ pub enum HandshakeError {
     Identity(#[from] IdentityError),
     #[error("the peer's certificate is {} {:?}; a certificate of role {expected} is expected", .got.role, .got.name)]
     WrongRole { expected: Role, got: PeerIdentity },
+}
+
+/// rustls' error, led by a plain phrase when it is about a certificate's standing.
+fn failure(e: &std::io::Error) -> String {
+    match crl::certificate_verdict(e) {
+        Some(verdict) => format!("{verdict} ({e})"),
+        None => e.to_string(),
+    }
 }
 
 /// Accepts a TLS session on `stream` and reads who the peer is from its verified
@@ -90,13 +189,13 @@ pub async fn accept(
     Ok((tls, who))
 }
 
-/// Opens a TLS session to the server at `addr` on `stream` and checks that its
-/// certificate carries the role expected.
+/// Opens a TLS session to the server at `addr` on `stream`, checks that its
+/// certificate carries the role expected, and says who the server is.
 pub async fn connect(
     client: &ClientTls,
     addr: &str,
     stream: TcpStream,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HandshakeError> {
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, PeerIdentity), HandshakeError> {
     let connector = TlsConnector::from(client.config.clone());
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -112,7 +211,7 @@ pub async fn connect(
             got: who,
         });
     }
-    Ok(tls)
+    Ok((tls, who))
 }
 
 /// The name sent in the handshake (SNI): the address's host. It is not checked
@@ -126,23 +225,14 @@ fn server_name(addr: &str) -> ServerName<'static> {
         .unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
 }
 
-/// `tls::client_config` with a verifier that checks the chain, validity and usage
-/// of the server's certificate against the CA, but not the name dialled.
-fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
+/// `tls::client_config` with a verifier that checks the chain, validity, usage and
+/// revocation of the server's certificate against the CA, but not the name dialled.
+fn client_config(
+    files: &TlsFiles,
+    revocations: Arc<Revocations>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let base = tls::client_config(files)?;
-    let mut roots = RootCertStore::empty();
-    for cert in tls::load_certs(&files.ca)? {
-        roots.add(cert).map_err(|source| TlsError::BadCa {
-            path: files.ca.clone(),
-            source,
-        })?;
-    }
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), tls::provider())
-        .build()
-        .map_err(|e| TlsError::Verifier {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
+    let inner = tls::server_verifier(files, revocations)?;
     let mut config = Arc::unwrap_or_clone(base);
     config
         .dangerous()
@@ -152,7 +242,7 @@ fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
 
 #[derive(Debug)]
 struct AnyNameVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    inner: Arc<RevocationAwareServerVerifier>,
 }
 
 impl ServerCertVerifier for AnyNameVerifier {

@@ -30,6 +30,15 @@ enum CaCommand {
         #[command(subcommand)]
         kind: IssueKind,
     },
+    /// Revoke NAME's certificate: add it to the CA's revocation list DIR/crl.pem,
+    /// which daemons re-read within a second of it changing.
+    Revoke {
+        /// The name the certificate was issued to (DIR/NAME.pem).
+        name: String,
+        /// Directory of the CA and the certificate.
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -96,6 +105,18 @@ impl From<ClientRole> for Role {
 
 pub fn run(cmd: CaCmd) -> anyhow::Result<()> {
     let written = match cmd.command {
+        CaCommand::Revoke { name, dir } => {
+            let revoked = ca::revoke(&dir, &name).context("ca revoke")?;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "revoked {name} (serial {}) in {} (CRL number {})",
+                revoked.serial,
+                revoked.crl.display(),
+                revoked.crl_number
+            );
+            return Ok(());
+        }
         CaCommand::Init { dir } => ca::init(&dir).context("ca init")?,
         CaCommand::Issue { kind } => {
             let (role, name, opts) = match kind {

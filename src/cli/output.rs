@@ -89,6 +89,7 @@ pub fn agent_json(a: &pb::Agent) -> Value {
         "running": a.running,
         "blacklisted": a.blacklisted,
         "version": a.version,
+        "certificate_name": (!a.certificate_name.is_empty()).then_some(&a.certificate_name),
     })
 }
 

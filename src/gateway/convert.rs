@@ -256,6 +256,7 @@ pub fn agent_to_pb(a: &AgentRecord) -> pb::Agent {
         blacklisted: a.blacklisted,
         version: a.version.clone(),
         address: a.address.clone(),
+        certificate_name: a.certificate.clone().unwrap_or_default(),
     }
 }
 

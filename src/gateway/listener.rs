@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::membership::Membership;
-use super::scheduler::Scheduler;
+use super::scheduler::{Scheduler, SignalSender};
 use crate::arpcp::server::{Handler, PeerInfo};
 use crate::arpcp::{ProtocolError, Request, Response, VERSION};
 use crate::tls::Role;
@@ -21,7 +21,20 @@ impl Handler for ControllerService {
             return Response::error(&e);
         }
         let answer = match req {
-            Request::Signal(sig) => self.scheduler.on_signal(sig).await,
+            Request::Signal(sig) => {
+                let agent_id = peer
+                    .identity
+                    .as_ref()
+                    .and_then(|who| self.membership.agent_of_certificate(&who.name));
+                let sender = match &peer.identity {
+                    None => SignalSender::Anyone,
+                    Some(who) => SignalSender::Certified {
+                        name: &who.name,
+                        agent_id: agent_id.as_deref(),
+                    },
+                };
+                self.scheduler.on_signal(sig, sender).await
+            }
             Request::Id { port, .. } => {
                 if let Some(port) = port {
                     // An agent announcing itself: probe it back on its own port.

@@ -3,7 +3,8 @@
 //! configured addresses and announced agents that are not agents yet), and beside
 //! it passes over the scanned ranges; an answer registers or refreshes the agent, a
 //! miss counts up from alive to suspect to gone. Identity is MAC + port, so agents
-//! sharing a host stay distinct.
+//! sharing a host stay distinct; with TLS it is the name in the certificate the
+//! agent answered with, so what an agent reports cannot make it another.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -21,6 +22,7 @@ use super::store::{GatewayStore, StoreError};
 use super::GatewayError;
 use crate::arpcp::{ArpcpClient, IdData, ProcedureKind, Request};
 use crate::opal::Schema;
+use crate::tls::PeerIdentity;
 
 /// The shortest time an echo probe waits for its answer.
 pub const PROBE_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
@@ -322,16 +324,32 @@ impl Membership {
             lease_ms: Some(self.config.lease.as_millis() as u64),
             describe: false,
         };
-        let answer = match self.client.call(&addr, &req).await {
-            Ok(r) if r.is_ok() => {
-                serde_json::from_value::<IdData>(r.data).map_err(|e| e.to_string())
-            }
-            Ok(r) => Err(format!("answered {}: {}", r.code, r.description)),
+        let answer = match self.client.call_identified(&addr, &req).await {
+            Ok(r) if r.response.is_ok() => serde_json::from_value::<IdData>(r.response.data)
+                .map(|id| (id, r.peer))
+                .map_err(|e| e.to_string()),
+            Ok(r) => Err(format!(
+                "answered {}: {}",
+                r.response.code, r.response.description
+            )),
             Err(e) => Err(e.to_string()),
         };
         match answer {
-            Ok(id) => {
-                if let Err(e) = self.register(&addr, id).await {
+            Ok((id, peer)) => {
+                // Over TLS, another certificate answering at a known agent's address
+                // is not that agent: it is registered as itself, and the agent we
+                // knew there missed its echo.
+                let answering = peer.as_ref().map(|p| p.name.clone());
+                if let (Some(_), Some(agent_id)) = (&self.config.tls, &known) {
+                    let expected = self.get(agent_id).and_then(|a| a.certificate.clone());
+                    if expected != answering {
+                        let why = format!(
+                            "{addr} answered with the certificate of {answering:?}, not {expected:?}"
+                        );
+                        self.missed(agent_id, &why).await;
+                    }
+                }
+                if let Err(e) = self.register(&addr, id, peer).await {
                     warn!(%addr, "cannot register agent: {e}");
                 }
                 true
@@ -340,7 +358,7 @@ impl Membership {
                 debug!(%addr, "no echo: {e}");
                 self.client.forget(&addr);
                 match known {
-                    Some(agent_id) => self.missed(&agent_id).await,
+                    Some(agent_id) => self.missed(&agent_id, &e).await,
                     None => self.announced_probe_failed(&addr),
                 }
                 false
@@ -348,9 +366,27 @@ impl Membership {
         }
     }
 
-    async fn register(&self, addr: &str, id: IdData) -> Result<(), StoreError> {
+    async fn register(
+        &self,
+        addr: &str,
+        id: IdData,
+        peer: Option<PeerIdentity>,
+    ) -> Result<(), StoreError> {
         let catalog_digest = id.catalog_digest.clone();
-        let identity = AgentRecord::identity(&id.mac, id.port);
+        let certificate = match (&self.config.tls, peer) {
+            (None, _) => None,
+            (Some(_), Some(peer)) => Some(peer.name),
+            // Every TLS connection has a verified peer; none means a bug, and an
+            // agent must not be registered by what it reports alone.
+            (Some(_), None) => {
+                warn!(%addr, "an ID answer over TLS came without a peer certificate; not registered");
+                return Ok(());
+            }
+        };
+        let identity = match &certificate {
+            Some(name) => AgentRecord::certificate_identity(name),
+            None => AgentRecord::identity(&id.mac, id.port),
+        };
         let agent_id = self.store.agent_id_for(&identity).await?;
         let (rec, changed) = {
             // Read and write under one lock, so a blacklist change made meanwhile is
@@ -372,6 +408,7 @@ impl Membership {
                 misses: 0,
                 last_seen_ms: now_ms(),
                 blacklisted: previous.is_some_and(|p| p.blacklisted),
+                certificate,
             };
             let changed = previous.is_none_or(|p| {
                 p.state != AgentState::Alive
@@ -385,7 +422,7 @@ impl Membership {
         };
         self.candidates().remove(addr);
         if changed {
-            info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, "agent alive");
+            info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, certificate = ?rec.certificate, "agent alive");
             let _ = self
                 .events
                 .try_send(MembershipEvent::Alive(agent_id.clone()));
@@ -506,7 +543,17 @@ impl Membership {
         })
     }
 
-    async fn missed(&self, agent_id: &str) {
+    /// The id of the agent registered with the certificate named `name`, if any.
+    pub fn agent_of_certificate(&self, name: &str) -> Option<String> {
+        self.read()
+            .values()
+            .find(|a| a.certificate.as_deref() == Some(name))
+            .map(|a| a.agent_id.clone())
+    }
+
+    /// `reason`: why the echo failed, logged when the agent's state changes (a
+    /// revoked or expired certificate shows here).
+    async fn missed(&self, agent_id: &str, reason: &str) {
         let changed = {
             let mut agents = self.write();
             let Some(a) = agents.get_mut(agent_id).map(Arc::make_mut) else {
@@ -523,7 +570,8 @@ impl Membership {
             Some(AgentState::Gone) => {
                 warn!(
                     agent_id,
-                    "agent missed {} echoes: it left the cluster", self.config.max_misses
+                    "agent missed {} echoes: it left the cluster (last: {reason})",
+                    self.config.max_misses
                 );
                 // Must reach the scheduler: its tasks depend on it.
                 let _ = self
@@ -531,7 +579,7 @@ impl Membership {
                     .send(MembershipEvent::Gone(agent_id.to_string()))
                     .await;
             }
-            Some(state) => info!(agent_id, ?state, "agent missed an echo"),
+            Some(state) => warn!(agent_id, ?state, "agent missed an echo: {reason}"),
             None => {}
         }
     }

@@ -223,7 +223,7 @@ impl Gateway {
                 scheduler: scheduler.clone(),
                 membership: membership.clone(),
             }),
-            config.tls.as_ref().map(|t| t.server.clone()),
+            config.tls.as_ref().map(|t| t.serving()),
             shutdown.clone(),
         ));
 

@@ -332,6 +332,10 @@ pub struct AgentRecord {
     pub misses: u32,
     pub last_seen_ms: u64,
     pub blacklisted: bool,
+    /// The name (CN) in the certificate it answered with, when the gateway runs
+    /// with TLS: then this, not MAC and port, is who it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 impl AgentRecord {
@@ -339,6 +343,12 @@ impl AgentRecord {
     /// host share the MAC).
     pub fn identity(mac: &str, port: u16) -> String {
         format!("{}|{port}", mac.to_lowercase())
+    }
+
+    /// With TLS an agent is its certificate: one name, one agent id, whatever MAC
+    /// and port it reports. The prefix keeps these apart from MAC + port identities.
+    pub fn certificate_identity(name: &str) -> String {
+        format!("cert:{name}")
     }
 
     pub fn can_take_tasks(&self) -> bool {
@@ -470,6 +480,7 @@ mod tests {
             misses: 0,
             last_seen_ms: 0,
             blacklisted: false,
+            certificate: None,
         };
         assert_eq!(a.missed(3), AgentState::Suspect);
         assert_eq!(a.missed(3), AgentState::Suspect);

@@ -46,6 +46,19 @@ pub const COLLECT_TRIES: u32 = 3;
 /// Default limit of a synchronous call.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Who sent a SIGNAL, as far as the gateway can tell.
+#[derive(Clone, Copy, Debug)]
+pub enum SignalSender<'a> {
+    /// Plain ARPCP: anyone who reaches the port (ARPCP 1.0 has no identities).
+    Anyone,
+    /// Over TLS: an agent certificate's name and the agent id registered for it,
+    /// if any. Only attempts placed on that agent may be signalled.
+    Certified {
+        name: &'a str,
+        agent_id: Option<&'a str>,
+    },
+}
+
 pub struct Scheduler {
     store: GatewayStore,
     membership: Arc<Membership>,
@@ -252,10 +265,8 @@ impl Scheduler {
         let wait = timeout + Duration::from_secs(2);
         // The placed task becomes durable while the agent works on it: the answer
         // waits for both, so it costs the longer of the two, not their sum.
-        let (answer, stored) = tokio::join!(
-            self.client.call_with_timeout(&agent.address, &req, wait),
-            self.store.commit()
-        );
+        let (answer, stored) =
+            tokio::join!(self.call_agent(&agent, &req, wait), self.store.commit());
         stored?;
         let outcome = match answer {
             Ok(r) => outcome_of_task_response(r),
@@ -352,7 +363,10 @@ impl Scheduler {
             }
             r.map(|_| ())
         };
-        match self.client.call(&agent.address, &req).await {
+        match self
+            .call_agent(agent, &req, self.client.request_timeout())
+            .await
+        {
             Ok(r) if r.is_ok() => {
                 // Cancelled while the ATASK was on its way: the cancel's terminate may
                 // have reached the agent before it held the task. It holds it now.
@@ -391,6 +405,7 @@ impl Scheduler {
     pub async fn on_signal(
         self: &Arc<Self>,
         sig: SignalRequest,
+        sender: SignalSender<'_>,
     ) -> Result<Response, ProtocolError> {
         // Header values before lookups, as the protocol orders its checks.
         if sig.status == AtaskStatus::Terminate {
@@ -404,6 +419,9 @@ impl Scheduler {
         let (task_id, attempt) = parse_atask_id(&sig.atask_id).ok_or_else(unknown)?;
         if attempt == 0 {
             return Err(unknown());
+        }
+        if let SignalSender::Certified { name, agent_id } = sender {
+            self.check_sender(task_id, attempt, &sig.atask_id, name, agent_id)?;
         }
         if sig.status == AtaskStatus::Accepted && sig.start {
             return self.confirm_start(task_id, attempt, &sig).await;
@@ -433,6 +451,50 @@ impl Scheduler {
         self.tracker
             .spawn(async move { this.collect(Some(task), attempt).await });
         Ok(self.granting(&holder))
+    }
+
+    /// Refuses a SIGNAL about an attempt not placed on the agent the sender's
+    /// certificate names, before anything is read into the task. The agent an
+    /// attempt went to never changes, so checking ahead of the update is enough.
+    fn check_sender(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        atask_id: &str,
+        name: &str,
+        agent_id: Option<&str>,
+    ) -> Result<(), ProtocolError> {
+        let refuse = |placed| ProtocolError::NotYourTask {
+            atask_id: atask_id.to_string(),
+            name: name.to_string(),
+            placed,
+        };
+        let Some(agent_id) = agent_id else {
+            return Err(refuse("no agent is registered with that certificate"));
+        };
+        let task = self
+            .store
+            .get_task(task_id)?
+            .ok_or_else(|| ProtocolError::UnknownTask(atask_id.to_string()))?;
+        match task.agent_of_attempt(attempt) {
+            Some(holder) if holder == agent_id => Ok(()),
+            Some(_) => Err(refuse("it is placed on another agent")),
+            None => Err(ProtocolError::UnknownTask(atask_id.to_string())),
+        }
+    }
+
+    /// A request to `agent` at its address; over TLS only to the holder of the
+    /// certificate it registered with, so whoever else holds that address now (a
+    /// valid agent certificate of another name) never sees a task or sends a result.
+    async fn call_agent(
+        &self,
+        agent: &AgentRecord,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        self.client
+            .call_named(&agent.address, agent.certificate.as_deref(), req, timeout)
+            .await
     }
 
     /// A 100 answer that grants `agent_id` its lease.
@@ -552,7 +614,10 @@ impl Scheduler {
         let mut delay = Duration::from_millis(100);
         let mut response = None;
         for _ in 0..COLLECT_TRIES {
-            match self.client.call(&agent.address, &req).await {
+            match self
+                .call_agent(&agent, &req, self.client.request_timeout())
+                .await
+            {
                 Ok(r) => {
                     response = Some(r);
                     break;
@@ -633,7 +698,10 @@ impl Scheduler {
         });
         let mut delay = Duration::from_millis(100);
         for _ in 0..TERMINATE_TRIES {
-            match self.client.call(&agent.address, &req).await {
+            match self
+                .call_agent(agent, &req, self.client.request_timeout())
+                .await
+            {
                 Ok(_) => return,
                 Err(e) => {
                     debug!(%atask_id, agent = %agent.agent_id, "terminate not delivered: {e}");

@@ -8,8 +8,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -32,6 +33,13 @@ pub const MAX_NAME_CHARS: usize = 64;
 pub const MAX_SANS: usize = 16;
 /// Longest `--san` host name (the DNS limit).
 pub const MAX_SAN_CHARS: usize = 253;
+/// How long a revocation list says it is current. The daemons re-read the file when
+/// it changes rather than fetch a fresh one when this runs out, so it is long; every
+/// `revoke` writes a new list anyway.
+pub const CRL_DAYS: i64 = 3650;
+/// Most certificates one revocation list names (it must stay under
+/// `crl::MAX_CRL_FILE_BYTES`, which the daemons read).
+pub const MAX_REVOKED: usize = 10_000;
 /// The name a gateway certificate gets when none is given.
 pub const DEFAULT_GATEWAY_NAME: &str = "gateway";
 
@@ -63,6 +71,22 @@ pub enum CaError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("no certificate to revoke: {path} is missing (a certificate issued as {name:?} is kept there)")]
+    NoCertificate { path: PathBuf, name: String },
+    #[error("the certificate {path} cannot be read: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("{name:?} (serial {serial}) is already revoked in {path}")]
+    AlreadyRevoked {
+        name: String,
+        serial: String,
+        path: PathBuf,
+    },
+    #[error("the revocation list {path} cannot be read: {reason}")]
+    BadCrl { path: PathBuf, reason: String },
+    #[error(
+        "the revocation list {path} already names {MAX_REVOKED} certificates, the most it may"
+    )]
+    TooManyRevoked { path: PathBuf },
     #[error("cannot generate the certificate: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -342,4 +366,166 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
         return Err(write_err(source));
     }
     Ok(())
+}
+
+/// What `revoke` did.
+#[derive(Clone, Debug)]
+pub struct Revoked {
+    pub crl: PathBuf,
+    /// The revoked certificate's serial number, hex.
+    pub serial: String,
+    /// The new list's number (one more than the list it replaced).
+    pub crl_number: u64,
+}
+
+/// One entry of an existing list, kept in the next one.
+struct Entry {
+    serial: Vec<u8>,
+    at: OffsetDateTime,
+}
+
+/// Adds the certificate `DIR/NAME.pem` to the CA's revocation list `DIR/crl.pem`,
+/// signed by the CA, with a CRL number one more than the list it replaces. The new
+/// list replaces the old by a rename, so a daemon never reads half of one.
+pub fn revoke(dir: &Path, name: &str) -> Result<Revoked, CaError> {
+    check_name(name)?;
+    let files = TlsFiles::in_dir(dir, name);
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    if !files.ca.exists() || !ca_key_path.exists() {
+        return Err(CaError::NoCa {
+            dir: dir.to_path_buf(),
+        });
+    }
+    if !files.cert.exists() {
+        return Err(CaError::NoCertificate {
+            path: files.cert.clone(),
+            name: name.to_string(),
+        });
+    }
+    let serial = serial_of(&files.cert)?;
+    let serial_hex = hex(&serial);
+    let crl_path = files.crl();
+    let (mut entries, number) = read_crl_entries(&crl_path)?;
+    if entries.iter().any(|e| e.serial == serial) {
+        return Err(CaError::AlreadyRevoked {
+            name: name.to_string(),
+            serial: serial_hex,
+            path: crl_path,
+        });
+    }
+    if entries.len() >= MAX_REVOKED {
+        return Err(CaError::TooManyRevoked { path: crl_path });
+    }
+    let now = OffsetDateTime::now_utc();
+    entries.push(Entry { serial, at: now });
+    let ca_key = KeyPair::from_pem(&read_ca(&ca_key_path)?).map_err(|source| CaError::BadCa {
+        path: ca_key_path.clone(),
+        source,
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&read_ca(&files.ca)?, ca_key).map_err(|source| {
+        CaError::BadCa {
+            path: files.ca.clone(),
+            source,
+        }
+    })?;
+    let crl_number = number + 1;
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(CRL_DAYS),
+        crl_number: SerialNumber::from(crl_number),
+        issuing_distribution_point: None,
+        revoked_certs: entries
+            .into_iter()
+            .map(|e| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&e.serial),
+                revocation_time: e.at,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer)?;
+    replace_file(&crl_path, &crl.pem()?)?;
+    Ok(Revoked {
+        crl: crl_path,
+        serial: serial_hex,
+        crl_number,
+    })
+}
+
+/// The serial number of the certificate in `path`, without the sign padding.
+fn serial_of(path: &Path) -> Result<Vec<u8>, CaError> {
+    let bad = |reason: String| CaError::BadCertificate {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = super::load_certs(path).map_err(|e| bad(e.to_string()))?;
+    let first = certs.first().ok_or_else(|| bad("no certificate".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(first.as_ref())
+        .map_err(|e| bad(format!("not X.509: {e}")))?;
+    Ok(strip_sign(cert.raw_serial()))
+}
+
+fn strip_sign(bytes: &[u8]) -> Vec<u8> {
+    let start = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
+    bytes[start..].to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The entries and number of the list at `path`, or none and 0 when it is absent.
+fn read_crl_entries(path: &Path) -> Result<(Vec<Entry>, u64), CaError> {
+    if !path.exists() {
+        return Ok((Vec::new(), 0));
+    }
+    let bad = |reason: String| CaError::BadCrl {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let crls = super::crl::read_crls(path).map_err(|e| bad(e.to_string()))?;
+    let [der] = crls.as_slice() else {
+        return Err(bad(format!(
+            "it holds {} lists; `arpcp ca revoke` keeps one",
+            crls.len()
+        )));
+    };
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| bad(e.to_string()))?;
+    let number = match crl.crl_number() {
+        None => 0,
+        Some(n) => {
+            let bytes = n.to_bytes_be();
+            if bytes.len() > 8 {
+                return Err(bad("its CRL number is larger than 64 bits".into()));
+            }
+            bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+        }
+    };
+    let entries = crl
+        .iter_revoked_certificates()
+        .map(|r| Entry {
+            serial: strip_sign(r.raw_serial()),
+            at: r.revocation_date.to_datetime(),
+        })
+        .collect();
+    Ok((entries, number))
+}
+
+/// Writes `text` to a temporary file beside `path` and renames it over `path`.
+fn replace_file(path: &Path, text: &str) -> Result<(), CaError> {
+    let tmp = path.with_extension("pem.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, text, 0o644)?;
+    std::fs::rename(&tmp, path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        CaError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }

@@ -13,15 +13,15 @@
 //! nothing depends on a process-wide default being installed.
 
 pub mod ca;
+pub mod crl;
 
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -111,6 +111,11 @@ impl TlsFiles {
             key: dir.join(format!("{name}-key.pem")),
         }
     }
+
+    /// The CA's revocation list: `crl.pem` beside `ca.pem` (read when present).
+    pub fn crl(&self) -> PathBuf {
+        crl::crl_path_beside(&self.ca)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +142,12 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls::Error,
     },
+    #[error("{path} is larger than {limit} bytes: refused unread")]
+    TooLargeFile { path: PathBuf, limit: u64 },
+    #[error("{path} holds more than {} revocation lists", crl::MAX_CRLS)]
+    TooManyCrls { path: PathBuf },
+    #[error("the revocation list {path} is not usable: {reason}")]
+    BadCrl { path: PathBuf, reason: String },
     #[error("cannot build the certificate verifier for the CA in {path}: {reason}")]
     Verifier { path: PathBuf, reason: String },
     #[error("{cert} and {key} do not make a usable certificate and key: {source}")]
@@ -173,35 +184,16 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// A server configuration that requires a client certificate signed by the CA in
-/// `files.ca` and presents `files.cert`.
+/// `files.ca`, not revoked by `files.crl()`, and presents `files.cert`.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let roots = Arc::new(load_roots(&files.ca)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| verifier_error(files, e))?;
-    let (chain, key) = load_cert_and_key(files)?;
-    let config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| cert_key_error(files, source))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|source| cert_key_error(files, source))?;
-    Ok(Arc::new(config))
+    server_config_with(files, client_verifier(files)?)
 }
 
-/// A server configuration for a listener where a client certificate is optional:
-/// one presented must chain to the CA in `files.ca`, and none is refused only later,
-/// by what the caller asks for. For the gRPC API, where bearer tokens are the other
-/// way in. Offers `alpn` (gRPC clients such as Go's require `h2`).
-pub fn server_config_optional_client(
+/// A server configuration that presents `files.cert` and checks clients with `verifier`.
+pub fn server_config_with(
     files: &TlsFiles,
-    alpn: &[&[u8]],
+    verifier: Arc<dyn ClientCertVerifier>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let roots = Arc::new(load_roots(&files.ca)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| verifier_error(files, e))?;
     let (chain, key) = load_cert_and_key(files)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -209,33 +201,74 @@ pub fn server_config_optional_client(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|source| cert_key_error(files, source))?;
+    // A resumed session skips the client certificate's verification: a peer revoked
+    // since its first handshake would be let back in by its session ticket.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// A server configuration for a listener where a client certificate is optional:
+/// one presented must chain to the CA in `files.ca` and not be revoked, and none is
+/// refused only later, by what the caller asks for. For the gRPC API, where bearer
+/// tokens are the other way in. Offers `alpn` (gRPC clients such as Go's require `h2`).
+pub fn server_config_optional_client(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = client_verifier_with(files, crl::Revocations::load(&files.crl())?, false)?;
+    let mut config = Arc::unwrap_or_clone(server_config_with(files, verifier)?);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
-/// A client configuration that trusts only the CA in `files.ca` and presents
-/// `files.cert` when the server asks for it.
-pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
-    let roots = Arc::new(load_roots(&files.ca)?);
-    let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| verifier_error(files, e))?;
-    let (chain, key) = load_cert_and_key(files)?;
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| cert_key_error(files, source))?
-        .with_webpki_verifier(verifier)
-        .with_client_auth_cert(chain, key)
-        .map_err(|source| cert_key_error(files, source))?;
-    Ok(Arc::new(config))
+/// Requires a client certificate of the CA in `files.ca` that the revocation list
+/// `files.crl()` does not revoke; the list is re-read when it changes.
+pub fn client_verifier(files: &TlsFiles) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    client_verifier_with(files, crl::Revocations::load(&files.crl())?, true)
 }
 
-/// The CA in `files.ca` could not make a certificate verifier.
-fn verifier_error(files: &TlsFiles, e: impl std::fmt::Display) -> TlsError {
-    TlsError::Verifier {
-        path: files.ca.clone(),
-        reason: e.to_string(),
-    }
+/// As `client_verifier`, with a revocation list shared with other verifiers, and
+/// `mandatory: false` for a server that also takes clients without a certificate
+/// (a certificate presented is still checked).
+pub fn client_verifier_with(
+    files: &TlsFiles,
+    revocations: Arc<crl::Revocations>,
+    mandatory: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let roots = Arc::new(load_roots(&files.ca)?);
+    Ok(crl::RevocationAwareClientVerifier::new(
+        roots,
+        revocations,
+        mandatory,
+    )?)
+}
+
+/// Checks a server's certificate against the CA in `files.ca` and the revocation
+/// list `revocations`.
+pub fn server_verifier(
+    files: &TlsFiles,
+    revocations: Arc<crl::Revocations>,
+) -> Result<Arc<crl::RevocationAwareServerVerifier>, TlsError> {
+    let roots = Arc::new(load_roots(&files.ca)?);
+    crl::RevocationAwareServerVerifier::new(roots, revocations)
+}
+
+/// A client configuration that trusts only the CA in `files.ca` (minus what
+/// `files.crl()` revokes) and presents `files.cert` when the server asks for it.
+pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = server_verifier(files, crl::Revocations::load(&files.crl())?)?;
+    let (chain, key) = load_cert_and_key(files)?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| cert_key_error(files, source))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|source| cert_key_error(files, source))?;
+    // Resuming would skip the server certificate's verification (and revocation).
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
 }
 
 fn cert_key_error(files: &TlsFiles, source: rustls::Error) -> TlsError {
@@ -294,18 +327,27 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, IdentityEr
 
 /// A file's bytes, refusing one larger than `MAX_PEM_FILE_BYTES` without reading it all.
 fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
+    read_limited(path, MAX_PEM_FILE_BYTES).map_err(|e| match e {
+        TlsError::TooLargeFile { path, .. } => TlsError::TooLarge { path },
+        other => other,
+    })
+}
+
+/// A file's bytes, refusing one larger than `limit` without reading it all.
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, TlsError> {
     let read_err = |source| TlsError::Read {
         path: path.to_path_buf(),
         source,
     };
     let file = std::fs::File::open(path).map_err(read_err)?;
     let mut bytes = Vec::new();
-    file.take(MAX_PEM_FILE_BYTES + 1)
+    file.take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
-    if bytes.len() as u64 > MAX_PEM_FILE_BYTES {
-        return Err(TlsError::TooLarge {
+    if bytes.len() as u64 > limit {
+        return Err(TlsError::TooLargeFile {
             path: path.to_path_buf(),
+            limit,
         });
     }
     Ok(bytes)

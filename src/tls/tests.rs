@@ -54,8 +54,20 @@ struct Outcome {
 /// The gateway config serves one connection on loopback; a client with `client_files`
 /// connects to it as "gateway", sends a byte and reads it back.
 async fn handshake(server_files: &TlsFiles, client_files: &TlsFiles) -> Outcome {
-    let acceptor = TlsAcceptor::from(server_config(server_files).unwrap());
-    let connector = TlsConnector::from(client_config(client_files).unwrap());
+    handshake_with(
+        server_config(server_files).unwrap(),
+        client_config(client_files).unwrap(),
+    )
+    .await
+}
+
+/// `handshake` with configurations made beforehand (and kept across handshakes).
+async fn handshake_with(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+) -> Outcome {
+    let acceptor = TlsAcceptor::from(server);
+    let connector = TlsConnector::from(client);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -272,4 +284,85 @@ fn names_that_could_escape_the_directory_are_refused() {
     for name in ["agent-1", "gw.example.org", "host_2", "10.0.0.5"] {
         assert!(ca::check_name(name).is_ok(), "{name:?} refused");
     }
+}
+
+#[tokio::test]
+async fn revoked_certificate_is_refused_and_the_list_grows_by_number() {
+    let dir = cluster_dir();
+    issue(
+        dir.path(),
+        Role::Agent,
+        "agent-2",
+        Validity::days(1).unwrap(),
+    );
+    let first = ca::revoke(dir.path(), "agent-1").unwrap();
+    assert_eq!(first.crl_number, 1);
+    assert_eq!(first.crl, dir.path().join(crl::CRL_FILE));
+    let gateway = TlsFiles::in_dir(dir.path(), "gateway");
+    let out = handshake(&gateway, &TlsFiles::in_dir(dir.path(), "agent-1")).await;
+    let err = out.server.expect_err("the revoked agent is refused");
+    assert!(err.contains("Revoked"), "server error: {err}");
+    assert!(out.client_echo.is_err());
+    let out = handshake(&gateway, &TlsFiles::in_dir(dir.path(), "agent-2")).await;
+    assert_eq!(out.client_echo, Ok(42), "agent-2 is not revoked");
+
+    let second = ca::revoke(dir.path(), "agent-2").unwrap();
+    assert_eq!(second.crl_number, 2);
+    // The second list still names the first certificate.
+    let out = handshake(&gateway, &TlsFiles::in_dir(dir.path(), "agent-1")).await;
+    assert!(out.server.is_err(), "agent-1 is let in again");
+
+    let again = ca::revoke(dir.path(), "agent-1").unwrap_err().to_string();
+    assert!(again.contains("already revoked"), "{again}");
+    let unknown = ca::revoke(dir.path(), "nobody").unwrap_err().to_string();
+    assert!(unknown.contains("nobody.pem is missing"), "{unknown}");
+}
+
+#[tokio::test]
+async fn configurations_made_before_a_revocation_enforce_it() {
+    let dir = cluster_dir();
+    let gateway = TlsFiles::in_dir(dir.path(), "gateway");
+    let agent = TlsFiles::in_dir(dir.path(), "agent-1");
+    // Both ends as a running gateway has them: made before the revocation.
+    let gateway_server = server_config(&gateway).unwrap();
+    let gateway_client = client_config(&gateway).unwrap();
+    let agent_server = server_config(&agent).unwrap();
+    let agent_client = client_config(&agent).unwrap();
+    let out = handshake_with(gateway_server.clone(), agent_client.clone()).await;
+    assert_eq!(out.client_echo, Ok(42));
+
+    ca::revoke(dir.path(), "agent-1").unwrap();
+    let deadline = std::time::Instant::now() + crl::CRL_RECHECK * 5;
+    let refused = loop {
+        let out = handshake_with(gateway_server.clone(), agent_client.clone()).await;
+        if let Err(e) = out.server {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway still takes agent-1 {:?} after the revocation",
+            crl::CRL_RECHECK * 5
+        );
+        tokio::time::sleep(crl::CRL_RECHECK / 4).await;
+    };
+    assert!(refused.contains("Revoked"), "{refused}");
+    // Dialling the revoked agent: its certificate is refused by the gateway's client.
+    let out = handshake_with(agent_server, gateway_client).await;
+    let err = out
+        .client_echo
+        .expect_err("the gateway talks to a revoked agent");
+    assert!(err.contains("Revoked"), "{err}");
+}
+
+#[test]
+fn an_unusable_list_is_named() {
+    let dir = cluster_dir();
+    std::fs::write(dir.path().join(crl::CRL_FILE), "not a list").unwrap();
+    let err = server_config(&TlsFiles::in_dir(dir.path(), "gateway"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("crl.pem") && err.contains("revocation list"),
+        "{err}"
+    );
 }
