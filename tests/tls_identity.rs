@@ -32,7 +32,18 @@ fn cluster_pki() -> (std::sync::Arc<tempfile::TempDir>, String) {
     let d = dir.path();
     let pki = d.join("pki").to_string_lossy().into_owned();
     arpcp_ok(d, &["ca", "init", "--dir", &pki]);
-    arpcp_ok(d, &["ca", "issue", "gateway", "--dir", &pki]);
+    arpcp_ok(
+        d,
+        &[
+            "ca",
+            "issue",
+            "gateway",
+            "--san",
+            "127.0.0.1",
+            "--dir",
+            &pki,
+        ],
+    );
     arpcp_ok(d, &["ca", "issue", "agent", "agent-1", "--dir", &pki]);
     arpcp_ok(d, &["ca", "issue", "agent", "agent-2", "--dir", &pki]);
     arpcp_ok(
@@ -41,7 +52,25 @@ fn cluster_pki() -> (std::sync::Arc<tempfile::TempDir>, String) {
             "ca", "issue", "client", "alice", "--role", "reader", "--dir", &pki,
         ],
     );
+    arpcp_ok(
+        d,
+        &[
+            "ca", "issue", "client", "ops", "--role", "operator", "--dir", &pki,
+        ],
+    );
     (dir, pki)
+}
+
+/// A TLS gateway over `agents`, called through gRPC as the `operator` "ops".
+fn tls_cluster(agents: Vec<Daemon>, pki: &str, extra: &[&str]) -> Cluster {
+    let p = Path::new(pki);
+    let tls = client_tls(
+        &p.join("ca.pem"),
+        Some((&p.join("ops.pem"), &p.join("ops-key.pem"))),
+    );
+    let mut args = vec!["--tls-dir", pki];
+    args.extend_from_slice(extra);
+    Cluster::start_tls(agents, &args, tls)
 }
 
 fn tls_agent(pki: &str, name: &str) -> Daemon {
@@ -169,7 +198,7 @@ async fn ask(conn: &mut TlsLines) -> Option<Value> {
 #[test]
 fn a_second_agent_certificate_cannot_take_over_an_agent_or_signal_its_tasks() {
     let (_dir, pki) = cluster_pki();
-    let c = Cluster::start(vec![tls_agent(&pki, "agent-1")], &["--tls-dir", &pki]);
+    let c = tls_cluster(vec![tls_agent(&pki, "agent-1")], &pki, &[]);
     let first = c.gw.wait_alive(1, WAIT).remove(0);
     assert_eq!(first.certificate_name, "agent-1", "{first:?}");
 
@@ -317,9 +346,10 @@ fn reply_to_and_controller_are_taken_only_from_the_controller() {
 #[test]
 fn revoking_an_agent_cuts_it_off_without_a_restart() {
     let (dir, pki) = cluster_pki();
-    let mut c = Cluster::start(
+    let mut c = tls_cluster(
         vec![tls_agent(&pki, "agent-1"), tls_agent(&pki, "agent-2")],
-        &["--tls-dir", &pki],
+        &pki,
+        &[],
     );
     let agents = c.gw.wait_alive(2, WAIT);
     let by_name = |name: &str| {
@@ -399,7 +429,7 @@ fn revoking_an_agent_cuts_it_off_without_a_restart() {
 #[test]
 fn another_certificate_at_an_agents_address_gets_none_of_its_tasks() {
     let (_dir, pki) = cluster_pki();
-    let mut c = Cluster::start(vec![tls_agent(&pki, "agent-1")], &["--tls-dir", &pki]);
+    let mut c = tls_cluster(vec![tls_agent(&pki, "agent-1")], &pki, &[]);
     let first = c.gw.wait_alive(1, WAIT).remove(0);
     // agent-1's process goes away and agent-2's certificate takes over its port.
     c.agents[0].kill9();
