@@ -340,6 +340,60 @@ fn a_token_works_once_created_and_is_refused_once_revoked_without_a_restart() {
 }
 
 #[test]
+fn a_revoked_client_certificate_is_refused_on_its_open_connection_and_in_new_handshakes() {
+    let t = Tls::start();
+    let rita = t.as_cert("rita");
+    assert_eq!(list_agents(&rita, None).unwrap().agents.len(), 1);
+    let pki = t.pki.to_str().unwrap();
+    arpcp_ok(t.dir.path(), &["ca", "revoke", "rita", "--dir", pki]);
+    // The connection opened before the revocation stays up, but its calls are refused
+    // once the gateway has seen the new list (it looks at most once a second).
+    let refused = wait_for(
+        WAIT,
+        "rita's open connection is refused",
+        || match list_agents(&rita, None) {
+            Err(e) if e.code() == Code::Unauthenticated => Some(e),
+            _ => None,
+        },
+    );
+    for needle in ["\"rita\"", "no longer valid", "revoked"] {
+        assert!(refused.message().contains(needle), "{needle}: {refused:?}");
+    }
+    // A new connection with the certificate fails its handshake.
+    let again = t.c.gw.rt().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(t.c.gateway.grpcs_url())
+            .unwrap()
+            .tls_config(client_tls(
+                &t.ca(),
+                Some((&t.pki.join("rita.pem"), &t.pki.join("rita-key.pem"))),
+            ))
+            .unwrap()
+            .connect_timeout(IO_TIMEOUT)
+            .timeout(IO_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        pb::gateway_client::GatewayClient::new(channel)
+            .list_agents(pb::ListAgentsRequest {})
+            .await
+            .map_err(|e| e.to_string())
+    });
+    assert!(
+        again.is_err(),
+        "a revoked certificate was served: {again:?}"
+    );
+    wait_for_log(
+        &t.c.gateway,
+        &["gRPC TLS handshake failed", "certificate revoked"],
+    );
+    // Other certificates are still served.
+    assert_eq!(
+        list_agents(&t.as_cert("sam"), None).unwrap().agents.len(),
+        1
+    );
+}
+
+#[test]
 fn a_client_certificate_of_another_ca_is_refused_in_the_handshake() {
     let t = Tls::start();
     let fake = tempdir();

@@ -66,6 +66,21 @@ impl ArpcpTls {
         }
     }
 
+    /// The server side of the gateway's gRPC API with the same certificate and
+    /// revocation list: a client certificate is optional there (bearer tokens are the
+    /// other way in) but checked when presented, and ALPN offers `h2`.
+    pub fn grpc_serving(&self, dir: &Path, name: &str) -> Result<ServerTls, TlsError> {
+        let files = TlsFiles::in_dir(dir, name);
+        let verifier = tls::client_verifier_with(&files, self.revocations.clone(), false)?;
+        let mut config = Arc::unwrap_or_clone(tls::server_config_with(&files, verifier.clone())?);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ServerTls {
+            config: Arc::new(config),
+            verifier,
+            revocations: self.revocations.clone(),
+        })
+    }
+
     /// The client side for calling peers that must hold `peer_role`.
     pub fn calling(&self, peer_role: Role) -> ClientTls {
         ClientTls {
@@ -88,6 +103,7 @@ pub struct ServerTls {
 
 /// A verified peer's certificate chain and the revocation list generation it was
 /// last checked under.
+#[derive(Debug)]
 pub struct Standing {
     chain: Vec<CertificateDer<'static>>,
     generation: u64,

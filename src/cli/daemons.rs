@@ -237,6 +237,12 @@ fn gateway_config(g: &GatewayCmd) -> anyhow::Result<GatewayConfig> {
         .iter()
         .map(|c| parse_scan(c).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<_>>()?;
+    let tls = g
+        .tls_dir
+        .as_deref()
+        .map(|dir| ArpcpTls::load(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME))
+        .transpose()
+        .context("--tls-dir")?;
     Ok(GatewayConfig {
         data_dir: g.data_dir.clone(),
         advertise: g.advertise.clone(),
@@ -248,21 +254,14 @@ fn gateway_config(g: &GatewayCmd) -> anyhow::Result<GatewayConfig> {
         retention: Duration::from_secs(g.retention_secs),
         retention_count: g.retention_count,
         accept_damaged_store: g.accept_damaged_store,
-        tls: g
-            .tls_dir
-            .as_deref()
-            .map(|dir| ArpcpTls::load(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME))
-            .transpose()
-            .context("--tls-dir")?,
-        grpc_tls: g
-            .tls_dir
-            .as_deref()
-            .map(|dir| {
-                let files = crate::tls::TlsFiles::in_dir(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME);
-                crate::tls::server_config_optional_client(&files, &[b"h2"])
-            })
-            .transpose()
-            .context("--tls-dir")?,
+        grpc_tls: match (&tls, g.tls_dir.as_deref()) {
+            (Some(tls), Some(dir)) => Some(
+                tls.grpc_serving(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME)
+                    .context("--tls-dir")?,
+            ),
+            _ => None,
+        },
+        tls,
     })
 }
 

@@ -7,11 +7,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use tonic::{Code, Request, Status};
 
 use super::tokens::{TokenStore, MAX_TOKEN_CHARS};
+use crate::arpcp::tls::Standing;
 use crate::tls::{PeerIdentity, Role};
 
 /// The metadata key of a bearer token (`authorization: Bearer TOKEN`), as every gRPC
@@ -151,7 +153,9 @@ pub struct GrpcPeer {
 #[derive(Debug, Clone)]
 pub enum PeerCertificate {
     None,
-    Verified(PeerIdentity),
+    /// With what re-checks it when the revocation list changes: a connection
+    /// outlives a revocation, so each call asks again.
+    Verified(PeerIdentity, Arc<Mutex<Standing>>),
     /// Chains to the CA but does not say who its holder is (no CN, no role OU…).
     Unusable(String),
 }
@@ -170,6 +174,8 @@ pub enum AuthError {
     TokenFile(String),
     #[error("the client certificate cannot be used: {0}; use a certificate from `arpcp ca issue client NAME --role ROLE` or a bearer token")]
     UnusableCertificate(String),
+    #[error("the client certificate of {name:?} is no longer valid ({why}); reconnect with a valid certificate or a bearer token")]
+    CertificateNoLongerValid { name: String, why: String },
     #[error("{method} needs role {needed}; the caller is {caller}")]
     RoleRequired {
         method: &'static str,
@@ -197,7 +203,8 @@ impl From<AuthError> for Status {
             AuthError::NoCredential
             | AuthError::BadHeader(_)
             | AuthError::UnknownToken
-            | AuthError::UnusableCertificate(_) => Code::Unauthenticated,
+            | AuthError::UnusableCertificate(_)
+            | AuthError::CertificateNoLongerValid { .. } => Code::Unauthenticated,
             AuthError::TokenFile(_) => Code::Unavailable,
             AuthError::RoleRequired { .. }
             | AuthError::NotAClient { .. }
@@ -302,11 +309,21 @@ impl Auth {
             });
         }
         match req.extensions().get::<GrpcPeer>().map(|p| &p.certificate) {
-            Some(PeerCertificate::Verified(who)) => Ok(Caller {
-                role: who.role,
-                name: who.name.clone(),
-                via: Via::Certificate,
-            }),
+            Some(PeerCertificate::Verified(who, standing)) => {
+                standing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .recheck()
+                    .map_err(|why| AuthError::CertificateNoLongerValid {
+                        name: who.name.clone(),
+                        why,
+                    })?;
+                Ok(Caller {
+                    role: who.role,
+                    name: who.name.clone(),
+                    via: Via::Certificate,
+                })
+            }
             Some(PeerCertificate::Unusable(why)) => {
                 Err(AuthError::UnusableCertificate(why.clone()))
             }

@@ -9,7 +9,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use tracing::warn;
 
 use super::auth::{GrpcPeer, PeerCertificate};
 use crate::arpcp::server::HandshakeLog;
-use crate::arpcp::tls::{HandshakeError, HANDSHAKE_TIMEOUT};
+use crate::arpcp::tls::{HandshakeError, ServerTls, Standing, HANDSHAKE_TIMEOUT};
 
 /// TLS handshakes of the gRPC listener under way at once; more connections wait in
 /// the kernel's backlog. Each lasts at most `HANDSHAKE_TIMEOUT`.
@@ -94,28 +94,25 @@ impl AsyncWrite for GrpcConn {
 /// `shutdown` is cancelled.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    tls: ServerTls,
     shutdown: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<GrpcConn, io::Error>> {
     let (tx, rx) = mpsc::channel(HANDED_OVER);
-    tokio::spawn(accept_loop(
-        listener,
-        TlsAcceptor::from(config),
-        tx,
-        shutdown,
-    ));
+    tokio::spawn(accept_loop(listener, tls, tx, shutdown));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: ServerTls,
     tx: mpsc::Sender<Result<GrpcConn, io::Error>>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_GRPC_CONNECTIONS));
     let handshakes = Arc::new(Semaphore::new(MAX_GRPC_HANDSHAKES));
     let refusals = Arc::new(HandshakeLog::default());
+    let acceptor = TlsAcceptor::from(tls.config.clone());
+    let tls = Arc::new(tls);
     loop {
         let permits = async {
             let slot = slots.clone().acquire_owned().await.ok()?;
@@ -142,9 +139,10 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), refusals.clone());
+        let (acceptor, tls, tx, refusals) =
+            (acceptor.clone(), tls.clone(), tx.clone(), refusals.clone());
         tokio::spawn(async move {
-            let conn = handshake_one(&acceptor, stream, addr, slot).await;
+            let conn = handshake_one(&acceptor, &tls, stream, addr, slot).await;
             drop(handshake);
             match conn {
                 Ok(conn) => {
@@ -158,10 +156,12 @@ async fn accept_loop(
 
 async fn handshake_one(
     acceptor: &TlsAcceptor,
+    server_tls: &ServerTls,
     stream: TcpStream,
     addr: SocketAddr,
     slot: OwnedSemaphorePermit,
 ) -> Result<GrpcConn, HandshakeError> {
+    let generation = server_tls.revocations.generation();
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
         .map_err(|_| HandshakeError::Timeout)?
@@ -169,7 +169,10 @@ async fn handshake_one(
     let certificate = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         None => PeerCertificate::None,
         Some(cert) => match crate::tls::identity_of(cert) {
-            Ok(who) => PeerCertificate::Verified(who),
+            Ok(who) => match Standing::of(tls.get_ref().1, server_tls, generation) {
+                Some(standing) => PeerCertificate::Verified(who, Arc::new(Mutex::new(standing))),
+                None => PeerCertificate::None,
+            },
             Err(e) => PeerCertificate::Unusable(e.to_string()),
         },
     };

@@ -71,7 +71,7 @@ pub struct GatewayConfig {
     pub tls: Option<crate::arpcp::tls::ArpcpTls>,
     /// The gRPC API over TLS with the gateway's certificate (`--tls-dir`): callers
     /// are then authenticated and their roles checked (`auth.rs`).
-    pub grpc_tls: Option<Arc<rustls::ServerConfig>>,
+    pub grpc_tls: Option<crate::arpcp::tls::ServerTls>,
 }
 
 #[derive(Debug, Error)]
