@@ -428,6 +428,8 @@ fn membership_follows_hosts_in_network_namespaces() {
                     "{dir}/agent-data",
                     "--capacity",
                     "2",
+                    // Plaintext ARPCP on the bridge, as the prototype's peers speak it.
+                    "--insecure",
                 ],
             )
         })
@@ -467,6 +469,7 @@ fn membership_follows_hosts_in_network_namespaces() {
         "200",
         "--max-misses",
         "3",
+        "--insecure",
     ]);
     let gw = Gateway::connect(&gateway.addr("grpc"));
 
