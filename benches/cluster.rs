@@ -1,18 +1,21 @@
 //! End-to-end benchmark of a local cluster, with in-run baselines.
 //!
-//! Starts a real gateway and two real agents (the `arpcp` binary, on loopback), then
-//! measures in one run:
+//! Starts two clusters side by side, each a real gateway and two real agents (the
+//! `arpcp` binary, on loopback): one plaintext, one with mutual TLS on ARPCP
+//! (`--tls-dir`, certificates made by the binary's `ca` commands). In rounds that
+//! alternate which cluster goes first, it measures on each:
 //! * async throughput: `add` tasks submitted concurrently through gRPC, every result
 //!   fetched (each task durable before its Submit returned);
 //! * p50/p99 latency of a synchronous call (Submit with `sync`: ARPCP TASK);
-//! * baselines: a bare tonic unary call (grpc.health Check on a server that serves
-//!   nothing else) and a bare TCP JSON-line echo, both in this process.
 //!
+//! and once, on the plaintext cluster:
+//! * baselines: a bare tonic unary call (grpc.health Check on a server that serves
+//!   nothing else) and a bare TCP JSON-line echo, both in this process;
 //! * an Opal model that answers at once, run through the cluster (sync Submit, the
 //!   typed table back) against the same program run by hand, p50 and p99.
 //!
 //! `cargo bench --bench cluster` (env: BENCH_TASKS, BENCH_CONCURRENCY, BENCH_SAMPLES,
-//! BENCH_OPAL_SAMPLES).
+//! BENCH_ROUNDS, BENCH_OPAL_SAMPLES).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -204,13 +207,58 @@ async fn wait_for_agents(client: &mut GatewayClient<Channel>, n: usize) -> anyho
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let tasks = env_usize("BENCH_TASKS", 20_000);
-    let concurrency = env_usize("BENCH_CONCURRENCY", 256);
-    let samples = env_usize("BENCH_SAMPLES", 2_000);
+/// Runs `arpcp ARGS` to its end, as an operator would (the `ca` commands).
+fn run_arpcp(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_arpcp"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "arpcp {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
 
-    let gateway = spawn(&[
+/// A cluster CA with the gateway's certificate and `agent-1` … `agent-N`'s, made
+/// by the binary's `ca` commands in a temporary directory.
+fn make_pki(agents: usize) -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().to_string_lossy().into_owned();
+    // `ca init` makes its directory itself.
+    let pki = format!("{pki}/pki");
+    run_arpcp(&["ca", "init", "--dir", &pki])?;
+    run_arpcp(&["ca", "issue", "gateway", "--dir", &pki])?;
+    for i in 1..=agents {
+        run_arpcp(&["ca", "issue", "agent", &format!("agent-{i}"), "--dir", &pki])?;
+    }
+    Ok(dir)
+}
+
+/// A gateway and two agents on loopback, plaintext or with mutual TLS on ARPCP.
+struct Cluster {
+    name: &'static str,
+    url: String,
+    /// The processes, killed when the cluster is dropped.
+    _gateway: Daemon,
+    _agents: Vec<Daemon>,
+    /// The certificates, while the daemons use them.
+    _pki: Option<tempfile::TempDir>,
+}
+
+const AGENTS: usize = 2;
+
+async fn start_cluster(
+    name: &'static str,
+    arpcp_tls: bool,
+    agent_config: &str,
+) -> anyhow::Result<Cluster> {
+    let pki = arpcp_tls.then(|| make_pki(AGENTS)).transpose()?;
+    let pki_dir = pki
+        .as_ref()
+        .map(|d| d.path().join("pki").to_string_lossy().into_owned());
+    let mut args = vec![
         "gateway",
         "--grpc",
         "127.0.0.1:0",
@@ -218,20 +266,16 @@ async fn main() -> anyhow::Result<()> {
         "127.0.0.1:0",
         "--echo-interval-ms",
         "500",
-    ])?;
+    ];
+    if let Some(dir) = &pki_dir {
+        args.extend(["--tls-dir", dir]);
+    }
+    let gateway = spawn(&args)?;
     let controller = addr(&gateway, "arpcp");
-    // The smallest Opal model, for the overhead of running one through the cluster.
-    let model_dir = tempfile::tempdir()?;
-    let model = format!("{}/examples/opal/instant.py", env!("CARGO_MANIFEST_DIR"));
-    let config = model_dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!("[[procedure]]\nname = \"instant\"\nkind = \"opal\"\ncommand = [\"python3\", \"{model}\"]\npoll_ms = 10\n"),
-    )?;
-    let config = config.to_string_lossy().into_owned();
-    let agents: Vec<Daemon> = (0..2)
-        .map(|_| {
-            spawn(&[
+    let agents: Vec<Daemon> = (1..=AGENTS)
+        .map(|i| {
+            let tls_name = format!("agent-{i}");
+            let mut args = vec![
                 "agent",
                 "--listen",
                 "127.0.0.1:0",
@@ -240,18 +284,41 @@ async fn main() -> anyhow::Result<()> {
                 "--capacity",
                 "64",
                 "--config",
-                &config,
-            ])
+                agent_config,
+            ];
+            if let Some(dir) = &pki_dir {
+                args.extend(["--tls-dir", dir, "--tls-name", &tls_name]);
+            }
+            spawn(&args)
         })
         .collect::<anyhow::Result<_>>()?;
-    let url = format!("http://{}", addr(&gateway, "grpc"));
-    let mut client = GatewayClient::new(channel(&url).await?);
-    wait_for_agents(&mut client, agents.len()).await?;
+    let cluster = Cluster {
+        name,
+        url: format!("http://{}", addr(&gateway, "grpc")),
+        _gateway: gateway,
+        _agents: agents,
+        _pki: pki,
+    };
+    let mut client = GatewayClient::new(grpc_channel(&cluster).await?);
+    wait_for_agents(&mut client, AGENTS).await?;
+    Ok(cluster)
+}
 
-    // Async throughput: `concurrency` clients over a few HTTP/2 connections.
+/// A gRPC channel to a cluster's gateway; every client of the bench comes from
+/// here. The gateway's gRPC is plaintext in both clusters today: once it serves
+/// TLS, this is where the endpoint gets its `ClientTlsConfig` (the cluster's CA and
+/// a client certificate from `Cluster::_pki`), and every figure then covers gRPC
+/// over TLS as well.
+async fn grpc_channel(cluster: &Cluster) -> anyhow::Result<Channel> {
+    channel(&cluster.url).await
+}
+
+/// Async throughput of `tasks` `add` tasks: `concurrency` clients over a few
+/// HTTP/2 connections, each submitting and fetching results; tasks per second.
+async fn throughput(cluster: &Cluster, tasks: usize, concurrency: usize) -> anyhow::Result<f64> {
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(GatewayClient::new(channel(&url).await?));
+        clients.push(GatewayClient::new(grpc_channel(cluster).await?));
     }
     let start = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -300,11 +367,18 @@ async fn main() -> anyhow::Result<()> {
         done += r??;
     }
     let elapsed = start.elapsed();
-    anyhow::ensure!(done == tasks, "{done} of {tasks} tasks finished");
-    let throughput = tasks as f64 / elapsed.as_secs_f64();
+    anyhow::ensure!(
+        done == tasks,
+        "{}: {done} of {tasks} tasks finished",
+        cluster.name
+    );
+    Ok(tasks as f64 / elapsed.as_secs_f64())
+}
 
-    // Sync call latency.
-    let sync = latencies(samples, || {
+/// Latencies of `samples` sequential sync calls (Submit with `sync`: ARPCP TASK).
+async fn sync_calls(cluster: &Cluster, samples: usize) -> anyhow::Result<Vec<Duration>> {
+    let client = GatewayClient::new(grpc_channel(cluster).await?);
+    latencies(samples, || {
         let mut c = client.clone();
         async move {
             let t = c
@@ -324,7 +398,67 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     })
-    .await?;
+    .await
+}
+
+/// One cluster's figures over the rounds.
+#[derive(Default)]
+struct Figures {
+    throughput: Vec<f64>,
+    sync_p50: Vec<Duration>,
+    /// Every round's sync calls, for the overall percentiles.
+    sync_all: Vec<Duration>,
+}
+
+fn median_f64(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let tasks = env_usize("BENCH_TASKS", 20_000);
+    let concurrency = env_usize("BENCH_CONCURRENCY", 256);
+    let samples = env_usize("BENCH_SAMPLES", 2_000);
+    let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
+
+    // The smallest Opal model, for the overhead of running one through the cluster.
+    let model_dir = tempfile::tempdir()?;
+    let model = format!("{}/examples/opal/instant.py", env!("CARGO_MANIFEST_DIR"));
+    let config = model_dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("[[procedure]]\nname = \"instant\"\nkind = \"opal\"\ncommand = [\"python3\", \"{model}\"]\npoll_ms = 10\n"),
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    // Both clusters run side by side; rounds alternate which is measured first, so
+    // that drift of the machine (other load, CPU frequency, the stores growing)
+    // falls on both alike.
+    let clusters = [
+        start_cluster("plaintext", false, &config).await?,
+        start_cluster("mutual TLS", true, &config).await?,
+    ];
+    for c in &clusters {
+        throughput(c, tasks / 10, concurrency).await?; // warm-up
+    }
+    let mut figures: [Figures; 2] = Default::default();
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let f = &mut figures[i];
+            f.throughput
+                .push(throughput(&clusters[i], tasks, concurrency).await?);
+            let sync = sync_calls(&clusters[i], samples).await?;
+            f.sync_p50.push(percentile(&sync, 0.5));
+            f.sync_all.extend(sync);
+        }
+    }
+    for f in &mut figures {
+        f.sync_all.sort();
+    }
+    let plain = &clusters[0];
+    let client = GatewayClient::new(grpc_channel(plain).await?);
     // An Opal model through the cluster (sync Submit → its table back) against the
     // same program run by hand (spawn, calculate, read the answer), in this run.
     let opal_samples = env_usize("BENCH_OPAL_SAMPLES", 200);
@@ -379,18 +513,42 @@ async fn main() -> anyhow::Result<()> {
     let base = percentile(&tonic, 0.5) + percentile(&tcp, 0.5);
 
     println!(
-        "arpcp cluster bench: gateway + 2 agents on loopback, {} CPUs",
+        "arpcp cluster bench: gateway + {AGENTS} agents on loopback, {} CPUs; {rounds} rounds \
+         of plaintext and mutual TLS on ARPCP (gRPC plaintext in both), alternating",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!(
-        "async add tasks          : {tasks} tasks, {concurrency} concurrent clients, {:.2} s",
-        elapsed.as_secs_f64()
+    println!("async add tasks          : {tasks} tasks a round, {concurrency} concurrent clients");
+    for (round, (p, t)) in figures[0]
+        .throughput
+        .iter()
+        .zip(&figures[1].throughput)
+        .enumerate()
+    {
+        println!(
+            "  round {}                : plaintext {p:.0} tasks/s, TLS {t:.0} tasks/s; sync p50 {:.0} µs, {:.0} µs",
+            round + 1,
+            micros(figures[0].sync_p50[round]),
+            micros(figures[1].sync_p50[round]),
+        );
+    }
+    let (tp, tt) = (
+        median_f64(&figures[0].throughput),
+        median_f64(&figures[1].throughput),
     );
-    println!("  end-to-end throughput  : {throughput:.0} tasks/s (submitted, durable, run, result fetched)");
+    println!("  end-to-end throughput  : plaintext {tp:.0} tasks/s, mutual TLS {tt:.0} tasks/s (medians; submitted, durable, run, result fetched)");
+    println!("  TLS / plaintext        : {:.2}", tt / tp);
+    let (sp, st) = (&figures[0].sync_all, &figures[1].sync_all);
     println!(
-        "sync add call (TASK)     : p50 {:.0} µs  p99 {:.0} µs  ({samples} calls)",
-        micros(percentile(&sync, 0.5)),
-        micros(percentile(&sync, 0.99))
+        "sync add call (TASK)     : plaintext p50 {:.0} µs p99 {:.0} µs; mutual TLS p50 {:.0} µs p99 {:.0} µs ({} calls each)",
+        micros(percentile(sp, 0.5)),
+        micros(percentile(sp, 0.99)),
+        micros(percentile(st, 0.5)),
+        micros(percentile(st, 0.99)),
+        sp.len()
+    );
+    println!(
+        "  TLS − plaintext (p50)  : {:+.0} µs",
+        micros(percentile(st, 0.5)) - micros(percentile(sp, 0.5))
     );
     println!(
         "baseline tonic unary     : p50 {:.0} µs  p99 {:.0} µs",
@@ -403,8 +561,8 @@ async fn main() -> anyhow::Result<()> {
         micros(percentile(&tcp, 0.99))
     );
     println!(
-        "sync p50 / (tonic p50 + TCP p50) = {:.2}",
-        percentile(&sync, 0.5).as_secs_f64() / base.as_secs_f64()
+        "plaintext sync p50 / (tonic p50 + TCP p50) = {:.2}",
+        percentile(sp, 0.5).as_secs_f64() / base.as_secs_f64()
     );
     println!(
         "Opal model, sync Submit  : p50 {:.0} µs  p99 {:.0} µs  ({opal_samples} calls, table back)",
@@ -420,8 +578,7 @@ async fn main() -> anyhow::Result<()> {
         "Opal through the cluster / by hand (p50) = {:.2}",
         percentile(&opal, 0.5).as_secs_f64() / percentile(&by_hand, 0.5).as_secs_f64()
     );
-    drop(agents);
-    drop(gateway);
+    drop(clusters);
     drop(model_dir);
     Ok(())
 }

@@ -3,6 +3,10 @@
 //! the bridge's range. One host's link goes down (suspect, then gone, its running
 //! task interrupted, new work placed elsewhere) and comes back (alive again, same id).
 //!
+//! The same three hosts with mutual TLS: certificates made with the real `arpcp ca`
+//! commands, each host holding only `ca.pem` and its own pair, a task done on each;
+//! an impostor on a fourth host, with a CA of its own making, is never listed.
+//!
 //! Needs root and iproute2. When the namespaces cannot be made, the test prints
 //! `SKIPPED: network namespaces unavailable: <reason>` on stderr and returns; with
 //! `CI` set and root, that fails the test instead, unless the kernel forbids
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use arpcp::pb::gateway_client::GatewayClient;
 use arpcp::pb::{self, AgentState, TaskStatus};
-use common::{call, code, req, wait_for, wait_until, Daemon, ARPCP, WAIT};
+use common::{call, code, req, run_to_exit, tempdir, wait_for, wait_until, Daemon, ARPCP, WAIT};
 
 /// The agents' port, the one the gateway scans.
 const AGENT_PORT: u16 = 7018;
@@ -50,9 +54,10 @@ impl Host {
     }
 }
 
-/// A bridge `10.213.N.1/24` in the root namespace and `HOSTS` namespaces on it.
-/// Names derive from the process id (several test processes may run at once);
-/// `Drop` removes everything made, also when the test panics.
+/// A bridge `10.213.N.1/24` in the root namespace and a few namespaces on it.
+/// Names derive from the process id and a tag per test (several test processes,
+/// and the tests of one, may run at once); `Drop` removes everything made, also
+/// when the test panics.
 struct TestNet {
     bridge: String,
     /// `10.213.N.0/24`, once claimed with its `unreachable` route.
@@ -135,7 +140,9 @@ fn ip(args: &[&str]) -> Result<String, String> {
 }
 
 impl TestNet {
-    fn setup() -> Result<TestNet, SetupError> {
+    /// `hosts` namespaces; `tag` is one character distinct for each test (it is
+    /// part of interface names, which have at most 15).
+    fn setup(tag: char, hosts: u8) -> Result<TestNet, SetupError> {
         // SAFETY: geteuid(2) has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return Err(SetupError::step("not running as root".into()));
@@ -143,13 +150,13 @@ impl TestNet {
         ip(&["-V"]).map_err(SetupError::step)?;
         let pid = std::process::id();
         let mut net = TestNet {
-            bridge: format!("arpcp{pid}br"),
+            bridge: format!("arpcp{pid}{tag}br"),
             subnet: None,
             bridge_ip: String::new(),
-            hosts: (1..=HOSTS)
+            hosts: (1..=hosts)
                 .map(|i| Host {
-                    ns: format!("arpcp{pid}-a{i}"),
-                    veth: format!("arpcp{pid}v{i}"),
+                    ns: format!("arpcp{pid}{tag}-a{i}"),
+                    veth: format!("arpcp{pid}{tag}v{i}"),
                     ip: String::new(),
                     mac: String::new(),
                 })
@@ -381,15 +388,13 @@ fn at_ip<'a>(agents: &'a [pb::Agent], ip: &str) -> &'a pb::Agent {
 }
 
 // ---------------------------------------------------------------------------
-// The test
+// The tests
 
-#[test]
-fn membership_follows_hosts_in_network_namespaces() {
-    let started = Instant::now();
-    // 1. The network. Declared first, so dropped last: every process in it is
-    // killed before it goes.
-    let net = match TestNet::setup() {
-        Ok(net) => net,
+/// The network, or `None` (said on stderr) when namespaces are unavailable here
+/// and the test is to be skipped; in CI as root that fails the test instead.
+fn net_or_skip(tag: char, hosts: u8) -> Option<TestNet> {
+    match TestNet::setup(tag, hosts) {
+        Ok(net) => Some(net),
         Err(e) => {
             // SAFETY: geteuid(2) has no preconditions and cannot fail.
             let root = unsafe { libc::geteuid() } == 0;
@@ -403,8 +408,32 @@ fn membership_follows_hosts_in_network_namespaces() {
                 "SKIPPED: network namespaces unavailable: {}",
                 e.reason
             ));
-            return;
+            None
         }
+    }
+}
+
+/// Whether a namespaced listener can be reached; if not, skips (or fails in CI).
+fn reachable_or_skip(addr: &str) -> bool {
+    match reachable(addr, WAIT) {
+        Ok(()) => true,
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("the namespaced hosts are expected to be reachable in CI: {e}")
+        }
+        Err(e) => {
+            say(&format!("SKIPPED: network namespaces unavailable: {e}"));
+            false
+        }
+    }
+}
+
+#[test]
+fn membership_follows_hosts_in_network_namespaces() {
+    let started = Instant::now();
+    // 1. The network. Declared first, so dropped last: every process in it is
+    // killed before it goes.
+    let Some(net) = net_or_skip('m', HOSTS) else {
+        return;
     };
 
     // 2. One agent in each namespace, then the gateway in the root namespace,
@@ -428,16 +457,14 @@ fn membership_follows_hosts_in_network_namespaces() {
                     "{dir}/agent-data",
                     "--capacity",
                     "2",
+                    // Plaintext ARPCP on the bridge, as the prototype's peers speak it.
+                    "--insecure",
                 ],
             )
         })
         .collect();
     for h in &net.hosts {
-        if let Err(e) = reachable(&h.arpcp(), WAIT) {
-            if std::env::var_os("CI").is_some() {
-                panic!("the namespaced hosts are expected to be reachable in CI: {e}");
-            }
-            say(&format!("SKIPPED: network namespaces unavailable: {e}"));
+        if !reachable_or_skip(&h.arpcp()) {
             return;
         }
         // Each agent reports the MAC of its own namespace's interface.
@@ -467,6 +494,7 @@ fn membership_follows_hosts_in_network_namespaces() {
         "200",
         "--max-misses",
         "3",
+        "--insecure",
     ]);
     let gw = Gateway::connect(&gateway.addr("grpc"));
 
@@ -583,6 +611,187 @@ fn membership_follows_hosts_in_network_namespaces() {
     say(&format!(
         "netns: a2 alive again {:?} after its link came up; test took {:?}",
         up.elapsed(),
+        started.elapsed()
+    ));
+}
+
+/// Runs `arpcp ARGS` in `dir` as an operator would; fails the test if it fails.
+fn arpcp_ok(dir: &std::path::Path, args: &[&str]) {
+    let (status, out, err) = run_to_exit(dir, args, WAIT);
+    assert!(status.success(), "arpcp {args:?} failed: {out}\n{err}");
+}
+
+/// What one host receives from the operator: `ca.pem` and its own pair, copied
+/// from the issuing directory `pki` into `DIR/NAME/`.
+fn host_dir(pki: &std::path::Path, dir: &std::path::Path, name: &str) -> String {
+    let host = dir.join(name);
+    std::fs::create_dir_all(&host).unwrap();
+    for file in [
+        "ca.pem".to_string(),
+        format!("{name}.pem"),
+        format!("{name}-key.pem"),
+    ] {
+        std::fs::copy(pki.join(&file), host.join(&file)).unwrap();
+    }
+    host.to_string_lossy().into_owned()
+}
+
+#[test]
+fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
+    let started = Instant::now();
+    // Three cluster hosts and the impostor's.
+    let Some(net) = net_or_skip('t', HOSTS + 1) else {
+        return;
+    };
+    let (hosts, impostor) = net.hosts.split_at(usize::from(HOSTS));
+    let impostor = &impostor[0];
+
+    // The operator's CA, the gateway's certificate (named for the address agents
+    // reach it at) and one per host.
+    let ops = tempdir();
+    let pki = ops.path().join("pki");
+    let pki_s = pki.to_str().unwrap();
+    arpcp_ok(ops.path(), &["ca", "init", "--dir", pki_s]);
+    arpcp_ok(
+        ops.path(),
+        &[
+            "ca",
+            "issue",
+            "gateway",
+            "--san",
+            &net.bridge_ip,
+            "--dir",
+            pki_s,
+        ],
+    );
+    let names: Vec<String> = (1..=HOSTS).map(|i| format!("host-{i}")).collect();
+    for (name, h) in names.iter().zip(hosts) {
+        arpcp_ok(
+            ops.path(),
+            &["ca", "issue", "agent", name, "--san", &h.ip, "--dir", pki_s],
+        );
+    }
+    // The impostor makes its own CA and gives itself a cluster host's name; it
+    // may trust the real CA (ca.pem is no secret).
+    let fake = ops.path().join("fake");
+    let fake_s = fake.to_str().unwrap();
+    arpcp_ok(ops.path(), &["ca", "init", "--dir", fake_s]);
+    arpcp_ok(
+        ops.path(),
+        &["ca", "issue", "agent", "host-1", "--dir", fake_s],
+    );
+    std::fs::copy(pki.join("ca.pem"), fake.join("ca.pem")).unwrap();
+
+    // The gateway in the root namespace: ARPCP over TLS on the bridge, scanning
+    // it; gRPC on loopback (no TLS needed there).
+    let gateway_dir = host_dir(&pki, ops.path(), "gateway");
+    let scan = format!(
+        "{}.0/24",
+        net.bridge_ip.rsplit_once('.').expect("an IPv4").0
+    );
+    let gateway = Daemon::spawn(&[
+        "gateway",
+        "--grpc",
+        "127.0.0.1:0",
+        "--arpcp",
+        &format!("{}:0", net.bridge_ip),
+        "--data-dir",
+        "{dir}/gateway-data",
+        "--scan",
+        &scan,
+        "--scan-port",
+        &AGENT_PORT.to_string(),
+        "--echo-interval-ms",
+        "200",
+        "--tls-dir",
+        &gateway_dir,
+    ]);
+    let controller = gateway.addr("arpcp");
+    let agent = |h: &Host, tls_dir: &str, name: &str| {
+        Daemon::spawn_cmd(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &h.ns,
+                ARPCP,
+                "agent",
+                "--listen",
+                &h.arpcp(),
+                "--data-dir",
+                "{dir}/agent-data",
+                "--capacity",
+                "2",
+                "--controller",
+                &controller,
+                "--tls-dir",
+                tls_dir,
+                "--tls-name",
+                name,
+            ],
+        )
+    };
+    let _agents: Vec<Daemon> = names
+        .iter()
+        .zip(hosts)
+        .map(|(name, h)| agent(h, &host_dir(&pki, ops.path(), name), name))
+        .collect();
+    let impostor_agent = agent(impostor, fake_s, "host-1");
+    for h in &net.hosts {
+        if !reachable_or_skip(&h.arpcp()) {
+            return;
+        }
+    }
+    let gw = Gateway::connect(&gateway.addr("grpc"));
+
+    // The three hosts join, each with its own address.
+    let agents = wait_for(WAIT, "3 alive agents", || {
+        let list = gw.agents();
+        (list.len() >= usize::from(HOSTS) && list.iter().all(|a| a.state() == AgentState::Alive))
+            .then_some(list)
+    });
+    let ids: Vec<String> = hosts
+        .iter()
+        .map(|h| at_ip(&agents, &h.ip).agent_id.clone())
+        .collect();
+    say(&format!(
+        "netns tls: {HOSTS} agents alive after {:?}: {ids:?}",
+        started.elapsed()
+    ));
+
+    // A task on each runs to DONE there.
+    for id in &ids {
+        let t = gw.submit("add", &[2.0, 3.0], Some(id));
+        let t = gw.expect_sum(&t, 5.0);
+        assert_eq!(&t.agent_id, id, "a task targeted at {id} ran on {t:?}");
+    }
+
+    // The impostor tried both ways in — announcing itself to the gateway and being
+    // dialled by the gateway's scan — and both handshakes failed.
+    wait_until(
+        WAIT,
+        "the gateway to refuse the impostor's announcement",
+        || {
+            gateway.stderr().lines().any(|l| {
+                l.contains(&format!("refused a connection from {}:", impostor.ip))
+                    && l.contains("invalid peer certificate")
+            })
+        },
+    );
+    wait_until(WAIT, "the impostor to refuse the gateway's scan", || {
+        impostor_agent
+            .stderr()
+            .lines()
+            .any(|l| l.contains(&format!("refused a connection from {}:", net.bridge_ip)))
+    });
+    let list = gw.agents();
+    assert_eq!(list.len(), usize::from(HOSTS), "{list:#?}");
+    assert!(
+        list.iter().all(|a| a.ip != impostor.ip),
+        "the impostor is listed: {list:#?}"
+    );
+    say(&format!(
+        "netns tls: impostor refused; test took {:?}",
         started.elapsed()
     ));
 }

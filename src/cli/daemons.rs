@@ -1,5 +1,6 @@
 //! The daemon subcommands: `agent`, `gateway`, and `up` (both, on loopback).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::exposure::{self, Listening};
 use crate::agent::procedures::{CommandSpec, SpecKind};
 use crate::agent::{self, AgentConfig, AgentFlags};
 use crate::arpcp::tls::ArpcpTls;
@@ -51,6 +53,10 @@ pub struct AgentCmd {
     /// The name of the agent's certificate in --tls-dir [default: the host name]
     #[arg(long, requires = "tls_dir")]
     tls_name: Option<String>,
+    /// Serve plaintext, unauthenticated ARPCP on a non-loopback --listen address
+    /// (refused without it or --tls-dir); logged as a warning at every start.
+    #[arg(long, conflicts_with = "tls_dir")]
+    insecure: bool,
 }
 
 #[derive(clap::Args)]
@@ -97,6 +103,10 @@ pub struct GatewayCmd {
     /// gateway.pem, gateway-key.pem); only agents' certificates are served.
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// Serve plaintext, unauthenticated gRPC and ARPCP on non-loopback addresses
+    /// (refused without it or --tls-dir); logged as a warning at every start.
+    #[arg(long, conflicts_with = "tls_dir")]
+    insecure: bool,
 }
 
 #[derive(clap::Args)]
@@ -122,6 +132,10 @@ pub struct UpCmd {
     /// Skip the demo task.
     #[arg(long)]
     no_demo: bool,
+    /// Serve plaintext, unauthenticated gRPC and ARPCP on non-loopback addresses
+    /// (refused without it); logged as a warning at every start.
+    #[arg(long)]
+    insecure: bool,
     /// Start even on a damaged store, with what is readable; what was lost is logged.
     /// Without it, a store found damaged at start (durable writes lost, records
     /// unreadable) stops the start with an error.
@@ -198,7 +212,16 @@ fn accept_agent_store_damage(data_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a stranger reaching each listener could do, for the refusal and the warning.
+const AGENT_EXPOSES: &str = "run this agent's procedures, read and stop its tasks";
+const GRPC_EXPOSES: &str = "submit, read and cancel tasks and blacklist agents";
+const CONTROLLER_EXPOSES: &str = "register agents and report tasks' progress and results";
+
 pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
+    let listen_source = match (&a.listen, &a.config) {
+        (None, Some(file)) => format!("listen in {}", file.display()),
+        _ => "--listen".to_string(),
+    };
     let config = AgentConfig::resolve(AgentFlags {
         listen: a.listen,
         data_dir: a.data_dir,
@@ -218,6 +241,15 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
         config.tls = Some(ArpcpTls::load(dir, &name).context("--tls-dir")?);
     }
     let listener = bind(&config.listen.to_string()).await?;
+    exposure::check(
+        &[Listening {
+            source: listen_source,
+            addr: listener.local_addr()?,
+            exposes: AGENT_EXPOSES,
+        }],
+        config.tls.is_some(),
+        a.insecure,
+    )?;
     let addr = listener.local_addr()?.to_string();
     if a.accept_damaged_store {
         accept_agent_store_damage(&config.data_dir)?;
@@ -269,6 +301,11 @@ pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
     let config = gateway_config(&g)?;
     let grpc = bind(&g.grpc).await?;
     let arpcp = bind(&g.arpcp).await?;
+    exposure::check(
+        &gateway_listeners(grpc.local_addr()?, arpcp.local_addr()?),
+        config.tls.is_some(),
+        g.insecure,
+    )?;
     let addrs = [
         ("grpc", grpc.local_addr()?.to_string()),
         ("arpcp", arpcp.local_addr()?.to_string()),
@@ -279,10 +316,33 @@ pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateway's two listeners, by their flags.
+fn gateway_listeners(grpc: SocketAddr, arpcp: SocketAddr) -> Vec<Listening> {
+    vec![
+        Listening {
+            source: "--grpc".into(),
+            addr: grpc,
+            exposes: GRPC_EXPOSES,
+        },
+        Listening {
+            source: "--arpcp".into(),
+            addr: arpcp,
+            exposes: CONTROLLER_EXPOSES,
+        },
+    ]
+}
+
 pub async fn up(u: UpCmd) -> anyhow::Result<()> {
     let grpc = bind(&u.grpc).await?;
     let arpcp = bind(&u.arpcp).await?;
     let agent_listener = bind(&u.agent_listen).await?;
+    let mut listeners = gateway_listeners(grpc.local_addr()?, arpcp.local_addr()?);
+    listeners.push(Listening {
+        source: "--agent-listen".into(),
+        addr: agent_listener.local_addr()?,
+        exposes: AGENT_EXPOSES,
+    });
+    exposure::check(&listeners, false, u.insecure)?;
     let grpc_addr = grpc.local_addr()?;
     let arpcp_addr = arpcp.local_addr()?.to_string();
     let agent_addr = agent_listener.local_addr()?.to_string();

@@ -5,6 +5,7 @@
 mod ca;
 mod commands;
 mod daemons;
+mod exposure;
 mod output;
 mod token;
 
