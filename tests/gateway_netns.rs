@@ -296,14 +296,27 @@ struct Gateway {
 
 impl Gateway {
     fn connect(addr: &str) -> Gateway {
+        Gateway::connect_with(addr, None)
+    }
+
+    /// Over TLS with `tls` when given (a gateway started with `--tls-dir`).
+    fn connect_with(addr: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Gateway {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let endpoint = format!("http://{addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .expect("a gRPC address");
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).expect("a TLS configuration");
+        }
         let client = rt
             .block_on(async {
-                tokio::time::timeout(RPC_TIMEOUT, GatewayClient::connect(endpoint)).await
+                tokio::time::timeout(RPC_TIMEOUT, async {
+                    endpoint.connect().await.map(GatewayClient::new)
+                })
+                .await
             })
             .unwrap_or_else(|_| panic!("no gRPC connection to {addr} within {RPC_TIMEOUT:?}"))
             .unwrap_or_else(|e| panic!("gRPC connection to {addr}: {e}"));
@@ -660,8 +673,16 @@ fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
             "gateway",
             "--san",
             &net.bridge_ip,
+            "--san",
+            "127.0.0.1",
             "--dir",
             pki_s,
+        ],
+    );
+    arpcp_ok(
+        ops.path(),
+        &[
+            "ca", "issue", "client", "ops", "--role", "operator", "--dir", pki_s,
         ],
     );
     let names: Vec<String> = (1..=HOSTS).map(|i| format!("host-{i}")).collect();
@@ -683,7 +704,7 @@ fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
     std::fs::copy(pki.join("ca.pem"), fake.join("ca.pem")).unwrap();
 
     // The gateway in the root namespace: ARPCP over TLS on the bridge, scanning
-    // it; gRPC on loopback (no TLS needed there).
+    // it; gRPC on loopback, TLS too (as every listener of a gateway with --tls-dir).
     let gateway_dir = host_dir(&pki, ops.path(), "gateway");
     let scan = format!(
         "{}.0/24",
@@ -742,7 +763,18 @@ fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
             return;
         }
     }
-    let gw = Gateway::connect(&gateway.addr("grpc"));
+    let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
+    let gw = Gateway::connect_with(
+        &gateway.addr("grpc"),
+        Some(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+                .identity(tonic::transport::Identity::from_pem(
+                    read("ops.pem"),
+                    read("ops-key.pem"),
+                )),
+        ),
+    );
 
     // The three hosts join, each with its own address.
     let agents = wait_for(WAIT, "3 alive agents", || {
