@@ -323,7 +323,11 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
             "\n(ask an operator for a token or certificate with the role named)"
         }
         // What a plain-text client sees of a gateway that serves TLS.
-        tonic::Code::Unknown if s.message().contains("transport error") => {
+        // What a plain-text client sees of a gateway that serves TLS: the TLS alert it
+        // gets instead of HTTP/2 surfaces as either of these, depending on timing.
+        tonic::Code::Unknown | tonic::Code::Internal
+            if s.message().contains("transport error") || s.message().contains("h2 protocol error") =>
+        {
             "\n(if the gateway serves TLS (started with --tls-dir), pass --ca FILE, the cluster's ca.pem)"
         }
         _ => "",
