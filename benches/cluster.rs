@@ -7,6 +7,7 @@
 //! * async throughput: `add` tasks submitted concurrently through gRPC, every result
 //!   fetched (each task durable before its Submit returned);
 //! * p50/p99 latency of a synchronous call (Submit with `sync`: ARPCP TASK);
+//! * p50/p99 latency of an ARPCP TASK straight to an agent (the transport alone);
 //!
 //! and once, on the plaintext cluster:
 //! * baselines: a bare tonic unary call (grpc.health Check on a server that serves
@@ -22,8 +23,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
+use arpcp::arpcp::tls::{ArpcpTls, ClientTls};
+use arpcp::arpcp::{ArpcpClient, Request};
 use arpcp::pb;
 use arpcp::pb::gateway_client::GatewayClient;
+use arpcp::tls::Role;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
@@ -240,6 +246,9 @@ fn make_pki(agents: usize) -> anyhow::Result<tempfile::TempDir> {
 struct Cluster {
     name: &'static str,
     url: String,
+    /// The first agent's ARPCP address, and how to call it as the gateway does.
+    agent: String,
+    agent_tls: Option<ClientTls>,
     /// The processes, killed when the cluster is dropped.
     _gateway: Daemon,
     _agents: Vec<Daemon>,
@@ -292,9 +301,16 @@ async fn start_cluster(
             spawn(&args)
         })
         .collect::<anyhow::Result<_>>()?;
+    let agent_tls = pki_dir
+        .as_deref()
+        .map(|dir| ArpcpTls::load(Path::new(dir), "gateway"))
+        .transpose()?
+        .map(|t| t.calling(Role::Agent));
     let cluster = Cluster {
         name,
         url: format!("http://{}", addr(&gateway, "grpc")),
+        agent: addr(&agents[0], "arpcp"),
+        agent_tls,
         _gateway: gateway,
         _agents: agents,
         _pki: pki,
@@ -401,6 +417,34 @@ async fn sync_calls(cluster: &Cluster, samples: usize) -> anyhow::Result<Vec<Dur
     .await
 }
 
+/// Latencies of `samples` sequential ARPCP TASK `add` calls straight to the
+/// cluster's first agent, holding the gateway's certificate when it uses TLS: the
+/// transport's share of a sync call, without the gateway and gRPC around it.
+async fn arpcp_task_calls(cluster: &Cluster, samples: usize) -> anyhow::Result<Vec<Duration>> {
+    let client = Arc::new(
+        ArpcpClient::new(Duration::from_secs(3), Duration::from_secs(10))
+            .with_tls(cluster.agent_tls.clone()),
+    );
+    let task = Request::parse(
+        serde_json::json!({
+            "protocol": "arpcp", "version": "1.0", "method": "TASK",
+            "remote_procedure": "add", "remote_procedure_args": [2, 3],
+        })
+        .to_string()
+        .as_bytes(),
+    )?;
+    let addr = cluster.agent.clone();
+    latencies(samples, || {
+        let (client, task, addr) = (client.clone(), task.clone(), addr.clone());
+        async move {
+            let r = client.call(&addr, &task).await?;
+            anyhow::ensure!(r.data["result"] == 5, "TASK add answered {r:?}");
+            Ok(())
+        }
+    })
+    .await
+}
+
 /// One cluster's figures over the rounds.
 #[derive(Default)]
 struct Figures {
@@ -408,6 +452,8 @@ struct Figures {
     sync_p50: Vec<Duration>,
     /// Every round's sync calls, for the overall percentiles.
     sync_all: Vec<Duration>,
+    /// Every round's ARPCP TASKs straight to an agent.
+    task_all: Vec<Duration>,
 }
 
 fn median_f64(v: &[f64]) -> f64 {
@@ -452,10 +498,13 @@ async fn main() -> anyhow::Result<()> {
             let sync = sync_calls(&clusters[i], samples).await?;
             f.sync_p50.push(percentile(&sync, 0.5));
             f.sync_all.extend(sync);
+            f.task_all
+                .extend(arpcp_task_calls(&clusters[i], samples).await?);
         }
     }
     for f in &mut figures {
         f.sync_all.sort();
+        f.task_all.sort();
     }
     let plain = &clusters[0];
     let client = GatewayClient::new(grpc_channel(plain).await?);
@@ -549,6 +598,15 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  TLS − plaintext (p50)  : {:+.0} µs",
         micros(percentile(st, 0.5)) - micros(percentile(sp, 0.5))
+    );
+    let (ap, at) = (&figures[0].task_all, &figures[1].task_all);
+    println!(
+        "ARPCP TASK to an agent   : plaintext p50 {:.0} µs p99 {:.0} µs; mutual TLS p50 {:.0} µs p99 {:.0} µs (no gateway; TLS − plaintext p50 {:+.0} µs)",
+        micros(percentile(ap, 0.5)),
+        micros(percentile(ap, 0.99)),
+        micros(percentile(at, 0.5)),
+        micros(percentile(at, 0.99)),
+        micros(percentile(at, 0.5)) - micros(percentile(ap, 0.5))
     );
     println!(
         "baseline tonic unary     : p50 {:.0} µs  p99 {:.0} µs",
