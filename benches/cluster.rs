@@ -235,10 +235,28 @@ fn make_pki(agents: usize) -> anyhow::Result<tempfile::TempDir> {
     // `ca init` makes its directory itself.
     let pki = format!("{pki}/pki");
     run_arpcp(&["ca", "init", "--dir", &pki])?;
-    run_arpcp(&["ca", "issue", "gateway", "--dir", &pki])?;
+    run_arpcp(&[
+        "ca",
+        "issue",
+        "gateway",
+        "--san",
+        "127.0.0.1",
+        "--dir",
+        &pki,
+    ])?;
     for i in 1..=agents {
         run_arpcp(&["ca", "issue", "agent", &format!("agent-{i}"), "--dir", &pki])?;
     }
+    run_arpcp(&[
+        "ca",
+        "issue",
+        "client",
+        "bench",
+        "--role",
+        "submitter",
+        "--dir",
+        &pki,
+    ])?;
     Ok(dir)
 }
 
@@ -249,6 +267,9 @@ struct Cluster {
     /// The first agent's ARPCP address, and how to call it as the gateway does.
     agent: String,
     agent_tls: Option<ClientTls>,
+    /// How the bench's gRPC clients reach a TLS gateway: its CA and the `bench`
+    /// submitter's certificate.
+    grpc_tls: Option<tonic::transport::ClientTlsConfig>,
     /// The processes, killed when the cluster is dropped.
     _gateway: Daemon,
     _agents: Vec<Daemon>,
@@ -306,9 +327,23 @@ async fn start_cluster(
         .map(|dir| ArpcpTls::load(Path::new(dir), "gateway"))
         .transpose()?
         .map(|t| t.calling(Role::Agent));
+    let grpc_tls = pki_dir
+        .as_deref()
+        .map(|dir| -> anyhow::Result<_> {
+            let read = |f: &str| std::fs::read(Path::new(dir).join(f));
+            Ok(tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")?))
+                .identity(tonic::transport::Identity::from_pem(
+                    read("bench.pem")?,
+                    read("bench-key.pem")?,
+                )))
+        })
+        .transpose()?;
+    let scheme = if grpc_tls.is_some() { "https" } else { "http" };
     let cluster = Cluster {
         name,
-        url: format!("http://{}", addr(&gateway, "grpc")),
+        url: format!("{scheme}://{}", addr(&gateway, "grpc")),
+        grpc_tls,
         agent: addr(&agents[0], "arpcp"),
         agent_tls,
         _gateway: gateway,
@@ -321,12 +356,15 @@ async fn start_cluster(
 }
 
 /// A gRPC channel to a cluster's gateway; every client of the bench comes from
-/// here. The gateway's gRPC is plaintext in both clusters today: once it serves
-/// TLS, this is where the endpoint gets its `ClientTlsConfig` (the cluster's CA and
-/// a client certificate from `Cluster::_pki`), and every figure then covers gRPC
-/// over TLS as well.
+/// here. The TLS cluster's gateway serves gRPC over TLS too, so its figures cover
+/// TLS end to end: the client's handshake (a submitter certificate), the role check
+/// of each call, and mutual TLS on ARPCP behind it.
 async fn grpc_channel(cluster: &Cluster) -> anyhow::Result<Channel> {
-    channel(&cluster.url).await
+    let mut endpoint = tonic::transport::Endpoint::from_shared(cluster.url.clone())?;
+    if let Some(tls) = &cluster.grpc_tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    Ok(endpoint.connect().await?)
 }
 
 /// Async throughput of `tasks` `add` tasks: `concurrency` clients over a few
