@@ -1,7 +1,7 @@
 //! End-to-end benchmark of a local cluster, with in-run baselines.
 //!
 //! Starts two clusters side by side, each a real gateway and two real agents (the
-//! `arpcp` binary, on loopback): one plaintext, one with mutual TLS on ARPCP
+//! `arpcp` binary, on loopback): one plaintext, one with TLS on ARPCP and gRPC
 //! (`--tls-dir`, certificates made by the binary's `ca` commands). In rounds that
 //! alternate which cluster goes first, it measures on each:
 //! * async throughput: `add` tasks submitted concurrently through gRPC, every result
@@ -260,7 +260,7 @@ fn make_pki(agents: usize) -> anyhow::Result<tempfile::TempDir> {
     Ok(dir)
 }
 
-/// A gateway and two agents on loopback, plaintext or with mutual TLS on ARPCP.
+/// A gateway and two agents on loopback, plaintext or with TLS (mutual on ARPCP, and gRPC).
 struct Cluster {
     name: &'static str,
     url: String,
@@ -601,7 +601,7 @@ async fn main() -> anyhow::Result<()> {
 
     println!(
         "arpcp cluster bench: gateway + {AGENTS} agents on loopback, {} CPUs; {rounds} rounds \
-         of plaintext and mutual TLS on ARPCP (gRPC plaintext in both), alternating",
+         of plaintext and TLS (mutual TLS on ARPCP, gRPC over TLS with a client certificate), alternating",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("async add tasks          : {tasks} tasks a round, {concurrency} concurrent clients");
