@@ -4,8 +4,11 @@
 
 mod ca;
 mod commands;
+mod completions;
 mod daemons;
+mod duration;
 mod exposure;
+mod gateway_file;
 mod output;
 mod token;
 
@@ -21,6 +24,10 @@ use clap::{Parser, Subcommand};
     about = "Run remote procedures on a cluster of agents"
 )]
 struct Cli {
+    /// The client flags (`--gateway`, `--json`, TLS) are global: they go before or
+    /// after the subcommand.
+    #[command(flatten)]
+    common: commands::Common,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,10 +62,15 @@ enum Command {
     Ca(ca::CaCmd),
     /// Make, list and revoke bearer tokens of the gRPC API (on the gateway's host).
     Token(token::TokenCmd),
+    /// Print a shell completion script (bash, zsh or fish).
+    Completions(completions::CompletionsCmd),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !is_daemon(&cli.command) {
+        die_on_closed_stdout();
+    }
     tracing_subscriber::fmt()
         .with_writer(|| LossyStderr)
         .log_internal_errors(false)
@@ -67,9 +79,10 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log(&cli.command))),
         )
         .init();
-    let workers = match cli.command {
-        Command::Agent(_) | Command::Gateway(_) | Command::Up(_) => daemon_workers(),
-        _ => 1,
+    let workers = if is_daemon(&cli.command) {
+        daemon_workers()
+    } else {
+        1
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -89,6 +102,23 @@ pub fn main() -> ExitCode {
             report(&format!("error: {}", error_chain(&e)));
             ExitCode::FAILURE
         }
+    }
+}
+
+fn is_daemon(c: &Command) -> bool {
+    matches!(c, Command::Agent(_) | Command::Gateway(_) | Command::Up(_))
+}
+
+/// Client commands end like `cat` or `grep` when their reader goes away
+/// (`arpcp tasks | head`): killed by SIGPIPE, which the shell shows as 141 and
+/// `set -o pipefail` treats like any filter. Rust ignores SIGPIPE, so without this
+/// every `println!` into a closed pipe panics. Daemons keep ignoring it: a peer
+/// closing a socket must cost that connection, not the process.
+fn die_on_closed_stdout() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler; nothing runs concurrently
+    // yet (the runtime starts after this).
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -155,16 +185,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(c) => daemons::agent(c).await.map(|()| ExitCode::SUCCESS),
         Command::Gateway(c) => daemons::gateway(c).await.map(|()| ExitCode::SUCCESS),
         Command::Up(c) => daemons::up(c).await.map(|()| ExitCode::SUCCESS),
-        Command::Submit(c) => commands::submit(c).await,
-        Command::Describe(c) => commands::describe(c).await,
-        Command::Result(c) => commands::result(c).await,
-        Command::Watch(c) => commands::watch(c).await,
-        Command::Cancel(c) => commands::cancel(c).await,
-        Command::Tasks(c) => commands::tasks(c).await,
-        Command::Agents(c) => commands::agents(c).await,
-        Command::Procedures(c) => commands::procedures(c).await,
-        Command::Blacklist(c) => commands::blacklist(c).await,
+        Command::Submit(c) => commands::submit(c, &cli.common).await,
+        Command::Describe(c) => commands::describe(c, &cli.common).await,
+        Command::Result(c) => commands::result(c, &cli.common).await,
+        Command::Watch(c) => commands::watch(c, &cli.common).await,
+        Command::Cancel(c) => commands::cancel(c, &cli.common).await,
+        Command::Tasks(c) => commands::tasks(c, &cli.common).await,
+        Command::Agents(_) => commands::agents(&cli.common).await,
+        Command::Procedures(_) => commands::procedures(&cli.common).await,
+        Command::Blacklist(c) => commands::blacklist(c, &cli.common).await,
         Command::Ca(c) => ca::run(c).map(|()| ExitCode::SUCCESS),
         Command::Token(c) => token::run(c).map(|()| ExitCode::SUCCESS),
+        Command::Completions(c) => {
+            completions::print::<Cli>(c);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
