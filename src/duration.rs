@@ -1,5 +1,6 @@
 //! Durations on the command line and in configuration files: human form (`200ms`,
 //! `30s`, `5m`, `7d`), or a plain number of seconds as the older `*-secs` flags took.
+//! One parser for the flags and both daemons' files, so they read alike.
 
 use std::time::Duration;
 
@@ -25,6 +26,23 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "{text:?} is not a duration: expected e.g. 200ms, 30s, 5m, 2h, 7d, or a number of seconds"
         )),
     }
+}
+
+/// A TOML key holding a duration: `"200ms"`, `"7d"`, or a number of seconds.
+pub fn deserialize_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(f64),
+        Text(String),
+    }
+    let text = match <Raw as serde::Deserialize>::deserialize(d)? {
+        Raw::Secs(s) => s.to_string(),
+        Raw::Text(t) => t,
+    };
+    parse(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]

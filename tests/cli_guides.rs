@@ -413,6 +413,22 @@ fn human_durations_and_the_gateway_config_file() {
     let agent = Daemon::agent(&["--grace", "2s", "--keep-finished", "1h"]);
     // The old spellings still work.
     let old = Daemon::agent(&["--grace-secs", "2", "--keep-finished-secs", "3600"]);
+    // The agent's file takes them in human form too, and refuses both spellings at once.
+    let from_file =
+        common::gateway::agent_with_config("grace = \"2s\"\nkeep_finished = \"1d\"\n", &[]);
+    assert!(from_file.ready()["arpcp"].is_string());
+    let both = common::dir_with_agent_config("grace = \"2s\"\ngrace_secs = 2\n");
+    let refused = Daemon::run_until_ready_or_exit(
+        both,
+        &common::agent_args(&["--config", "{dir}/agent.toml"]),
+    )
+    .err()
+    .expect("an agent file with grace and grace_secs is refused");
+    assert!(
+        refused.stderr.contains("grace") && refused.stderr.contains("not both"),
+        "{}",
+        refused.stderr
+    );
     let dir = tempdir();
     std::fs::write(
         dir.path().join("gateway.toml"),

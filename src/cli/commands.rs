@@ -71,7 +71,7 @@ pub struct SubmitCmd {
     /// With --wait or --sync: how long to wait for the result (30s, 5m, or plain
     /// seconds). With --wait the task goes on after it; with --sync the gateway
     /// gives up on it.
-    #[arg(long, value_name = "DURATION", value_parser = super::duration::parse)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
     timeout: Option<Duration>,
 }
 

@@ -8,7 +8,6 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::duration;
 use super::exposure::{self, Listening};
 use super::gateway_file::GatewayFile;
 use crate::agent::procedures::{CommandSpec, SpecKind};
@@ -16,6 +15,7 @@ use crate::agent::{self, AgentConfig, AgentFlags};
 use crate::arpcp::tls::ArpcpTls;
 use crate::arpcp::DEFAULT_AGENT_PORT;
 use crate::durable;
+use crate::duration;
 use crate::gateway::{self, membership::parse_scan, GatewayConfig};
 
 #[derive(clap::Args)]

@@ -23,31 +23,14 @@ pub struct GatewayFile {
     pub agents: Option<Vec<String>>,
     pub scan: Option<Vec<String>>,
     pub scan_port: Option<u16>,
-    #[serde(default, deserialize_with = "duration")]
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
     pub echo_interval: Option<Duration>,
     pub max_misses: Option<u32>,
     pub advertise: Option<String>,
-    #[serde(default, deserialize_with = "duration")]
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
     pub retention: Option<Duration>,
     pub retention_count: Option<usize>,
     pub tls_dir: Option<PathBuf>,
-}
-
-/// A duration key: `"200ms"`, `"7d"`, or a number of seconds.
-fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Secs(f64),
-        Text(String),
-    }
-    let text = match Raw::deserialize(d)? {
-        Raw::Secs(s) => s.to_string(),
-        Raw::Text(t) => t,
-    };
-    super::duration::parse(&text)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
 }
 
 impl GatewayFile {

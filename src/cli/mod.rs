@@ -6,7 +6,6 @@ mod ca;
 mod commands;
 mod completions;
 mod daemons;
-mod duration;
 mod exposure;
 mod gateway_file;
 mod output;
