@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use arpcp::pb;
 use common::gateway::{assert_task_status, gateway_args, submit_req, Cluster, Gw};
-use common::{run_to_exit, tempdir, wait_for, Daemon, ARPCP, STARTUP_TIMEOUT, WAIT};
+use common::{run_to_exit, tempdir, wait_for, wait_until, Daemon, ARPCP, STARTUP_TIMEOUT, WAIT};
 use serde_json::{json, Value};
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
@@ -274,6 +274,20 @@ fn wait_names_the_task_times_out_and_survives_ctrl_c() {
         err.contains(&format!("arpcp watch {id}")) && err.contains("goes on"),
         "{err}"
     );
+    assert_task_status(&c.gw.task(&id), pb::TaskStatus::Running);
+
+    // `result --wait` stops waiting on Ctrl-C the same way.
+    let mut child = spawn_cli(
+        dir.path(),
+        &["result", &id, "--wait", "--gateway", &url],
+        "result",
+    );
+    // Its first line on stderr comes once it listens for Ctrl-C.
+    wait_until(WAIT, "result --wait to say it waits", || {
+        read(dir.path(), "result.err").contains("waiting for task")
+    });
+    send_signal(child.id(), libc::SIGINT);
+    assert_eq!(wait_child(&mut child, WAIT).code(), Some(130));
     assert_task_status(&c.gw.task(&id), pb::TaskStatus::Running);
     c.gw.cancel(&id).expect("cancel the task");
 }

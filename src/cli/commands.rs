@@ -69,8 +69,8 @@ pub struct SubmitCmd {
     #[arg(long)]
     sync: bool,
     /// With --wait or --sync: how long to wait for the result (30s, 5m, or plain
-    /// seconds). With --wait the task goes on after it; with --sync the gateway
-    /// gives up on it.
+    /// seconds). With --wait the task goes on after it (exit 124; Ctrl-C: 130);
+    /// with --sync the gateway gives up on it.
     #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
     timeout: Option<Duration>,
 }
@@ -383,19 +383,24 @@ fn goes_on(task_id: &str, why: &str) -> String {
     )
 }
 
-/// `submit --wait`: names the task on stderr first (so it is known even if the
-/// wait is cut short), then waits for its end, `timeout` or Ctrl-C, whichever
-/// comes first. A progress bar only when stderr is a terminal.
+/// `submit --wait` and `result --wait`: says `first` on stderr (the task's id, so it
+/// is known even if the wait is cut short), then waits for the task's end,
+/// `timeout` or Ctrl-C, whichever comes first. A progress bar only when stderr is
+/// a terminal; `csv` prints an Opal table as CSV.
 async fn wait_and_show(
     client: &mut Client,
     task_id: &str,
+    first: &str,
     timeout: Option<Duration>,
     json: bool,
+    csv: bool,
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    note(&format!(
-        "task {task_id} submitted; waiting for its result (Ctrl-C stops waiting, not the task)"
-    ));
+    // Listening before the first line: a Ctrl-C after it stops the wait, not the
+    // process without a word.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot listen for Ctrl-C")?;
+    note(&format!("{first} (Ctrl-C stops waiting, not the task)"));
     let bar = (!json && std::io::stderr().is_terminal()).then(progress_bar);
     let limit = async {
         match timeout {
@@ -403,8 +408,8 @@ async fn wait_and_show(
             None => std::future::pending().await,
         }
     };
-    let outcome = tokio::select! {
-        t = follow(client, task_id, bar.as_ref()) => Ok(Ok(t?)),
+    let outcome: anyhow::Result<Result<pb::Task, (u8, String)>> = tokio::select! {
+        t = follow(client, task_id, bar.as_ref()) => t.map(Ok),
         () = limit => Ok(Err((
             WAIT_TIMED_OUT_EXIT,
             format!(
@@ -412,15 +417,13 @@ async fn wait_and_show(
                 humantime::format_duration(timeout.unwrap_or_default())
             ),
         ))),
-        r = tokio::signal::ctrl_c() => r
-            .map(|()| Err((INTERRUPTED_EXIT, "stopped waiting on Ctrl-C".to_string())))
-            .context("cannot listen for Ctrl-C"),
+        _ = interrupt.recv() => Ok(Err((INTERRUPTED_EXIT, "stopped waiting on Ctrl-C".to_string()))),
     };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     match outcome? {
-        Ok(t) => Ok(show_task(&t, json)),
+        Ok(t) => Ok(show_task_as(&t, json, csv)),
         Err((code, why)) => {
             note(&goes_on(task_id, &why));
             Ok(ExitCode::from(code))
@@ -620,7 +623,16 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
         return Ok(show_task(&t, common.json));
     }
     if c.wait {
-        return wait_and_show(&mut client, &resp.task_id, c.timeout, common.json).await;
+        let first = format!("task {} submitted; waiting for its result", resp.task_id);
+        return wait_and_show(
+            &mut client,
+            &resp.task_id,
+            &first,
+            c.timeout,
+            common.json,
+            false,
+        )
+        .await;
     }
     if common.json {
         println!("{}", serde_json::json!({"task_id": resp.task_id}));
@@ -632,18 +644,18 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
 
 pub async fn result(c: ResultCmd, common: &Common) -> anyhow::Result<ExitCode> {
     let mut client = connect(common).await?;
-    let t = if c.wait {
-        wait_for(&mut client, &c.task_id).await?
-    } else {
-        client
-            .get_result(pb::GetResultRequest {
-                task_id: c.task_id,
-                wait: None,
-            })
-            .await
-            .map_err(status_err)?
-            .into_inner()
-    };
+    if c.wait {
+        let first = format!("waiting for task {}", c.task_id);
+        return wait_and_show(&mut client, &c.task_id, &first, None, common.json, c.csv).await;
+    }
+    let t = client
+        .get_result(pb::GetResultRequest {
+            task_id: c.task_id,
+            wait: None,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
     Ok(show_task_as(&t, common.json, c.csv))
 }
 
