@@ -10,7 +10,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use super::output::{self, agent_json, kind_name, short, status_name, table, task_json};
+use super::output::{self, agent_json, kind_name, outln, short, status_name, table, task_json};
 use crate::gateway::model::TaskStatus;
 use crate::pb;
 use crate::pb::gateway_client::GatewayClient;
@@ -324,8 +324,12 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
         tonic::Code::PermissionDenied => {
             "\n(ask an operator for a token or certificate with the role named)"
         }
-        // What a plain-text client sees of a gateway that serves TLS.
+        // What a plain-text client sees of a gateway that serves TLS: which of the
+        // two depends on when the TLS side hangs up.
         tonic::Code::Unknown if s.message().contains("transport error") => {
+            "\n(if the gateway serves TLS (started with --tls-dir), pass --ca FILE, the cluster's ca.pem)"
+        }
+        tonic::Code::Internal if s.message().contains("h2 protocol error") => {
             "\n(if the gateway serves TLS (started with --tls-dir), pass --ca FILE, the cluster's ca.pem)"
         }
         _ => "",
@@ -534,7 +538,7 @@ fn show_task(t: &pb::Task, json: bool) -> ExitCode {
 
 fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
     if json {
-        println!("{}", task_json(t));
+        outln!("{}", task_json(t));
     } else if let (Some(tab), true) = (&t.table, t.status == pb::TaskStatus::Done as i32) {
         if csv {
             output::result_csv(tab);
@@ -545,8 +549,8 @@ fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
         let status = status_name(t.status);
         let value = t.result.as_ref().map(output::value_json);
         match (status.as_str(), value) {
-            ("done", Some(v)) => println!("{}", short(&v, usize::MAX)),
-            ("done", None) => println!("null"),
+            ("done", Some(v)) => outln!("{}", short(&v, usize::MAX)),
+            ("done", None) => outln!("null"),
             _ => {
                 let mut line = format!("task {} is {status}", t.task_id);
                 if let Some(p) = t.progress.as_ref().filter(|_| !is_final(t.status)) {
@@ -555,7 +559,7 @@ fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
                 if !t.error.is_empty() {
                     line += &format!(": {}", t.error);
                 }
-                println!("{}", line.trim_end());
+                outln!("{}", line.trim_end());
             }
         }
     }
@@ -635,9 +639,9 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
         .await;
     }
     if common.json {
-        println!("{}", serde_json::json!({"task_id": resp.task_id}));
+        outln!("{}", serde_json::json!({"task_id": resp.task_id}));
     } else {
-        println!("{}", resp.task_id);
+        outln!("{}", resp.task_id);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -676,7 +680,7 @@ pub async fn watch(c: WatchCmd, common: &Common) -> anyhow::Result<ExitCode> {
     let mut last = None;
     while let Some(t) = stream.message().await.map_err(status_err)? {
         if common.json {
-            println!("{}", task_json(&t));
+            outln!("{}", task_json(&t));
         }
         show_progress(&bar, &t);
         last = Some(t);
@@ -703,9 +707,9 @@ pub async fn cancel(c: CancelCmd, common: &Common) -> anyhow::Result<ExitCode> {
         .map_err(status_err)?
         .into_inner();
     if common.json {
-        println!("{}", task_json(&t));
+        outln!("{}", task_json(&t));
     } else {
-        println!("task {} is {}", t.task_id, status_name(t.status));
+        outln!("task {} is {}", t.task_id, status_name(t.status));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -735,7 +739,7 @@ pub async fn tasks(c: TasksCmd, common: &Common) -> anyhow::Result<ExitCode> {
         .into_inner();
     if common.json {
         let tasks: Vec<Value> = r.tasks.iter().map(task_json).collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"tasks": tasks, "next_page_token": r.next_page_token})
         );
@@ -766,7 +770,7 @@ pub async fn tasks(c: TasksCmd, common: &Common) -> anyhow::Result<ExitCode> {
         &rows,
     );
     if !r.next_page_token.is_empty() {
-        println!("more: --page-token {}", r.next_page_token);
+        outln!("more: --page-token {}", r.next_page_token);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -780,7 +784,7 @@ pub async fn agents(common: &Common) -> anyhow::Result<ExitCode> {
         .into_inner();
     if common.json {
         let agents: Vec<Value> = r.agents.iter().map(agent_json).collect();
-        println!("{}", serde_json::json!({ "agents": agents }));
+        outln!("{}", serde_json::json!({ "agents": agents }));
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = r
@@ -834,7 +838,7 @@ pub async fn procedures(common: &Common) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|p| serde_json::json!({"name": p.name, "kind": kind_name(p.kind), "agent_ids": p.agent_ids}))
             .collect();
-        println!("{}", serde_json::json!({ "procedures": v }));
+        outln!("{}", serde_json::json!({ "procedures": v }));
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = r
@@ -863,14 +867,14 @@ pub async fn blacklist(c: BlacklistCmd, common: &Common) -> anyhow::Result<ExitC
     .map_err(status_err)?
     .into_inner();
     if common.json {
-        println!("{}", agent_json(&a));
+        outln!("{}", agent_json(&a));
     } else {
         let what = if a.blacklisted {
             "blacklisted"
         } else {
             "not blacklisted"
         };
-        println!("agent {} is {what}", a.agent_id);
+        outln!("agent {} is {what}", a.agent_id);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -909,13 +913,13 @@ pub async fn demo(endpoint: &str, with_model: bool) -> anyhow::Result<()> {
         .as_ref()
         .map(output::value_json)
         .unwrap_or(Value::Null);
-    println!(
+    outln!(
         "arpcp is up: gRPC at {endpoint}; demo task {task_id}: add(2, 3) = {result} ({})",
         status_name(t.status)
     );
-    println!("try: arpcp submit add 40 2 --wait    |    arpcp agents    |    arpcp tasks");
+    outln!("try: arpcp submit add 40 2 --wait    |    arpcp agents    |    arpcp tasks");
     if with_model {
-        println!(
+        outln!(
             "an Opal model too: arpcp describe trajectory    |    arpcp submit trajectory --param algo.genetic.method=last --wait"
         );
     }
@@ -986,7 +990,7 @@ fn describe_params(params: &[pb::Parameter], indent: &str) {
         if !p.comment.is_empty() {
             line += &format!("  // {}", p.comment);
         }
-        println!("{line}");
+        outln!("{line}");
     }
 }
 
@@ -1015,7 +1019,7 @@ pub async fn describe(c: DescribeCmd, common: &Common) -> anyhow::Result<ExitCod
                 })
                 .collect()
         };
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "procedure": s.procedure,
@@ -1027,7 +1031,7 @@ pub async fn describe(c: DescribeCmd, common: &Common) -> anyhow::Result<ExitCod
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{} ({}) on {}",
         s.procedure,
         kind_name(s.kind),
@@ -1036,16 +1040,16 @@ pub async fn describe(c: DescribeCmd, common: &Common) -> anyhow::Result<ExitCod
     if s.kind != pb::ProcedureKind::Opal as i32 {
         return Ok(ExitCode::SUCCESS);
     }
-    println!("main:");
+    outln!("main:");
     describe_params(&s.main, "  ");
     if !s.algorithms.is_empty() {
-        println!("algorithms (give exactly one):");
+        outln!("algorithms (give exactly one):");
         for a in &s.algorithms {
-            println!("  {}:", a.name);
+            outln!("  {}:", a.name);
             describe_params(&a.parameters, "    ");
         }
     }
-    println!(
+    outln!(
         "run: arpcp submit {} --param main.NAME=VALUE{} --wait",
         s.procedure,
         if s.algorithms.is_empty() {

@@ -27,5 +27,8 @@ pub fn print<C: CommandFactory>(c: CompletionsCmd) {
         Shell::Fish => clap_complete::Shell::Fish,
     };
     let mut cmd = C::command();
-    clap_complete::generate(shell, &mut cmd, "arpcp", &mut std::io::stdout());
+    // Into memory first: clap_complete panics on a failed write.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "arpcp", &mut script);
+    super::output::stdout_write(&script, false);
 }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::exposure::{self, Listening};
 use super::gateway_file::GatewayFile;
+use super::output::outln;
 use crate::agent::procedures::{CommandSpec, SpecKind};
 use crate::agent::{self, AgentConfig, AgentFlags};
 use crate::arpcp::tls::ArpcpTls;
@@ -184,7 +185,7 @@ fn announce_ready(role: &str, addrs: &[(&str, String)]) {
     for (k, v) in addrs {
         m.insert((*k).into(), v.clone().into());
     }
-    println!("{}", serde_json::Value::Object(m));
+    outln!("{}", serde_json::Value::Object(m));
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C (SIGINT). A second one ends the process

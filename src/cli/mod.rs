@@ -67,9 +67,6 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !is_daemon(&cli.command) {
-        die_on_closed_stdout();
-    }
     tracing_subscriber::fmt()
         .with_writer(|| LossyStderr)
         .log_internal_errors(false)
@@ -96,6 +93,7 @@ pub fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
+        Ok(_) if output::stdout_failed() => ExitCode::FAILURE,
         Ok(code) => code,
         Err(e) => {
             report(&format!("error: {}", error_chain(&e)));
@@ -106,19 +104,6 @@ pub fn main() -> ExitCode {
 
 fn is_daemon(c: &Command) -> bool {
     matches!(c, Command::Agent(_) | Command::Gateway(_) | Command::Up(_))
-}
-
-/// Client commands end like `cat` or `grep` when their reader goes away
-/// (`arpcp tasks | head`): killed by SIGPIPE, which the shell shows as 141 and
-/// `set -o pipefail` treats like any filter. Rust ignores SIGPIPE, so without this
-/// every `println!` into a closed pipe panics. Daemons keep ignoring it: a peer
-/// closing a socket must cost that connection, not the process.
-fn die_on_closed_stdout() {
-    // SAFETY: signal(2) with SIG_DFL installs no handler; nothing runs concurrently
-    // yet (the runtime starts after this).
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
 }
 
 /// stderr for logs, dropping what cannot be written. A daemon's stderr may be a pipe
