@@ -87,6 +87,18 @@ pub enum OpenError {
         path: PathBuf,
         what: String,
     },
+    /// sled's file lock is held: another process has this store open.
+    #[error(
+        "another arpcp is using {}: its {store} {} is locked by a running process; stop \
+         that one, or give this one another --data-dir",
+        dir.display(),
+        path.display()
+    )]
+    InUse {
+        store: &'static str,
+        dir: PathBuf,
+        path: PathBuf,
+    },
     #[error("cannot open the {store} {}: {reason}", path.display())]
     Open {
         store: &'static str,
@@ -181,16 +193,18 @@ fn reason(e: &sled::Error) -> String {
     }
 }
 
+/// sled reports a store another process holds as an I/O error of its own wording.
+fn is_lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 fn open_sled(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     let mut attempts = 0;
     loop {
         match open_sled_once(path, cache_bytes) {
             // A handle dropped a moment ago (the damage check, a reopen) may still
             // hold sled's file lock from one of its I/O threads.
-            Err(sled::Error::Io(e))
-                if attempts < REOPEN_ATTEMPTS
-                    && e.to_string().contains("could not acquire lock") =>
-            {
+            Err(e) if attempts < REOPEN_ATTEMPTS && is_lock_held(&e) => {
                 attempts += 1;
                 std::thread::sleep(REOPEN_PAUSE);
             }
@@ -319,6 +333,17 @@ impl<T: Send + Sync + 'static> Store<T> {
                 damage.clear();
                 recorded = None;
                 open_sled(&path, spec.cache_bytes).map_err(|e| open_err(reason(&e)))?
+            }
+            Err(e) if is_lock_held(&e) => {
+                return Err(OpenError::InUse {
+                    store: label,
+                    dir: path
+                        .parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."))
+                        .to_path_buf(),
+                    path,
+                })
             }
             Err(e) => return Err(open_err(reason(&e))),
         };

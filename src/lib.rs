@@ -5,6 +5,7 @@ pub mod agent;
 pub mod arpcp;
 pub mod cli;
 pub mod durable;
+pub mod duration;
 pub mod gateway;
 pub mod limits;
 pub mod opal;

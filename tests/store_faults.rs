@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use arpcp::pb;
 use common::gateway::{assert_task_status, describe, gateway_args, result_of, submit_req, Gw};
-use common::{agent_args, code, req, tempdir, wait_for, wait_until, Conn, Daemon, Refused, WAIT};
+use common::{agent_args, code, req, tempdir, wait_for, wait_until, Daemon, Refused, WAIT};
 use serde_json::{json, Value};
 use tonic::Code;
 
@@ -87,10 +87,14 @@ fn second_sigterm_ends_the_grace_period_at_once() {
     wait_until(WAIT, "the sleep task to run", || {
         common::call(&addr, &req::get(&atask_id))["data"]["running"] == json!(true)
     });
-    // An idle connection is closed once the shutdown has begun.
-    let mut idle = Conn::connect(&addr);
+    // Once the shutdown has begun, new tasks are refused (the agent still serves
+    // ARPCP through its grace period, so that its results can be collected). The
+    // probe's id is fixed: accepted again before the shutdown, it is one cheap task.
     agent.sigterm();
-    idle.expect_closed(WAIT);
+    wait_until(WAIT, "the agent to refuse new tasks", || {
+        let r = common::call(&addr, &req::atask_with("probe", "add", json!([1, 2]), None));
+        code(&r) != 100 && r.to_string().contains("shutting down")
+    });
     assert!(
         agent.wait_exit(Duration::ZERO).is_none(),
         "the agent should wait for its running task"

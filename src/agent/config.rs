@@ -23,7 +23,13 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     pub controller: Option<String>,
     pub capacity: Option<u32>,
+    /// `grace = "10s"`; `grace_secs` is the older spelling.
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub grace: Option<Duration>,
     pub grace_secs: Option<f64>,
+    /// `keep_finished = "1d"`; `keep_finished_secs` is the older spelling.
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub keep_finished: Option<Duration>,
     pub keep_finished_secs: Option<f64>,
     #[serde(default, rename = "procedure")]
     pub procedures: Vec<CommandSpec>,
@@ -126,14 +132,34 @@ impl AgentConfig {
                 message: "must be at least 1".into(),
             });
         }
+        for (field, both) in [
+            ("grace", file.grace.is_some() && file.grace_secs.is_some()),
+            (
+                "keep_finished",
+                file.keep_finished.is_some() && file.keep_finished_secs.is_some(),
+            ),
+        ] {
+            if both {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("give {field} or its older spelling {field}_secs, not both"),
+                });
+            }
+        }
         let grace = seconds(
             "grace_secs",
-            flags.grace_secs.or(file.grace_secs),
+            flags
+                .grace_secs
+                .or(file.grace.map(|d| d.as_secs_f64()))
+                .or(file.grace_secs),
             DEFAULT_GRACE,
         )?;
         let keep_finished = seconds(
             "keep_finished_secs",
-            flags.keep_finished_secs.or(file.keep_finished_secs),
+            flags
+                .keep_finished_secs
+                .or(file.keep_finished.map(|d| d.as_secs_f64()))
+                .or(file.keep_finished_secs),
             DEFAULT_KEEP_FINISHED,
         )?;
         Ok(AgentConfig {

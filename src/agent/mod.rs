@@ -276,15 +276,36 @@ impl Agent {
                 runner.interrupt();
             })
         };
+        // ARPCP is served on through the grace period, and until the controller
+        // collected what ended in it (GET, then terminate): a controller told of a
+        // result by a final SIGNAL comes to fetch it. New tasks are refused meanwhile
+        // (the runner is draining).
         let tls = config.tls.as_ref().map(|t| t.serving());
-        serve(listener, service, tls, shutdown).await;
+        let serving = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, service.clone(), tls, serving.clone()));
+        shutdown.cancelled().await;
+        let unfinished: Vec<String> = service
+            .store
+            .all()
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.atask_id)
+            .collect();
         info!(
             "agent stopping: waiting up to {:?} for running tasks",
             config.grace
         );
         runner.shutdown(config.grace).await;
-        grace_over.abort();
         signals.shutdown(Duration::from_secs(1)).await;
+        wait_collected(&service.store, &unfinished).await;
+        // The server waits for the answers of synchronous TASKs still running, which
+        // `grace_over` interrupts at the end of the grace period.
+        serving.cancel();
+        if let Err(e) = server.await {
+            warn!("the ARPCP server ended abnormally: {e}");
+        }
+        grace_over.abort();
         info!("agent stopped");
         Ok(())
     }
@@ -297,6 +318,32 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     Agent::start(config, listener).await?.serve(shutdown).await
+}
+
+/// At shutdown, how long the agent keeps serving for a controller to collect the
+/// tasks that ended during the grace period (after it answered their final SIGNAL).
+pub const COLLECT_WINDOW: Duration = Duration::from_secs(2);
+
+/// Waits, up to `COLLECT_WINDOW`, until no task of `ids` is waiting to be collected:
+/// ended, its final SIGNAL answered, not yet terminated by the controller. A task
+/// whose SIGNAL was not answered is not waited for: no controller is coming.
+async fn wait_collected(store: &AgentStore, ids: &[String]) {
+    let deadline = tokio::time::Instant::now() + COLLECT_WINDOW;
+    let waiting = || {
+        ids.iter().any(|id| {
+            matches!(store.get(id), Ok(Some(r)) if r.state.is_final() && r.final_signal_answered)
+        })
+    };
+    while waiting() {
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                "stopping with results the controller did not collect within {COLLECT_WINDOW:?}; \
+                 they stay in the store for its next GET"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// How often finished tasks nobody claimed are looked for.

@@ -10,12 +10,13 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use super::output::{self, agent_json, kind_name, short, status_name, table, task_json};
+use super::output::{self, agent_json, kind_name, outln, short, status_name, table, task_json};
 use crate::gateway::model::TaskStatus;
 use crate::pb;
 use crate::pb::gateway_client::GatewayClient;
 
 #[derive(clap::Args, Clone)]
+#[command(next_help_heading = "Client options")]
 pub struct Common {
     /// The gateway's gRPC address.
     #[arg(
@@ -46,8 +47,9 @@ pub struct Common {
 pub struct SubmitCmd {
     /// Procedure to run (see `arpcp procedures`).
     procedure: String,
-    /// Positional arguments; each is read as JSON when it parses (2, "x", [1,2]),
-    /// otherwise taken as a string.
+    /// Positional arguments; each is read as JSON when it parses (2, -3, "x",
+    /// [1,2]), otherwise taken as a string.
+    #[arg(allow_negative_numbers = true)]
     args: Vec<String>,
     /// A named argument NAME=VALUE (VALUE read like ARGS); repeatable.
     #[arg(long = "kw", value_name = "NAME=VALUE")]
@@ -59,17 +61,18 @@ pub struct SubmitCmd {
     /// Run on this agent.
     #[arg(long)]
     agent: Option<String>,
-    /// Wait for the task to end and show its result.
+    /// Wait for the task to end and show its result (the task id goes to stderr
+    /// first; a progress bar on a terminal). Ctrl-C stops waiting, not the task.
     #[arg(long)]
     wait: bool,
     /// Run synchronously (ARPCP TASK): the answer carries the result.
     #[arg(long)]
     sync: bool,
-    /// With --sync: seconds the procedure may run.
-    #[arg(long)]
-    timeout: Option<f64>,
-    #[command(flatten)]
-    common: Common,
+    /// With --wait or --sync: how long to wait for the result (30s, 5m, or plain
+    /// seconds). With --wait the task goes on after it (exit 124; Ctrl-C: 130);
+    /// with --sync the gateway gives up on it.
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    timeout: Option<Duration>,
 }
 
 #[derive(clap::Args)]
@@ -81,29 +84,22 @@ pub struct ResultCmd {
     /// Print an Opal result table as CSV.
     #[arg(long)]
     csv: bool,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(clap::Args)]
 pub struct WatchCmd {
     task_id: String,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(clap::Args)]
 pub struct CancelCmd {
     task_id: String,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(clap::Args)]
 pub struct TasksCmd {
-    /// Only tasks in this status (queued, dispatched, running, done, failed,
-    /// client_error, interrupted, cancelled).
-    #[arg(long)]
+    /// Only tasks in this status.
+    #[arg(long, value_parser = STATUS_NAMES)]
     status: Option<String>,
     /// Only tasks placed on this agent.
     #[arg(long)]
@@ -117,36 +113,24 @@ pub struct TasksCmd {
     /// Continue a listing (the token a previous listing printed).
     #[arg(long)]
     page_token: Option<String>,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(clap::Args)]
-pub struct AgentsCmd {
-    #[command(flatten)]
-    common: Common,
-}
+pub struct AgentsCmd {}
 
 #[derive(clap::Args)]
-pub struct ProceduresCmd {
-    #[command(flatten)]
-    common: Common,
-}
+pub struct ProceduresCmd {}
 
 #[derive(clap::Args)]
 pub struct DescribeCmd {
     /// The procedure (see `arpcp procedures`).
     procedure: String,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(clap::Args)]
 pub struct BlacklistCmd {
     #[command(subcommand)]
     action: BlacklistAction,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(clap::Subcommand)]
@@ -156,6 +140,18 @@ enum BlacklistAction {
     /// Return an agent to task placement.
     Remove { agent_id: String },
 }
+
+/// The values of `tasks --status` (clap lists them when another is given).
+const STATUS_NAMES: [&str; 8] = [
+    "queued",
+    "dispatched",
+    "running",
+    "done",
+    "failed",
+    "client_error",
+    "interrupted",
+    "cancelled",
+];
 
 /// A gateway client that sends the bearer token, if any, with every call.
 type Client = GatewayClient<InterceptedService<Channel, Bearer>>;
@@ -309,6 +305,12 @@ fn connect_hint(chain: &str) -> &'static str {
         " (a certificate has expired: issue a new one)"
     } else if chain.contains("InvalidContentType") || chain.contains("corrupt message") {
         " (the gateway does not speak TLS on this port: drop --ca, or check --gateway)"
+    } else if chain.contains("Connection refused")
+        || chain.contains("tcp connect error")
+        || chain.contains("dns error")
+        || chain.contains("timed out")
+    {
+        " (is it running? start one with `arpcp up`, or set ARPCP_GATEWAY (or --gateway) to its address)"
     } else {
         ""
     }
@@ -322,12 +324,12 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
         tonic::Code::PermissionDenied => {
             "\n(ask an operator for a token or certificate with the role named)"
         }
-        // What a plain-text client sees of a gateway that serves TLS.
-        // What a plain-text client sees of a gateway that serves TLS: the TLS alert it
-        // gets instead of HTTP/2 surfaces as either of these, depending on timing.
-        tonic::Code::Unknown | tonic::Code::Internal
-            if s.message().contains("transport error") || s.message().contains("h2 protocol error") =>
-        {
+        // What a plain-text client sees of a gateway that serves TLS: which of the
+        // two depends on when the TLS side hangs up.
+        tonic::Code::Unknown if s.message().contains("transport error") => {
+            "\n(if the gateway serves TLS (started with --tls-dir), pass --ca FILE, the cluster's ca.pem)"
+        }
+        tonic::Code::Internal if s.message().contains("h2 protocol error") => {
             "\n(if the gateway serves TLS (started with --tls-dir), pass --ca FILE, the cluster's ca.pem)"
         }
         _ => "",
@@ -366,6 +368,168 @@ async fn wait_for(client: &mut Client, task_id: &str) -> anyhow::Result<pb::Task
     }
 }
 
+/// The exit status of a `--wait` that gave up after `--timeout`, as timeout(1)'s.
+pub const WAIT_TIMED_OUT_EXIT: u8 = 124;
+/// The exit status after Ctrl-C: 128 + SIGINT, as a shell reports a process it
+/// interrupted.
+pub const INTERRUPTED_EXIT: u8 = 130;
+
+/// A line on stderr, if it can be written.
+fn note(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// What a user who stopped waiting needs: the task lives on, and how to find it.
+fn goes_on(task_id: &str, why: &str) -> String {
+    format!(
+        "task {task_id} goes on ({why}): follow it with `arpcp watch {task_id}`, or get its result with `arpcp result {task_id} --wait`"
+    )
+}
+
+/// `submit --wait` and `result --wait`: says `first` on stderr (the task's id, so it
+/// is known even if the wait is cut short), then waits for the task's end,
+/// `timeout` or Ctrl-C, whichever comes first. A progress bar only when stderr is
+/// a terminal; `csv` prints an Opal table as CSV.
+async fn wait_and_show(
+    client: &mut Client,
+    task_id: &str,
+    first: &str,
+    timeout: Option<Duration>,
+    json: bool,
+    csv: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    // Listening before the first line: a Ctrl-C after it stops the wait, not the
+    // process without a word.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot listen for Ctrl-C")?;
+    note(&format!("{first} (Ctrl-C stops waiting, not the task)"));
+    let bar = (!json && std::io::stderr().is_terminal()).then(progress_bar);
+    let limit = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome: anyhow::Result<Result<pb::Task, (u8, String)>> = tokio::select! {
+        t = follow(client, task_id, bar.as_ref()) => t.map(Ok),
+        () = limit => Ok(Err((
+            WAIT_TIMED_OUT_EXIT,
+            format!(
+                "not ended after --timeout {}",
+                humantime::format_duration(timeout.unwrap_or_default())
+            ),
+        ))),
+        _ = interrupt.recv() => Ok(Err((INTERRUPTED_EXIT, "stopped waiting on Ctrl-C".to_string()))),
+    };
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    match outcome? {
+        Ok(t) => Ok(show_task_as(&t, json, csv)),
+        Err((code, why)) => {
+            note(&goes_on(task_id, &why));
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {percent:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// Shows a task's progress on `bar`.
+fn show_progress(bar: &indicatif::ProgressBar, t: &pb::Task) {
+    let fraction = t.progress.as_ref().map_or(0.0, |p| p.fraction);
+    bar.set_position((fraction.clamp(0.0, 1.0) * 1000.0) as u64);
+    let comment = t
+        .progress
+        .as_ref()
+        .map(|p| p.comment.clone())
+        .unwrap_or_default();
+    bar.set_message(format!("{} {comment}", status_name(t.status)));
+}
+
+/// The task once it ended: through WatchTask with a bar to move, else GetResult.
+async fn follow(
+    client: &mut Client,
+    task_id: &str,
+    bar: Option<&indicatif::ProgressBar>,
+) -> anyhow::Result<pb::Task> {
+    if let Some(bar) = bar {
+        let mut stream = client
+            .watch_task(pb::WatchTaskRequest {
+                task_id: task_id.to_string(),
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        while let Some(t) = stream.message().await.map_err(status_err)? {
+            show_progress(bar, &t);
+            if is_final(t.status) {
+                return Ok(t);
+            }
+        }
+    }
+    wait_for(client, task_id).await
+}
+
+/// The most likely procedure meant by `name`: one a typing slip away (as for
+/// Opal parameters, `opal::schema`), nearest first.
+fn near_name<'a>(name: &str, known: &'a [String]) -> Option<&'a str> {
+    let len = name.chars().count();
+    if len > crate::opal::schema::MAX_SUGGEST_CHARS {
+        return None;
+    }
+    known
+        .iter()
+        .filter_map(|k| {
+            let klen = k.chars().count();
+            let limit = 1.max(klen / 3);
+            (klen.abs_diff(len) <= limit && klen <= crate::opal::schema::MAX_SUGGEST_CHARS)
+                .then(|| (crate::opal::schema::distance(name, k), k.as_str()))
+                .filter(|&(d, _)| d <= limit)
+        })
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k)
+}
+
+/// A Submit or DescribeProcedure error; for a procedure no agent offers, the near
+/// names the agents do offer, and where to see them all.
+async fn procedure_err(client: &mut Client, procedure: &str, s: tonic::Status) -> anyhow::Error {
+    if s.code() != tonic::Code::NotFound || !s.message().contains("not offered") {
+        return status_err(s);
+    }
+    let known: Vec<String> = client
+        .list_procedures(pb::ListProceduresRequest {})
+        .await
+        .map(|r| {
+            r.into_inner()
+                .procedures
+                .into_iter()
+                .map(|p| p.name)
+                .collect()
+        })
+        .unwrap_or_default();
+    let hint = match near_name(procedure.trim(), &known) {
+        Some(near) => format!("did you mean {near:?}? "),
+        None => String::new(),
+    };
+    anyhow::anyhow!(
+        "{:?}: {}\n({hint}`arpcp procedures` lists what the alive agents offer)",
+        s.code(),
+        s.message()
+    )
+}
+
 /// Shows a task; the exit code says whether it is done (0), still going (0), or
 /// ended otherwise (1).
 fn show_task(t: &pb::Task, json: bool) -> ExitCode {
@@ -374,7 +538,7 @@ fn show_task(t: &pb::Task, json: bool) -> ExitCode {
 
 fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
     if json {
-        println!("{}", task_json(t));
+        outln!("{}", task_json(t));
     } else if let (Some(tab), true) = (&t.table, t.status == pb::TaskStatus::Done as i32) {
         if csv {
             output::result_csv(tab);
@@ -385,8 +549,8 @@ fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
         let status = status_name(t.status);
         let value = t.result.as_ref().map(output::value_json);
         match (status.as_str(), value) {
-            ("done", Some(v)) => println!("{}", short(&v, usize::MAX)),
-            ("done", None) => println!("null"),
+            ("done", Some(v)) => outln!("{}", short(&v, usize::MAX)),
+            ("done", None) => outln!("null"),
             _ => {
                 let mut line = format!("task {} is {status}", t.task_id);
                 if let Some(p) = t.progress.as_ref().filter(|_| !is_final(t.status)) {
@@ -395,7 +559,7 @@ fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
                 if !t.error.is_empty() {
                     line += &format!(": {}", t.error);
                 }
-                println!("{}", line.trim_end());
+                outln!("{}", line.trim_end());
             }
         }
     }
@@ -407,8 +571,8 @@ fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
     }
 }
 
-pub async fn submit(c: SubmitCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common).await?;
+pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
+    let mut client = connect(common).await?;
     let mut kwargs = std::collections::BTreeMap::new();
     for kv in &c.kwargs {
         let (k, v) = kv
@@ -429,61 +593,78 @@ pub async fn submit(c: SubmitCmd) -> anyhow::Result<ExitCode> {
             kwargs.insert(k, to_pb(&v));
         }
     }
-    let timeout = match c.timeout {
-        Some(t) if t > 0.0 && t.is_finite() => Some(prost_types::Duration {
-            seconds: t.trunc() as i64,
-            nanos: (t.fract() * 1e9) as i32,
-        }),
-        Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
+    match (c.timeout, c.wait || c.sync) {
+        (Some(_), false) => anyhow::bail!(
+            "--timeout needs --wait (how long to wait here) or --sync (how long the gateway waits)"
+        ),
+        (Some(t), true) if t.is_zero() => anyhow::bail!("--timeout must be more than 0"),
+        _ => {}
+    }
+    let sync_timeout = match c.timeout.filter(|_| c.sync) {
+        Some(t) => Some(
+            prost_types::Duration::try_from(t)
+                .map_err(|_| anyhow::anyhow!("--timeout {t:?} is too long"))?,
+        ),
         None => None,
     };
-    let resp = client
+    let procedure = c.procedure.clone();
+    let resp = match client
         .submit(pb::SubmitRequest {
             procedure: c.procedure,
             args: c.args.iter().map(|a| to_pb(&arg_value(a))).collect(),
             kwargs: (!kwargs.is_empty()).then_some(prost_types::Struct { fields: kwargs }),
             agent_id: c.agent.unwrap_or_default(),
             sync: c.sync,
-            timeout,
+            timeout: sync_timeout,
         })
         .await
-        .map_err(status_err)?
-        .into_inner();
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Err(procedure_err(&mut client, &procedure, s).await),
+    };
     if c.sync {
         let t = resp.task.context("the gateway returned no task")?;
-        return Ok(show_task(&t, c.common.json));
+        return Ok(show_task(&t, common.json));
     }
     if c.wait {
-        let t = wait_for(&mut client, &resp.task_id).await?;
-        return Ok(show_task(&t, c.common.json));
+        let first = format!("task {} submitted; waiting for its result", resp.task_id);
+        return wait_and_show(
+            &mut client,
+            &resp.task_id,
+            &first,
+            c.timeout,
+            common.json,
+            false,
+        )
+        .await;
     }
-    if c.common.json {
-        println!("{}", serde_json::json!({"task_id": resp.task_id}));
+    if common.json {
+        outln!("{}", serde_json::json!({"task_id": resp.task_id}));
     } else {
-        println!("{}", resp.task_id);
+        outln!("{}", resp.task_id);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn result(c: ResultCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common).await?;
-    let t = if c.wait {
-        wait_for(&mut client, &c.task_id).await?
-    } else {
-        client
-            .get_result(pb::GetResultRequest {
-                task_id: c.task_id,
-                wait: None,
-            })
-            .await
-            .map_err(status_err)?
-            .into_inner()
-    };
-    Ok(show_task_as(&t, c.common.json, c.csv))
+pub async fn result(c: ResultCmd, common: &Common) -> anyhow::Result<ExitCode> {
+    let mut client = connect(common).await?;
+    if c.wait {
+        let first = format!("waiting for task {}", c.task_id);
+        return wait_and_show(&mut client, &c.task_id, &first, None, common.json, c.csv).await;
+    }
+    let t = client
+        .get_result(pb::GetResultRequest {
+            task_id: c.task_id,
+            wait: None,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    Ok(show_task_as(&t, common.json, c.csv))
 }
 
-pub async fn watch(c: WatchCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common).await?;
+pub async fn watch(c: WatchCmd, common: &Common) -> anyhow::Result<ExitCode> {
+    let mut client = connect(common).await?;
     let mut stream = client
         .watch_task(pb::WatchTaskRequest {
             task_id: c.task_id.clone(),
@@ -491,35 +672,22 @@ pub async fn watch(c: WatchCmd) -> anyhow::Result<ExitCode> {
         .await
         .map_err(status_err)?
         .into_inner();
-    let bar = if c.common.json {
+    let bar = if common.json {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(1000)
+        progress_bar()
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {percent:>3}% {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
     let mut last = None;
     while let Some(t) = stream.message().await.map_err(status_err)? {
-        if c.common.json {
-            println!("{}", task_json(&t));
+        if common.json {
+            outln!("{}", task_json(&t));
         }
-        let fraction = t.progress.as_ref().map_or(0.0, |p| p.fraction);
-        bar.set_position((fraction.clamp(0.0, 1.0) * 1000.0) as u64);
-        let comment = t
-            .progress
-            .as_ref()
-            .map(|p| p.comment.clone())
-            .unwrap_or_default();
-        bar.set_message(format!("{} {comment}", status_name(t.status)));
+        show_progress(&bar, &t);
         last = Some(t);
     }
     bar.finish_and_clear();
     match last {
-        Some(t) if c.common.json => Ok(
+        Some(t) if common.json => Ok(
             if is_final(t.status) && t.status != pb::TaskStatus::Done as i32 {
                 ExitCode::FAILURE
             } else {
@@ -531,28 +699,33 @@ pub async fn watch(c: WatchCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub async fn cancel(c: CancelCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common).await?;
+pub async fn cancel(c: CancelCmd, common: &Common) -> anyhow::Result<ExitCode> {
+    let mut client = connect(common).await?;
     let t = client
         .cancel_task(pb::CancelTaskRequest { task_id: c.task_id })
         .await
         .map_err(status_err)?
         .into_inner();
-    if c.common.json {
-        println!("{}", task_json(&t));
+    if common.json {
+        outln!("{}", task_json(&t));
     } else {
-        println!("task {} is {}", t.task_id, status_name(t.status));
+        outln!("task {} is {}", t.task_id, status_name(t.status));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn tasks(c: TasksCmd) -> anyhow::Result<ExitCode> {
+pub async fn tasks(c: TasksCmd, common: &Common) -> anyhow::Result<ExitCode> {
     let status = match c.status.as_deref() {
         None => pb::TaskStatus::Unspecified,
         Some(s) => pb::TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_uppercase()))
-            .with_context(|| format!("--status {s:?} is not a task status"))?,
+            .with_context(|| {
+                format!(
+                    "--status {s:?} is not a task status; one of: {}",
+                    STATUS_NAMES.join(", ")
+                )
+            })?,
     };
-    let mut client = connect(&c.common).await?;
+    let mut client = connect(common).await?;
     let r = client
         .list_tasks(pb::ListTasksRequest {
             status: status as i32,
@@ -564,9 +737,9 @@ pub async fn tasks(c: TasksCmd) -> anyhow::Result<ExitCode> {
         .await
         .map_err(status_err)?
         .into_inner();
-    if c.common.json {
+    if common.json {
         let tasks: Vec<Value> = r.tasks.iter().map(task_json).collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"tasks": tasks, "next_page_token": r.next_page_token})
         );
@@ -597,21 +770,21 @@ pub async fn tasks(c: TasksCmd) -> anyhow::Result<ExitCode> {
         &rows,
     );
     if !r.next_page_token.is_empty() {
-        println!("more: --page-token {}", r.next_page_token);
+        outln!("more: --page-token {}", r.next_page_token);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn agents(c: AgentsCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common).await?;
+pub async fn agents(common: &Common) -> anyhow::Result<ExitCode> {
+    let mut client = connect(common).await?;
     let r = client
         .list_agents(pb::ListAgentsRequest {})
         .await
         .map_err(status_err)?
         .into_inner();
-    if c.common.json {
+    if common.json {
         let agents: Vec<Value> = r.agents.iter().map(agent_json).collect();
-        println!("{}", serde_json::json!({ "agents": agents }));
+        outln!("{}", serde_json::json!({ "agents": agents }));
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = r
@@ -652,20 +825,20 @@ pub async fn agents(c: AgentsCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn procedures(c: ProceduresCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common).await?;
+pub async fn procedures(common: &Common) -> anyhow::Result<ExitCode> {
+    let mut client = connect(common).await?;
     let r = client
         .list_procedures(pb::ListProceduresRequest {})
         .await
         .map_err(status_err)?
         .into_inner();
-    if c.common.json {
+    if common.json {
         let v: Vec<Value> = r
             .procedures
             .iter()
             .map(|p| serde_json::json!({"name": p.name, "kind": kind_name(p.kind), "agent_ids": p.agent_ids}))
             .collect();
-        println!("{}", serde_json::json!({ "procedures": v }));
+        outln!("{}", serde_json::json!({ "procedures": v }));
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = r
@@ -677,8 +850,8 @@ pub async fn procedures(c: ProceduresCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn blacklist(c: BlacklistCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common).await?;
+pub async fn blacklist(c: BlacklistCmd, common: &Common) -> anyhow::Result<ExitCode> {
+    let mut client = connect(common).await?;
     let a = match c.action {
         BlacklistAction::Add { agent_id } => {
             client
@@ -693,15 +866,15 @@ pub async fn blacklist(c: BlacklistCmd) -> anyhow::Result<ExitCode> {
     }
     .map_err(status_err)?
     .into_inner();
-    if c.common.json {
-        println!("{}", agent_json(&a));
+    if common.json {
+        outln!("{}", agent_json(&a));
     } else {
         let what = if a.blacklisted {
             "blacklisted"
         } else {
             "not blacklisted"
         };
-        println!("agent {} is {what}", a.agent_id);
+        outln!("agent {} is {what}", a.agent_id);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -740,13 +913,13 @@ pub async fn demo(endpoint: &str, with_model: bool) -> anyhow::Result<()> {
         .as_ref()
         .map(output::value_json)
         .unwrap_or(Value::Null);
-    println!(
+    outln!(
         "arpcp is up: gRPC at {endpoint}; demo task {task_id}: add(2, 3) = {result} ({})",
         status_name(t.status)
     );
-    println!("try: arpcp submit add 40 2 --wait    |    arpcp agents    |    arpcp tasks");
+    outln!("try: arpcp submit add 40 2 --wait    |    arpcp agents    |    arpcp tasks");
     if with_model {
-        println!(
+        outln!(
             "an Opal model too: arpcp describe trajectory    |    arpcp submit trajectory --param algo.genetic.method=last --wait"
         );
     }
@@ -817,20 +990,22 @@ fn describe_params(params: &[pb::Parameter], indent: &str) {
         if !p.comment.is_empty() {
             line += &format!("  // {}", p.comment);
         }
-        println!("{line}");
+        outln!("{line}");
     }
 }
 
-pub async fn describe(c: DescribeCmd) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&c.common).await?;
-    let s = client
+pub async fn describe(c: DescribeCmd, common: &Common) -> anyhow::Result<ExitCode> {
+    let mut client = connect(common).await?;
+    let s = match client
         .describe_procedure(pb::DescribeProcedureRequest {
-            procedure: c.procedure,
+            procedure: c.procedure.clone(),
         })
         .await
-        .map_err(status_err)?
-        .into_inner();
-    if c.common.json {
+    {
+        Ok(s) => s.into_inner(),
+        Err(s) => return Err(procedure_err(&mut client, &c.procedure, s).await),
+    };
+    if common.json {
         let params = |ps: &[pb::Parameter]| -> Vec<Value> {
             ps.iter()
                 .map(|p| {
@@ -844,7 +1019,7 @@ pub async fn describe(c: DescribeCmd) -> anyhow::Result<ExitCode> {
                 })
                 .collect()
         };
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "procedure": s.procedure,
@@ -856,7 +1031,7 @@ pub async fn describe(c: DescribeCmd) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{} ({}) on {}",
         s.procedure,
         kind_name(s.kind),
@@ -865,16 +1040,16 @@ pub async fn describe(c: DescribeCmd) -> anyhow::Result<ExitCode> {
     if s.kind != pb::ProcedureKind::Opal as i32 {
         return Ok(ExitCode::SUCCESS);
     }
-    println!("main:");
+    outln!("main:");
     describe_params(&s.main, "  ");
     if !s.algorithms.is_empty() {
-        println!("algorithms (give exactly one):");
+        outln!("algorithms (give exactly one):");
         for a in &s.algorithms {
-            println!("  {}:", a.name);
+            outln!("  {}:", a.name);
             describe_params(&a.parameters, "    ");
         }
     }
-    println!(
+    outln!(
         "run: arpcp submit {} --param main.NAME=VALUE{} --wait",
         s.procedure,
         if s.algorithms.is_empty() {

@@ -9,11 +9,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::exposure::{self, Listening};
+use super::gateway_file::GatewayFile;
+use super::output::outln;
 use crate::agent::procedures::{CommandSpec, SpecKind};
 use crate::agent::{self, AgentConfig, AgentFlags};
 use crate::arpcp::tls::ArpcpTls;
 use crate::arpcp::DEFAULT_AGENT_PORT;
 use crate::durable;
+use crate::duration;
 use crate::gateway::{self, membership::parse_scan, GatewayConfig};
 
 #[derive(clap::Args)]
@@ -34,11 +37,17 @@ pub struct AgentCmd {
     /// Tasks run in parallel [default: number of CPUs]
     #[arg(long)]
     capacity: Option<u32>,
-    /// Seconds running tasks get to finish on shutdown [default: 10]
-    #[arg(long)]
+    /// How long running tasks get to finish on shutdown (10s, 2m) [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    grace: Option<Duration>,
+    /// The older spelling of --grace, in seconds.
+    #[arg(long, hide = true, conflicts_with = "grace")]
     grace_secs: Option<f64>,
-    /// Seconds a finished task no controller claimed is kept [default: 86400]
-    #[arg(long)]
+    /// How long a finished task no controller claimed is kept [default: 1d]
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    keep_finished: Option<Duration>,
+    /// The older spelling of --keep-finished, in seconds.
+    #[arg(long, hide = true, conflicts_with = "keep_finished")]
     keep_finished_secs: Option<f64>,
     /// Start even on a damaged store, with what is readable; what was lost is logged.
     /// Without it, a store found damaged at start (durable writes lost, records
@@ -61,39 +70,51 @@ pub struct AgentCmd {
 
 #[derive(clap::Args)]
 pub struct GatewayCmd {
-    /// Address of the gRPC API.
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    grpc: String,
-    /// Address of the ARPCP listener (agents' SIGNALs and announcements).
-    #[arg(long, default_value = "127.0.0.1:7019")]
-    arpcp: String,
-    /// Directory of the gateway's store.
-    #[arg(long, default_value = "arpcp-gateway-data")]
-    data_dir: PathBuf,
+    /// TOML configuration file: any of these flags' long names as keys (grpc,
+    /// data_dir, agents, echo_interval = "1s", …); flags win over it, and
+    /// --agent/--scan add to its lists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address of the gRPC API [default: 127.0.0.1:50051]
+    #[arg(long)]
+    grpc: Option<String>,
+    /// Address of the ARPCP listener (agents' SIGNALs and announcements)
+    /// [default: 127.0.0.1:7019]
+    #[arg(long)]
+    arpcp: Option<String>,
+    /// Directory of the gateway's store [default: ./arpcp-gateway-data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// An agent to probe (HOST:PORT); repeatable.
     #[arg(long = "agent")]
     agents: Vec<String>,
     /// Probe every address of a CIDR range on --scan-port; repeatable.
     #[arg(long)]
     scan: Vec<String>,
-    /// Port probed on scanned addresses.
-    #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
-    scan_port: u16,
-    /// Milliseconds between echo rounds.
-    #[arg(long, default_value_t = 1000)]
-    echo_interval_ms: u64,
-    /// Echoes an agent may miss in a row before it leaves the cluster.
-    #[arg(long, default_value_t = 3)]
-    max_misses: u32,
+    /// Port probed on scanned addresses [default: 7018]
+    #[arg(long)]
+    scan_port: Option<u16>,
+    /// Time between echo rounds (200ms, 1s) [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    echo_interval: Option<Duration>,
+    /// The older spelling of --echo-interval, in milliseconds.
+    #[arg(long, hide = true, conflicts_with = "echo_interval")]
+    echo_interval_ms: Option<u64>,
+    /// Echoes an agent may miss in a row before it leaves the cluster [default: 3]
+    #[arg(long)]
+    max_misses: Option<u32>,
     /// The ARPCP address agents should send SIGNALs to, when not the listener's.
     #[arg(long)]
     advertise: Option<String>,
-    /// Seconds finished tasks are kept.
-    #[arg(long, default_value_t = 7 * 24 * 3600)]
-    retention_secs: u64,
-    /// Finished tasks kept at most (the oldest go first).
-    #[arg(long, default_value_t = 1_000_000)]
-    retention_count: usize,
+    /// How long finished tasks are kept (12h, 7d) [default: 7d]
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    retention: Option<Duration>,
+    /// The older spelling of --retention, in seconds.
+    #[arg(long, hide = true, conflicts_with = "retention")]
+    retention_secs: Option<u64>,
+    /// Finished tasks kept at most (the oldest go first) [default: 1000000]
+    #[arg(long)]
+    retention_count: Option<usize>,
     /// Start even on a damaged store, with what is readable; what was lost is logged.
     /// Without it, a store found damaged at start (durable writes lost, records
     /// unreadable) stops the start with an error.
@@ -143,10 +164,18 @@ pub struct UpCmd {
     accept_damaged_store: bool,
 }
 
-async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))
+/// Binds the address `flag` gave; a port another process holds says which flag
+/// to change.
+async fn bind(addr: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+            "cannot listen on {addr} ({flag}): the address is in use by another process \
+             (another arpcp?): stop it, or pick another address with {flag} HOST:PORT \
+             (port 0: any free port)"
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr} ({flag})")),
+    }
 }
 
 /// The first line on stdout: where this process listens, as JSON.
@@ -156,7 +185,7 @@ fn announce_ready(role: &str, addrs: &[(&str, String)]) {
     for (k, v) in addrs {
         m.insert((*k).into(), v.clone().into());
     }
-    println!("{}", serde_json::Value::Object(m));
+    outln!("{}", serde_json::Value::Object(m));
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C (SIGINT). A second one ends the process
@@ -228,8 +257,11 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
         controller: a.controller,
         config: a.config,
         capacity: a.capacity,
-        grace_secs: a.grace_secs,
-        keep_finished_secs: a.keep_finished_secs,
+        grace_secs: a.grace.map(|d| d.as_secs_f64()).or(a.grace_secs),
+        keep_finished_secs: a
+            .keep_finished
+            .map(|d| d.as_secs_f64())
+            .or(a.keep_finished_secs),
     })?;
     let mut config = config;
     if let Some(dir) = &a.tls_dir {
@@ -240,7 +272,7 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
         });
         config.tls = Some(ArpcpTls::load(dir, &name).context("--tls-dir")?);
     }
-    let listener = bind(&config.listen.to_string()).await?;
+    let listener = bind(&config.listen.to_string(), &listen_source).await?;
     exposure::check(
         &[Listening {
             source: listen_source,
@@ -260,33 +292,72 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn gateway_config(g: &GatewayCmd) -> anyhow::Result<GatewayConfig> {
-    if g.echo_interval_ms == 0 {
-        anyhow::bail!("--echo-interval-ms must be at least 1");
-    }
-    let scan = g
-        .scan
+/// A gateway's settings: flags over the `--config` file over the defaults.
+struct GatewaySettings {
+    grpc: String,
+    arpcp: String,
+    config: GatewayConfig,
+}
+
+fn gateway_config(g: GatewayCmd) -> anyhow::Result<GatewaySettings> {
+    let file = match &g.config {
+        Some(path) => GatewayFile::load(path)?,
+        None => GatewayFile::default(),
+    };
+    let echo_interval = match (g.echo_interval, g.echo_interval_ms) {
+        (Some(d), _) => Some(("--echo-interval", d)),
+        (None, Some(ms)) => Some(("--echo-interval-ms", Duration::from_millis(ms))),
+        (None, None) => file.echo_interval.map(|d| ("echo_interval", d)),
+    };
+    let echo_interval = match echo_interval {
+        Some((from, d)) if d < MIN_ECHO_INTERVAL => anyhow::bail!(
+            "{from}: must be at least {}, got {}",
+            humantime::format_duration(MIN_ECHO_INTERVAL),
+            humantime::format_duration(d)
+        ),
+        Some((_, d)) => d,
+        None => DEFAULT_ECHO_INTERVAL,
+    };
+    let retention = g
+        .retention
+        .or(g.retention_secs.map(Duration::from_secs))
+        .or(file.retention)
+        .unwrap_or(DEFAULT_RETENTION);
+    let mut agents = file.agents.unwrap_or_default();
+    agents.extend(g.agents);
+    let mut scans = file.scan.unwrap_or_default();
+    scans.extend(g.scan);
+    let scan = scans
         .iter()
         .map(|c| parse_scan(c).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<_>>()?;
-    let tls = g
-        .tls_dir
+    let tls_dir = g.tls_dir.or(file.tls_dir);
+    let tls = tls_dir
         .as_deref()
         .map(|dir| ArpcpTls::load(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME))
         .transpose()
         .context("--tls-dir")?;
-    Ok(GatewayConfig {
-        data_dir: g.data_dir.clone(),
-        advertise: g.advertise.clone(),
-        agents: g.agents.clone(),
+    if g.insecure && tls.is_some() {
+        anyhow::bail!("--insecure and tls_dir (in the --config file) exclude each other");
+    }
+    let config = GatewayConfig {
+        data_dir: g
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("arpcp-gateway-data")),
+        advertise: g.advertise.or(file.advertise),
+        agents,
         scan,
-        scan_port: g.scan_port,
-        echo_interval: Duration::from_millis(g.echo_interval_ms),
-        max_misses: g.max_misses.max(1),
-        retention: Duration::from_secs(g.retention_secs),
-        retention_count: g.retention_count,
+        scan_port: g.scan_port.or(file.scan_port).unwrap_or(DEFAULT_AGENT_PORT),
+        echo_interval,
+        max_misses: g.max_misses.or(file.max_misses).unwrap_or(3).max(1),
+        retention,
+        retention_count: g
+            .retention_count
+            .or(file.retention_count)
+            .unwrap_or(DEFAULT_RETENTION_COUNT),
         accept_damaged_store: g.accept_damaged_store,
-        grpc_tls: match (&tls, g.tls_dir.as_deref()) {
+        grpc_tls: match (&tls, tls_dir.as_deref()) {
             (Some(tls), Some(dir)) => Some(
                 tls.grpc_serving(dir, crate::tls::ca::DEFAULT_GATEWAY_NAME)
                     .context("--tls-dir")?,
@@ -294,17 +365,41 @@ fn gateway_config(g: &GatewayCmd) -> anyhow::Result<GatewayConfig> {
             _ => None,
         },
         tls,
+    };
+    Ok(GatewaySettings {
+        grpc: g
+            .grpc
+            .or(file.grpc)
+            .unwrap_or_else(|| DEFAULT_GRPC.to_string()),
+        arpcp: g
+            .arpcp
+            .or(file.arpcp)
+            .unwrap_or_else(|| DEFAULT_CONTROLLER.to_string()),
+        config,
     })
 }
 
+const DEFAULT_GRPC: &str = "127.0.0.1:50051";
+const DEFAULT_CONTROLLER: &str = "127.0.0.1:7019";
+const DEFAULT_ECHO_INTERVAL: Duration = Duration::from_secs(1);
+/// Below a millisecond the echo rounds would only spin.
+const MIN_ECHO_INTERVAL: Duration = Duration::from_millis(1);
+const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+const DEFAULT_RETENTION_COUNT: usize = 1_000_000;
+
 pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
-    let config = gateway_config(&g)?;
-    let grpc = bind(&g.grpc).await?;
-    let arpcp = bind(&g.arpcp).await?;
+    let insecure = g.insecure;
+    let GatewaySettings {
+        grpc,
+        arpcp,
+        config,
+    } = gateway_config(g)?;
+    let grpc = bind(&grpc, "--grpc").await?;
+    let arpcp = bind(&arpcp, "--arpcp").await?;
     exposure::check(
         &gateway_listeners(grpc.local_addr()?, arpcp.local_addr()?),
         config.tls.is_some(),
-        g.insecure,
+        insecure,
     )?;
     let addrs = [
         ("grpc", grpc.local_addr()?.to_string()),
@@ -333,9 +428,9 @@ fn gateway_listeners(grpc: SocketAddr, arpcp: SocketAddr) -> Vec<Listening> {
 }
 
 pub async fn up(u: UpCmd) -> anyhow::Result<()> {
-    let grpc = bind(&u.grpc).await?;
-    let arpcp = bind(&u.arpcp).await?;
-    let agent_listener = bind(&u.agent_listen).await?;
+    let grpc = bind(&u.grpc, "--grpc").await?;
+    let arpcp = bind(&u.arpcp, "--arpcp").await?;
+    let agent_listener = bind(&u.agent_listen, "--agent-listen").await?;
     let mut listeners = gateway_listeners(grpc.local_addr()?, arpcp.local_addr()?);
     listeners.push(Listening {
         source: "--agent-listen".into(),
@@ -363,10 +458,10 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         agents: vec![agent_addr.clone()],
         scan: vec![],
         scan_port: DEFAULT_AGENT_PORT,
-        echo_interval: Duration::from_secs(1),
+        echo_interval: DEFAULT_ECHO_INTERVAL,
         max_misses: 3,
-        retention: Duration::from_secs(7 * 24 * 3600),
-        retention_count: 1_000_000,
+        retention: DEFAULT_RETENTION,
+        retention_count: DEFAULT_RETENTION_COUNT,
         accept_damaged_store: u.accept_damaged_store,
         tls: None,
         grpc_tls: None,
@@ -388,11 +483,14 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
             ("agent", agent_addr),
         ],
     );
+    // A signal stops the agent only: its grace period lets running tasks end, and
+    // their results reach the gateway, which stops once the agent has.
     let shutdown = shutdown_on_signal();
+    let stop_gateway = CancellationToken::new();
     let mut both = tokio::task::JoinSet::new();
     let stop = shutdown.clone();
     both.spawn(async move { agent.serve(stop).await.context("agent") });
-    let stop = shutdown.clone();
+    let stop = stop_gateway.clone();
     both.spawn(async move { gateway.serve(stop).await.context("gateway") });
     if !u.no_demo {
         let endpoint = format!("http://{grpc_addr}");
@@ -402,10 +500,12 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
             }
         });
     }
-    // Either one stopping (by a signal or a failure) stops the other.
+    // Either one stopping (the agent by a signal, or either by a failure) stops the
+    // other.
     let mut outcome = Ok(());
     while let Some(done) = both.join_next().await {
         shutdown.cancel();
+        stop_gateway.cancel();
         if let (Ok(()), Err(e)) = (&outcome, done?) {
             outcome = Err(e);
         }

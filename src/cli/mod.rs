@@ -4,8 +4,10 @@
 
 mod ca;
 mod commands;
+mod completions;
 mod daemons;
 mod exposure;
+mod gateway_file;
 mod output;
 mod token;
 
@@ -21,6 +23,10 @@ use clap::{Parser, Subcommand};
     about = "Run remote procedures on a cluster of agents"
 )]
 struct Cli {
+    /// The client flags (`--gateway`, `--json`, TLS) are global: they go before or
+    /// after the subcommand.
+    #[command(flatten)]
+    common: commands::Common,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,6 +61,8 @@ enum Command {
     Ca(ca::CaCmd),
     /// Make, list and revoke bearer tokens of the gRPC API (on the gateway's host).
     Token(token::TokenCmd),
+    /// Print a shell completion script (bash, zsh or fish).
+    Completions(completions::CompletionsCmd),
 }
 
 pub fn main() -> ExitCode {
@@ -67,9 +75,10 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log(&cli.command))),
         )
         .init();
-    let workers = match cli.command {
-        Command::Agent(_) | Command::Gateway(_) | Command::Up(_) => daemon_workers(),
-        _ => 1,
+    let workers = if is_daemon(&cli.command) {
+        daemon_workers()
+    } else {
+        1
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -84,12 +93,17 @@ pub fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
+        Ok(_) if output::stdout_failed() => ExitCode::FAILURE,
         Ok(code) => code,
         Err(e) => {
             report(&format!("error: {}", error_chain(&e)));
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_daemon(c: &Command) -> bool {
+    matches!(c, Command::Agent(_) | Command::Gateway(_) | Command::Up(_))
 }
 
 /// stderr for logs, dropping what cannot be written. A daemon's stderr may be a pipe
@@ -155,16 +169,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(c) => daemons::agent(c).await.map(|()| ExitCode::SUCCESS),
         Command::Gateway(c) => daemons::gateway(c).await.map(|()| ExitCode::SUCCESS),
         Command::Up(c) => daemons::up(c).await.map(|()| ExitCode::SUCCESS),
-        Command::Submit(c) => commands::submit(c).await,
-        Command::Describe(c) => commands::describe(c).await,
-        Command::Result(c) => commands::result(c).await,
-        Command::Watch(c) => commands::watch(c).await,
-        Command::Cancel(c) => commands::cancel(c).await,
-        Command::Tasks(c) => commands::tasks(c).await,
-        Command::Agents(c) => commands::agents(c).await,
-        Command::Procedures(c) => commands::procedures(c).await,
-        Command::Blacklist(c) => commands::blacklist(c).await,
+        Command::Submit(c) => commands::submit(c, &cli.common).await,
+        Command::Describe(c) => commands::describe(c, &cli.common).await,
+        Command::Result(c) => commands::result(c, &cli.common).await,
+        Command::Watch(c) => commands::watch(c, &cli.common).await,
+        Command::Cancel(c) => commands::cancel(c, &cli.common).await,
+        Command::Tasks(c) => commands::tasks(c, &cli.common).await,
+        Command::Agents(_) => commands::agents(&cli.common).await,
+        Command::Procedures(_) => commands::procedures(&cli.common).await,
+        Command::Blacklist(c) => commands::blacklist(c, &cli.common).await,
         Command::Ca(c) => ca::run(c).map(|()| ExitCode::SUCCESS),
         Command::Token(c) => token::run(c).map(|()| ExitCode::SUCCESS),
+        Command::Completions(c) => {
+            completions::print::<Cli>(c);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

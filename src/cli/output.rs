@@ -1,8 +1,59 @@
 //! How client commands show things: aligned tables for people, JSON for scripts.
 
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::{json, Value};
 
 use crate::pb;
+
+/// Set once a write to stdout failed: later output is dropped.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+/// Set when that failure was not the reader going away (a full disk, say).
+static STDOUT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// `println!` for client output. A reader that went away (`arpcp tasks | head`)
+/// ends the output quietly and the command ends with its own status (a failed
+/// task still exits 1): it took what it wanted, and `set -o pipefail` scripts
+/// must not fail for it. `println!` would panic, and SIGPIPE's default action
+/// cannot be restored instead: it would also kill the gRPC client on a socket the
+/// gateway closed. Any other write error is reported once and fails the command.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::output::stdout_write(format!($($arg)*).as_bytes(), true)
+    };
+}
+pub(crate) use outln;
+
+/// Writes `bytes` (and a newline) to stdout unless stdout failed before.
+pub fn stdout_write(bytes: &[u8], newline: bool) {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_all(bytes)
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| out.flush());
+    if let Err(e) = written {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            STDOUT_FAILED.store(true, Ordering::Relaxed);
+            let _ = writeln!(std::io::stderr(), "error: cannot write to stdout: {e}");
+        }
+    }
+}
+
+/// Whether output was lost for another reason than its reader going away.
+pub fn stdout_failed() -> bool {
+    STDOUT_FAILED.load(Ordering::Relaxed)
+}
 
 pub use crate::pb::json::to_json as value_json;
 
@@ -107,7 +158,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(headers.to_vec());
     for r in rows {
@@ -177,9 +228,9 @@ pub fn result_csv(t: &pb::ResultTable) {
         }
     }
     let header: Vec<String> = t.columns.iter().map(|c| field(&c.name)).collect();
-    println!("{}", header.join(","));
+    outln!("{}", header.join(","));
     for r in &t.rows {
         let cells: Vec<String> = r.cells.iter().map(|c| field(&cell_text(c))).collect();
-        println!("{}", cells.join(","));
+        outln!("{}", cells.join(","));
     }
 }

@@ -444,7 +444,7 @@ fn same(a: &Json, b: &Json) -> bool {
 
 /// Edit distance (insertions, deletions, substitutions and swaps of neighbours, as
 /// typing slips are), on characters.
-fn distance(a: &str, b: &str) -> usize {
+pub(crate) fn distance(a: &str, b: &str) -> usize {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     let w = b.len() + 1;
     let mut d = vec![0usize; (a.len() + 1) * w];
