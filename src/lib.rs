@@ -7,6 +7,7 @@ pub mod cli;
 pub mod durable;
 pub mod gateway;
 pub mod limits;
+pub mod metrics;
 pub mod opal;
 pub mod tls;
 

@@ -51,6 +51,12 @@ pub struct AgentCmd {
     /// The name of the agent's certificate in --tls-dir [default: the host name]
     #[arg(long, requires = "tls_dir")]
     tls_name: Option<String>,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// How log lines on stderr are written: text, or one JSON object a line.
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
+    pub(super) log_format: super::LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -97,6 +103,12 @@ pub struct GatewayCmd {
     /// gateway.pem, gateway-key.pem); only agents' certificates are served.
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// How log lines on stderr are written: text, or one JSON object a line.
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
+    pub(super) log_format: super::LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -127,12 +139,32 @@ pub struct UpCmd {
     /// unreadable) stops the start with an error.
     #[arg(long)]
     accept_damaged_store: bool,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// How log lines on stderr are written: text, or one JSON object a line.
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
+    pub(super) log_format: super::LogFormat,
 }
 
 async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Starts the metrics endpoint when `--metrics` asks for it; its address goes into
+/// the ready line.
+async fn start_metrics(addr: Option<&str>) -> anyhow::Result<Option<(&'static str, String)>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
+    let local = listener.local_addr()?.to_string();
+    tokio::spawn(crate::metrics::serve(listener));
+    Ok(Some(("metrics", local)))
 }
 
 /// The first line on stdout: where this process listens, as JSON.
@@ -222,8 +254,10 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
     if a.accept_damaged_store {
         accept_agent_store_damage(&config.data_dir)?;
     }
+    let metrics = start_metrics(a.metrics.as_deref()).await?;
     let agent = agent::Agent::start(config, listener).await?;
-    announce_ready("agent", &[("arpcp", addr)]);
+    let addrs: Vec<_> = [("arpcp", addr)].into_iter().chain(metrics).collect();
+    announce_ready("agent", &addrs);
     agent.serve(shutdown_on_signal()).await?;
     Ok(())
 }
@@ -269,10 +303,14 @@ pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
     let config = gateway_config(&g)?;
     let grpc = bind(&g.grpc).await?;
     let arpcp = bind(&g.arpcp).await?;
-    let addrs = [
+    let metrics = start_metrics(g.metrics.as_deref()).await?;
+    let addrs: Vec<_> = [
         ("grpc", grpc.local_addr()?.to_string()),
         ("arpcp", arpcp.local_addr()?.to_string()),
-    ];
+    ]
+    .into_iter()
+    .chain(metrics)
+    .collect();
     let gateway = gateway::Gateway::start(config, grpc, arpcp).await?;
     announce_ready("gateway", &addrs);
     gateway.serve(shutdown_on_signal()).await?;
@@ -286,6 +324,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr()?;
     let arpcp_addr = arpcp.local_addr()?.to_string();
     let agent_addr = agent_listener.local_addr()?.to_string();
+    let metrics = start_metrics(u.metrics.as_deref()).await?;
     let agent_config = AgentConfig::resolve(AgentFlags {
         listen: Some(agent_addr.clone()),
         data_dir: Some(u.data_dir.join("agent")),
@@ -320,14 +359,15 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
     let gateway = gateway::Gateway::start(gateway_config, grpc, arpcp)
         .await
         .context("gateway")?;
-    announce_ready(
-        "up",
-        &[
-            ("grpc", grpc_addr.to_string()),
-            ("arpcp", arpcp_addr),
-            ("agent", agent_addr),
-        ],
-    );
+    let addrs: Vec<_> = [
+        ("grpc", grpc_addr.to_string()),
+        ("arpcp", arpcp_addr),
+        ("agent", agent_addr),
+    ]
+    .into_iter()
+    .chain(metrics)
+    .collect();
+    announce_ready("up", &addrs);
     let shutdown = shutdown_on_signal();
     let mut both = tokio::task::JoinSet::new();
     let stop = shutdown.clone();

@@ -210,6 +210,12 @@ impl Gateway {
 
         let mut background = tokio::task::JoinSet::new();
         background.spawn(membership.clone().echo_loop(shutdown.clone()));
+        let known = Arc::downgrade(&membership);
+        crate::metrics::get().before_scrape(move || {
+            if let Some(m) = known.upgrade() {
+                crate::metrics::get().set_agents(&m.count_by_state());
+            }
+        });
         background.spawn(scheduler.clone().run(queue_rx, events_rx, shutdown.clone()));
         background.spawn(retention_loop(
             store.clone(),
