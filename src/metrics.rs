@@ -155,6 +155,7 @@ pub struct Metrics {
     client_seconds: HistogramFamily<MethodLabels>,
     server_requests: Family<ServerMethodLabels, Counter>,
     server_connections: Family<ServerLabels, Gauge>,
+    grpc_connections: Gauge,
     flush_seconds: HistogramFamily<StoreLabels>,
     commit_group: HistogramFamily<StoreLabels>,
     // Agent.
@@ -186,6 +187,7 @@ impl Metrics {
             client_seconds: Family::new_with_constructor(latency_seconds),
             server_requests: Family::default(),
             server_connections: Family::default(),
+            grpc_connections: Gauge::default(),
             flush_seconds: Family::new_with_constructor(latency_seconds),
             commit_group: Family::new_with_constructor(group_sizes),
             agent_tasks: Family::default(),
@@ -241,6 +243,11 @@ impl Metrics {
             "arpcp_server_connections",
             "Open ARPCP connections, by server (agent, gateway)",
             m.server_connections.clone(),
+        );
+        r.register(
+            "arpcp_grpc_connections",
+            "Open connections to the gateway's gRPC API",
+            m.grpc_connections.clone(),
         );
         r.register(
             "arpcp_store_flush_duration_seconds",
@@ -368,6 +375,15 @@ impl Metrics {
         ConnectionGuard(gauge)
     }
 
+    /// `conn`, counted as an open gRPC connection until it is dropped.
+    pub fn grpc_connection<T>(&self, conn: T) -> Counted<T> {
+        self.grpc_connections.inc();
+        Counted {
+            inner: conn,
+            _open: ConnectionGuard(self.grpc_connections.clone()),
+        }
+    }
+
     pub fn store_flushed(&self, store: &str, writers: usize, seconds: f64) {
         let labels = StoreLabels {
             store: store.into(),
@@ -401,6 +417,60 @@ pub struct ConnectionGuard(Gauge);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// A connection counted in a gauge while it lives; reads and writes go through.
+pub struct Counted<T> {
+    inner: T,
+    _open: ConnectionGuard,
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Counted<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

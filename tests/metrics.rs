@@ -115,6 +115,8 @@ fn scraped_counts_match_known_work() {
         text.ends_with("# EOF\n"),
         "an OpenMetrics page ends with # EOF"
     );
+    // The test's own gRPC client holds a connection open.
+    assert!(at("arpcp_grpc_connections") >= 1.0);
 
     let agent = &c.agents[0];
     wait_series(agent, r#"arpcp_agent_tasks{state="running"}"#, 0.0);

@@ -29,6 +29,7 @@ use ipnet::IpNet;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -266,7 +267,8 @@ impl Gateway {
             Some(tls) => {
                 router
                     .serve_with_incoming_shutdown(
-                        grpc_tls::incoming(grpc, tls, shutdown.clone()),
+                        grpc_tls::incoming(grpc, tls, shutdown.clone())
+                            .map(|c| c.map(|c| crate::metrics::get().grpc_connection(c))),
                         stopped,
                     )
                     .await
@@ -274,7 +276,9 @@ impl Gateway {
             None => {
                 router
                     .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                        tonic::transport::server::TcpIncoming::from(grpc)
+                            .with_nodelay(Some(true))
+                            .map(|c| c.map(|c| crate::metrics::get().grpc_connection(c))),
                         stopped,
                     )
                     .await
