@@ -120,6 +120,8 @@ pub struct StoreLabels {
     store: String,
 }
 
+type ScrapeHook = Box<dyn Fn() + Send + Sync>;
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_seconds() -> Histogram {
@@ -142,7 +144,7 @@ pub struct Metrics {
     registry: Registry,
     procedures: LabelCap,
     peers: LabelCap,
-    hooks: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    hooks: Mutex<Vec<(&'static str, ScrapeHook)>>,
     // Gateway.
     tasks_submitted: Family<ProcedureLabels, Counter>,
     tasks_ended: Family<EndLabels, Counter>,
@@ -279,9 +281,15 @@ impl Metrics {
     }
 
     /// Runs `refresh` before every scrape, to set gauges computed from a daemon's
-    /// state. Past `MAX_SCRAPE_HOOKS` it is ignored (and logged).
-    pub fn before_scrape(&self, refresh: impl Fn() + Send + Sync + 'static) {
+    /// state; it replaces an earlier refresher of the same `name` (a daemon started
+    /// again in the same process). Past `MAX_SCRAPE_HOOKS` names it is ignored (and
+    /// logged).
+    pub fn before_scrape(&self, name: &'static str, refresh: impl Fn() + Send + Sync + 'static) {
         let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hook) = hooks.iter_mut().find(|(n, _)| *n == name) {
+            hook.1 = Box::new(refresh);
+            return;
+        }
         if hooks.len() >= MAX_SCRAPE_HOOKS {
             tracing::warn!(
                 limit = MAX_SCRAPE_HOOKS,
@@ -289,12 +297,12 @@ impl Metrics {
             );
             return;
         }
-        hooks.push(Box::new(refresh));
+        hooks.push((name, Box::new(refresh)));
     }
 
     /// The OpenMetrics text of every family, after the refreshers ran.
     pub fn render(&self) -> String {
-        for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (_, hook) in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             hook();
         }
         let mut out = String::new();
@@ -588,6 +596,19 @@ mod tests {
         assert_eq!(cap.value("b"), "b");
         assert_eq!(cap.value("c"), OTHER_LABEL);
         assert_eq!(cap.value("a"), "a");
+    }
+
+    #[test]
+    fn a_refresher_started_again_replaces_the_old_one() {
+        let m = Metrics::new();
+        m.before_scrape("agent tasks", || {});
+        m.before_scrape("agent tasks", || {});
+        assert_eq!(m.hooks.lock().unwrap().len(), 1);
+        for i in 0..MAX_SCRAPE_HOOKS + 2 {
+            let name: &'static str = Box::leak(format!("hook {i}").into_boxed_str());
+            m.before_scrape(name, || {});
+        }
+        assert_eq!(m.hooks.lock().unwrap().len(), MAX_SCRAPE_HOOKS);
     }
 
     #[test]

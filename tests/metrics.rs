@@ -370,3 +370,44 @@ fn http2_internals_stay_quiet_at_debug_unless_asked() {
         "h2's debug lines when RUST_LOG names it"
     );
 }
+
+#[test]
+fn arpcp_up_serves_both_daemons_metrics_on_one_endpoint() {
+    let up = Daemon::spawn(&[
+        "up",
+        "--grpc",
+        "127.0.0.1:0",
+        "--arpcp",
+        "127.0.0.1:0",
+        "--agent-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "{dir}/data",
+        "--no-demo",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    wait_series(&up, r#"arpcp_agents{state="alive"}"#, 1.0);
+    let gw = Gw::connect(&up);
+    let id = gw.submit_ok("mul", json!([6, 7]));
+    assert_task_status(&gw.wait_final(&id, WAIT), pb::TaskStatus::Done);
+    wait_series(
+        &up,
+        r#"arpcp_tasks_ended_total{procedure="mul",status="done"}"#,
+        1.0,
+    );
+    let text = scrape(&up);
+    assert_eq!(
+        series(
+            &text,
+            r#"arpcp_procedure_run_duration_seconds_count{procedure="mul"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, r#"arpcp_agent_tasks{state="running"}"#),
+        Some(0.0),
+        "{text}"
+    );
+}

@@ -269,7 +269,7 @@ impl Agent {
             ));
         }
         let tasks = Arc::downgrade(&runner);
-        crate::metrics::get().before_scrape(move || {
+        crate::metrics::get().before_scrape("agent tasks", move || {
             if let Some(r) = tasks.upgrade() {
                 let (running, queued) = r.counts();
                 crate::metrics::get().set_agent_tasks(running, queued);

@@ -212,7 +212,7 @@ impl Gateway {
         let mut background = tokio::task::JoinSet::new();
         background.spawn(membership.clone().echo_loop(shutdown.clone()));
         let known = Arc::downgrade(&membership);
-        crate::metrics::get().before_scrape(move || {
+        crate::metrics::get().before_scrape("gateway agents", move || {
             if let Some(m) = known.upgrade() {
                 crate::metrics::get().set_agents(&m.count_by_state());
             }
