@@ -149,6 +149,19 @@ fn the_metrics_endpoint_serves_only_get_metrics() {
     // Without the flag nothing more listens, and the ready line says so.
     let plain = Daemon::agent(&[]);
     assert!(plain.ready().get("metrics").is_none(), "{}", plain.ready());
+    // An address that is none stops the start, naming the flag and the form.
+    let refused =
+        Daemon::run_until_ready_or_exit(tempdir(), &common::agent_args(&["--metrics", "nonsense"]))
+            .err()
+            .expect("no start with --metrics nonsense");
+    assert!(!refused.status.success());
+    assert!(
+        refused
+            .stderr
+            .contains("--metrics: cannot listen on nonsense (expected HOST:PORT"),
+        "{}",
+        refused.stderr
+    );
 }
 
 /// `arpcp ARGS` with stderr a pipe read into a buffer, and `env` set (no

@@ -159,9 +159,9 @@ async fn start_metrics(addr: Option<&str>) -> anyhow::Result<Option<(&'static st
     let Some(addr) = addr else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("--metrics: cannot listen on {addr} (expected HOST:PORT, e.g. 127.0.0.1:9464)")
+    })?;
     let local = listener.local_addr()?.to_string();
     tokio::spawn(crate::metrics::serve(listener));
     Ok(Some(("metrics", local)))
