@@ -913,7 +913,6 @@ impl Scheduler {
     }
 }
 
-/// What a TASK answer means for the task.
 /// The one log line and the metrics of a task's first end (a later result of an
 /// interrupted task changes neither: each task ends once here).
 fn task_ended(t: &TaskRecord) {
@@ -931,6 +930,7 @@ fn task_ended(t: &TaskRecord) {
     );
 }
 
+/// What a TASK answer means for the task.
 fn outcome_of_task_response(r: Response) -> Outcome {
     match r.code {
         Code::Ok => Outcome::Done(r.data.get("result").cloned().unwrap_or(Value::Null)),
