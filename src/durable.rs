@@ -633,8 +633,19 @@ fn spawn_flusher<T: Send + Sync + 'static>(
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
+                let started = std::time::Instant::now();
                 let outcome = match shared.upgrade() {
-                    Some(s) => s.flush(),
+                    Some(s) => {
+                        let outcome = s.flush();
+                        if outcome.is_ok() {
+                            crate::metrics::get().store_flushed(
+                                s.spec.label,
+                                batch.len(),
+                                started.elapsed().as_secs_f64(),
+                            );
+                        }
+                        outcome
+                    }
                     None => return,
                 };
                 for waiter in batch.drain(..) {

@@ -8,6 +8,7 @@ pub mod durable;
 pub mod duration;
 pub mod gateway;
 pub mod limits;
+pub mod metrics;
 pub mod opal;
 pub mod tls;
 

@@ -79,6 +79,10 @@ impl Handler for AgentService {
             Err(e) => Response::error(&e),
         }
     }
+
+    fn server_name(&self) -> &'static str {
+        "agent"
+    }
 }
 
 impl AgentService {
@@ -264,6 +268,13 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
+        let tasks = Arc::downgrade(&runner);
+        crate::metrics::get().before_scrape("agent tasks", move || {
+            if let Some(r) = tasks.upgrade() {
+                let (running, queued) = r.counts();
+                crate::metrics::get().set_agent_tasks(running, queued);
+            }
+        });
         info!(port, capacity = config.capacity, procedures = ?service.procedures, "agent ready");
         // The grace period counts from the shutdown request for every running task,
         // synchronous TASKs included: `serve` waits for their answers, so without this

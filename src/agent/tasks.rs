@@ -134,6 +134,12 @@ impl TaskRunner {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// Tasks running (synchronous TASKs included) and tasks waiting for a slot.
+    pub fn counts(&self) -> (i64, i64) {
+        let queued = self.live().values().filter(|l| !l.running).count();
+        (i64::from(self.running()), queued as i64)
+    }
+
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -352,11 +358,16 @@ impl TaskRunner {
                         comment: "started".into(),
                     },
                 );
+                let started = Instant::now();
                 tokio::select! {
                     biased;
                     _ = terminate.cancelled() => Outcome::Terminated,
                     _ = self.hard_stop.cancelled() => Outcome::Interrupted("agent shut down before the task finished"),
-                    r = procedure.run(&rec.args, ctx) => Outcome::Finished(r),
+                    r = procedure.run(&rec.args, ctx) => {
+                        crate::metrics::get()
+                            .procedure_ran(&rec.procedure, started.elapsed().as_secs_f64());
+                        Outcome::Finished(r)
+                    }
                 }
             }
         };
@@ -529,7 +540,9 @@ impl TaskRunner {
                 .map_err(|_| ProtocolError::Internal("agent is shutting down".into()))?;
             // Counted down on drop too: a timeout or shutdown drops this future.
             let _running = RunningGuard::new(&self.running);
+            let started = Instant::now();
             let r = p.run(args, RunContext::detached()).await;
+            crate::metrics::get().procedure_ran(procedure, started.elapsed().as_secs_f64());
             r.map_err(|e| match e {
                 RunError::BadArguments(reason) => ProtocolError::bad_args(procedure, reason),
                 other => ProtocolError::Execution(other.to_string()),

@@ -321,6 +321,24 @@ impl ArpcpClient {
         req: &Request,
         timeout: Duration,
     ) -> Result<Identified, ClientError> {
+        let started = std::time::Instant::now();
+        let out = self.exchange_once(addr, expect, req, timeout).await;
+        crate::metrics::get().client_call(
+            req.method().as_str(),
+            addr,
+            out.is_ok(),
+            started.elapsed().as_secs_f64(),
+        );
+        out
+    }
+
+    async fn exchange_once(
+        &self,
+        addr: &str,
+        expect: Option<&str>,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Identified, ClientError> {
         let mut line = serde_json::to_vec(req).unwrap_or_default();
         line.extend_from_slice(b"\r\n");
         let line = Bytes::from(line);

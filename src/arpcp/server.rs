@@ -76,6 +76,11 @@ impl PeerInfo {
 /// What a server does with a well-formed request.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request, peer: PeerInfo) -> impl Future<Output = Response> + Send;
+
+    /// The `server` label of this server's metrics (`agent`, `gateway`).
+    fn server_name(&self) -> &'static str {
+        "arpcp"
+    }
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then waits for open connections
@@ -122,6 +127,7 @@ pub async fn serve<H: Handler>(
         let (handler, shutdown, budget) = (handler.clone(), shutdown.clone(), budget.clone());
         let (acceptor, refusals) = (acceptor.clone(), refusals.clone());
         tracker.spawn(async move {
+            let _open = crate::metrics::get().server_connection(handler.server_name());
             let conn = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = slot.closed() => return,
@@ -268,7 +274,11 @@ async fn serve_connection<H: Handler>(
                         continue;
                     }
                     Some(Ok(line)) => match Request::parse(&line) {
-                        Ok(req) => Either::Left(handler.handle(req, peer.clone())),
+                        Ok(req) => {
+                            crate::metrics::get()
+                                .server_request(handler.server_name(), req.method().as_str());
+                            Either::Left(handler.handle(req, peer.clone()))
+                        }
                         Err(e) => {
                             debug!(peer = %peer.peer, "bad request: {e}");
                             Either::Right(std::future::ready(Response::error(&e)))

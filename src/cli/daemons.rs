@@ -66,6 +66,12 @@ pub struct AgentCmd {
     /// (refused without it or --tls-dir); logged as a warning at every start.
     #[arg(long, conflicts_with = "tls_dir")]
     insecure: bool,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// How log lines on stderr are written: text, or one JSON object a line.
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
+    pub(super) log_format: super::LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -128,6 +134,12 @@ pub struct GatewayCmd {
     /// (refused without it or --tls-dir); logged as a warning at every start.
     #[arg(long, conflicts_with = "tls_dir")]
     insecure: bool,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// How log lines on stderr are written: text, or one JSON object a line.
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
+    pub(super) log_format: super::LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -162,6 +174,12 @@ pub struct UpCmd {
     /// unreadable) stops the start with an error.
     #[arg(long)]
     accept_damaged_store: bool,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// How log lines on stderr are written: text, or one JSON object a line.
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
+    pub(super) log_format: super::LogFormat,
 }
 
 /// Binds the address `flag` gave; a port another process holds says which flag
@@ -176,6 +194,20 @@ async fn bind(addr: &str, flag: &str) -> anyhow::Result<TcpListener> {
         ),
         Err(e) => Err(e).with_context(|| format!("cannot listen on {addr} ({flag})")),
     }
+}
+
+/// Starts the metrics endpoint when `--metrics` asks for it; its address goes into
+/// the ready line.
+async fn start_metrics(addr: Option<&str>) -> anyhow::Result<Option<(&'static str, String)>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("--metrics: cannot listen on {addr} (expected HOST:PORT, e.g. 127.0.0.1:9464)")
+    })?;
+    let local = listener.local_addr()?.to_string();
+    tokio::spawn(crate::metrics::serve(listener));
+    Ok(Some(("metrics", local)))
 }
 
 /// The first line on stdout: where this process listens, as JSON.
@@ -286,8 +318,10 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
     if a.accept_damaged_store {
         accept_agent_store_damage(&config.data_dir)?;
     }
+    let metrics = start_metrics(a.metrics.as_deref()).await?;
     let agent = agent::Agent::start(config, listener).await?;
-    announce_ready("agent", &[("arpcp", addr)]);
+    let addrs: Vec<_> = [("arpcp", addr)].into_iter().chain(metrics).collect();
+    announce_ready("agent", &addrs);
     agent.serve(shutdown_on_signal()).await?;
     Ok(())
 }
@@ -389,6 +423,7 @@ const DEFAULT_RETENTION_COUNT: usize = 1_000_000;
 
 pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
     let insecure = g.insecure;
+    let metrics_addr = g.metrics.clone();
     let GatewaySettings {
         grpc,
         arpcp,
@@ -401,10 +436,14 @@ pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
         config.tls.is_some(),
         insecure,
     )?;
-    let addrs = [
+    let metrics = start_metrics(metrics_addr.as_deref()).await?;
+    let addrs: Vec<_> = [
         ("grpc", grpc.local_addr()?.to_string()),
         ("arpcp", arpcp.local_addr()?.to_string()),
-    ];
+    ]
+    .into_iter()
+    .chain(metrics)
+    .collect();
     let gateway = gateway::Gateway::start(config, grpc, arpcp).await?;
     announce_ready("gateway", &addrs);
     gateway.serve(shutdown_on_signal()).await?;
@@ -441,6 +480,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr()?;
     let arpcp_addr = arpcp.local_addr()?.to_string();
     let agent_addr = agent_listener.local_addr()?.to_string();
+    let metrics = start_metrics(u.metrics.as_deref()).await?;
     let agent_config = AgentConfig::resolve(AgentFlags {
         listen: Some(agent_addr.clone()),
         data_dir: Some(u.data_dir.join("agent")),
@@ -475,14 +515,15 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
     let gateway = gateway::Gateway::start(gateway_config, grpc, arpcp)
         .await
         .context("gateway")?;
-    announce_ready(
-        "up",
-        &[
-            ("grpc", grpc_addr.to_string()),
-            ("arpcp", arpcp_addr),
-            ("agent", agent_addr),
-        ],
-    );
+    let addrs: Vec<_> = [
+        ("grpc", grpc_addr.to_string()),
+        ("arpcp", arpcp_addr),
+        ("agent", agent_addr),
+    ]
+    .into_iter()
+    .chain(metrics)
+    .collect();
+    announce_ready("up", &addrs);
     // A signal stops the agent only: its grace period lets running tasks end, and
     // their results reach the gateway, which stops once the agent has.
     let shutdown = shutdown_on_signal();

@@ -67,14 +67,7 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(|| LossyStderr)
-        .log_internal_errors(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log(&cli.command))),
-        )
-        .init();
+    init_logs(&cli.command);
     let workers = if is_daemon(&cli.command) {
         daemon_workers()
     } else {
@@ -104,6 +97,66 @@ pub fn main() -> ExitCode {
 
 fn is_daemon(c: &Command) -> bool {
     matches!(c, Command::Agent(_) | Command::Gateway(_) | Command::Up(_))
+}
+
+/// How a daemon writes its log lines (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    Text,
+    /// One JSON object a line, the event's fields at the top level.
+    Json,
+}
+
+/// Libraries whose debug output is about HTTP/2 frames and connection plumbing:
+/// kept at `warn` unless the user's filter names them (`RUST_LOG=debug,h2=debug`).
+pub const QUIET_TARGETS: [&str; 5] = ["h2", "hyper", "hyper_util", "tower", "axum"];
+
+/// The log filter: the user's `RUST_LOG` (or the command's default level), plus
+/// `warn` for each of `QUIET_TARGETS` the user's filter does not name.
+fn log_directives(user: Option<&str>, default: &str) -> String {
+    let base = user.map(str::trim).filter(|u| !u.is_empty());
+    let mut out = base.unwrap_or(default).to_string();
+    let named = |target: &str| {
+        base.is_some_and(|u| {
+            u.split(',').any(|d| {
+                let name = d.split(['=', '[']).next().unwrap_or("").trim();
+                name == target || name.starts_with(&format!("{target}::"))
+            })
+        })
+    };
+    for t in QUIET_TARGETS {
+        if !named(t) {
+            out.push_str(&format!(",{t}=warn"));
+        }
+    }
+    out
+}
+
+/// Logs go to stderr: a daemon's format from `--log-format`, colour only when
+/// stderr is a terminal (a file or a pipe gets no escape codes).
+fn init_logs(c: &Command) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let default = default_log(c);
+    let user = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::try_new(log_directives(user.as_deref(), default))
+        .unwrap_or_else(|_| EnvFilter::new(log_directives(None, default)));
+    let format = match c {
+        Command::Agent(a) => a.log_format,
+        Command::Gateway(g) => g.log_format,
+        Command::Up(u) => u.log_format,
+        _ => LogFormat::Text,
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_writer(|| LossyStderr)
+        .log_internal_errors(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 /// stderr for logs, dropping what cannot be written. A daemon's stderr may be a pipe
@@ -184,5 +237,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             completions::print::<Cli>(c);
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::log_directives;
+
+    #[test]
+    fn http_internals_are_quiet_unless_the_filter_names_them() {
+        assert_eq!(
+            log_directives(Some("debug"), "info"),
+            "debug,h2=warn,hyper=warn,hyper_util=warn,tower=warn,axum=warn"
+        );
+        assert_eq!(
+            log_directives(Some("debug,h2=debug"), "info"),
+            "debug,h2=debug,hyper=warn,hyper_util=warn,tower=warn,axum=warn"
+        );
+        assert_eq!(
+            log_directives(Some("hyper::proto[conn]=trace"), "info"),
+            "hyper::proto[conn]=trace,h2=warn,hyper_util=warn,tower=warn,axum=warn"
+        );
+        assert_eq!(
+            log_directives(None, "warn"),
+            "warn,h2=warn,hyper=warn,hyper_util=warn,tower=warn,axum=warn"
+        );
     }
 }

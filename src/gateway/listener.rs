@@ -53,6 +53,10 @@ impl Handler for ControllerService {
         };
         answer.unwrap_or_else(|e| Response::error(&e))
     }
+
+    fn server_name(&self) -> &'static str {
+        "gateway"
+    }
 }
 
 impl From<super::store::StoreError> for ProtocolError {

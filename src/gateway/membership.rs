@@ -153,6 +153,20 @@ impl Membership {
         v
     }
 
+    /// How many known agents are in each state, every state named (for metrics).
+    pub fn count_by_state(&self) -> [(&'static str, i64); 3] {
+        let mut counts = [("alive", 0), ("suspect", 0), ("gone", 0)];
+        for a in self.read().values() {
+            let i = match a.state {
+                AgentState::Alive => 0,
+                AgentState::Suspect => 1,
+                AgentState::Gone => 2,
+            };
+            counts[i].1 += 1;
+        }
+        counts
+    }
+
     pub fn get(&self, agent_id: &str) -> Option<Arc<AgentRecord>> {
         self.read().get(agent_id).cloned()
     }

@@ -29,6 +29,7 @@ use ipnet::IpNet;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -210,6 +211,12 @@ impl Gateway {
 
         let mut background = tokio::task::JoinSet::new();
         background.spawn(membership.clone().echo_loop(shutdown.clone()));
+        let known = Arc::downgrade(&membership);
+        crate::metrics::get().before_scrape("gateway agents", move || {
+            if let Some(m) = known.upgrade() {
+                crate::metrics::get().set_agents(&m.count_by_state());
+            }
+        });
         background.spawn(scheduler.clone().run(queue_rx, events_rx, shutdown.clone()));
         background.spawn(retention_loop(
             store.clone(),
@@ -260,7 +267,8 @@ impl Gateway {
             Some(tls) => {
                 router
                     .serve_with_incoming_shutdown(
-                        grpc_tls::incoming(grpc, tls, shutdown.clone()),
+                        grpc_tls::incoming(grpc, tls, shutdown.clone())
+                            .map(|c| c.map(|c| crate::metrics::get().grpc_connection(c))),
                         stopped,
                     )
                     .await
@@ -268,7 +276,9 @@ impl Gateway {
             None => {
                 router
                     .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                        tonic::transport::server::TcpIncoming::from(grpc)
+                            .with_nodelay(Some(true))
+                            .map(|c| c.map(|c| crate::metrics::get().grpc_connection(c))),
                         stopped,
                     )
                     .await

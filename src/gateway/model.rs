@@ -37,6 +37,20 @@ impl TaskStatus {
         )
     }
 
+    /// The name as stored and logged (`done`, `client_error`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Dispatched => "dispatched",
+            TaskStatus::Running => "running",
+            TaskStatus::Done => "done",
+            TaskStatus::Failed => "failed",
+            TaskStatus::ClientError => "client_error",
+            TaskStatus::Interrupted => "interrupted",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
     /// The status of a gRPC `TaskStatus` number.
     pub fn try_from_pb(n: i32) -> Option<TaskStatus> {
         crate::gateway::convert_status(n)

@@ -133,6 +133,9 @@ impl Scheduler {
                     self.membership.task_placed(a);
                 }
             }
+            if t.status.is_final() && !status.is_final() {
+                task_ended(t);
+            }
             if t.status.is_final() {
                 self.open().remove(task_id);
             } else {
@@ -201,6 +204,7 @@ impl Scheduler {
         // a crash the gateway would place it again, maybe on another agent).
         task.dispatch(&agent.agent_id);
         self.store.put_task(&task)?;
+        crate::metrics::get().task_submitted(&task.procedure);
         self.open().insert(task.task_id.clone());
         self.membership.task_placed(&agent.agent_id);
         // The rest goes on if the client goes away during the wait for disk.
@@ -237,6 +241,7 @@ impl Scheduler {
         task.sync = true;
         task.dispatch(&agent.agent_id);
         self.store.put_task(&task)?;
+        crate::metrics::get().task_submitted(&task.procedure);
         self.open().insert(task.task_id.clone());
         self.membership.task_placed(&agent.agent_id);
         // The call goes on if the client goes away, so the task ends either way.
@@ -906,6 +911,23 @@ impl Scheduler {
             warn!("cannot flush the store on shutdown: {e}");
         }
     }
+}
+
+/// The one log line and the metrics of a task's first end (a later result of an
+/// interrupted task changes neither: each task ends once here).
+fn task_ended(t: &TaskRecord) {
+    let end = t.finished_ms.unwrap_or_else(super::model::now_ms);
+    let duration_ms = end.saturating_sub(t.created_ms);
+    let status = t.status.as_str();
+    crate::metrics::get().task_ended(&t.procedure, status, duration_ms as f64 / 1000.0);
+    info!(
+        task_id = %t.task_id,
+        procedure = %t.procedure,
+        agent = t.agent_id.as_deref().unwrap_or(""),
+        status,
+        duration_ms,
+        "task ended"
+    );
 }
 
 /// What a TASK answer means for the task.

@@ -97,6 +97,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let started = std::time::Instant::now();
         let caller = self.authorize(&req, GrpcMethod::Submit)?;
         let r = req.into_inner();
         let procedure = r.procedure.trim().to_string();
@@ -150,6 +151,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         } else {
             self.scheduler.submit(task).await?
         };
+        crate::metrics::get().submit_answered(r.sync, started.elapsed().as_secs_f64());
         Ok(Response::new(pb::SubmitResponse {
             task_id: task.task_id.clone(),
             task: Some(task_to_pb(&task)),
