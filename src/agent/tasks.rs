@@ -284,6 +284,26 @@ impl TaskRunner {
         }
     }
 
+    /// Asks the controller whether the attempt may still start (its lease ran
+    /// out): `true` to go; `false` when it was withdrawn (then forgotten), or when
+    /// the task is terminated, the agent drains, or no answer comes.
+    async fn confirm_start(&self, rec: &TaskRecord, terminate: &CancellationToken) -> bool {
+        let answer = tokio::select! {
+            a = self.signals.confirm_start(rec) => a,
+            _ = terminate.cancelled() => return false,
+            _ = self.draining.cancelled() => return false,
+        };
+        match answer {
+            Some(StartAnswer::Go) => true,
+            Some(StartAnswer::Withdrawn) => {
+                info!(atask_id = %rec.atask_id, "the controller withdrew this attempt; not starting it");
+                self.forget(&rec.atask_id);
+                false
+            }
+            None => false,
+        }
+    }
+
     async fn execute(
         self: &Arc<Self>,
         rec: TaskRecord,
@@ -308,21 +328,12 @@ impl TaskRunner {
         let id = rec.atask_id.clone();
         // The lease it was accepted under ran out (a pause, a partition, a
         // restart): the controller may have placed it elsewhere meanwhile.
+        let mut confirmed = false;
         if !self.lease().may_start(under, Instant::now()) {
-            let answer = tokio::select! {
-                a = self.signals.confirm_start(&rec) => a,
-                _ = terminate.cancelled() => return Ok(()),
-                _ = self.draining.cancelled() => return Ok(()),
-            };
-            match answer {
-                Some(StartAnswer::Go) => {}
-                Some(StartAnswer::Withdrawn) => {
-                    info!(atask_id = %id, "the controller withdrew this attempt; not starting it");
-                    self.forget(&id);
-                    return Ok(());
-                }
-                None => return Ok(()),
+            if !self.confirm_start(&rec, &terminate).await {
+                return Ok(());
             }
+            confirmed = true;
         }
         // Durable before the procedure starts: after a crash it is reported
         // interrupted, never silently run a second time.
@@ -339,6 +350,15 @@ impl TaskRunner {
                 None => return Ok(()),
             }
         };
+        // Again after that write, which may have waited for the disk (or the
+        // process been paused during it): deciding before it and starting after
+        // would start an attempt the controller withdrew once the lease ended.
+        if !confirmed
+            && !self.lease().may_start(under, Instant::now())
+            && !self.confirm_start(&rec, &terminate).await
+        {
+            return Ok(());
+        }
         if let Some(l) = self.live().get_mut(&id) {
             l.running = true;
         }
