@@ -8,6 +8,7 @@
 
 pub mod auth;
 mod convert;
+pub mod core;
 mod error;
 pub mod grpc_tls;
 mod lease;
