@@ -11,7 +11,7 @@
 #[cfg(test)]
 mod sim;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::Value;
 
@@ -29,6 +29,8 @@ pub const MAX_OPEN_TASKS: usize = 100_000;
 pub const MAX_AGENTS: usize = 4096;
 /// GETs in flight at once (one per attempt at most); more wait for a later tick.
 pub const MAX_COLLECTIONS: usize = 1024;
+/// Ended tasks kept to answer late results and cancels; the oldest go first.
+pub const MAX_FINISHED_KEPT: usize = 100_000;
 /// Added to every lease's end: covers clock-rate differences between hosts.
 pub const LEASE_MARGIN_MS: Millis = 50;
 
@@ -53,6 +55,9 @@ pub struct Rules {
     pub durable_placement: bool,
     /// A placed task the agent has not reported started is asked about too.
     pub reconcile_waiting: bool,
+    /// An attempt its agent says it does not hold goes back to the queue only
+    /// once a late ATASK of it could no longer start unasked.
+    pub fence_unknown_attempts: bool,
 }
 
 impl Default for Rules {
@@ -60,6 +65,7 @@ impl Default for Rules {
         Rules {
             durable_placement: true,
             reconcile_waiting: true,
+            fence_unknown_attempts: true,
         }
     }
 }
@@ -288,6 +294,8 @@ pub struct Controller {
     rules: Rules,
     tasks: BTreeMap<TaskId, Task>,
     live: BTreeMap<TaskId, Live>,
+    /// Ended tasks in the order they ended, for `MAX_FINISHED_KEPT`.
+    finished: VecDeque<TaskId>,
     agents: BTreeMap<AgentId, Agent>,
     /// GETs in flight, by attempt; `true`: ask once more when it ends.
     collecting: BTreeMap<(TaskId, u32), bool>,
@@ -305,6 +313,7 @@ impl Controller {
             rules,
             tasks: BTreeMap::new(),
             live: BTreeMap::new(),
+            finished: VecDeque::new(),
             agents: BTreeMap::new(),
             collecting: BTreeMap::new(),
             restart_lease_end,
@@ -648,7 +657,7 @@ impl Controller {
         t.error = error;
         t.reason = reason;
         let superseded = (attempt < t.attempt).then(|| (t.current_holder(), t.attempt));
-        self.live.remove(&id);
+        self.ended(id);
         self.persist(id, true, out);
         out.push(Effect::Publish { task: id });
         // The first result is kept; the copy placed later is not needed.
@@ -882,7 +891,7 @@ impl Controller {
         };
         a.epoch = epoch;
         let ends = a.lease_end;
-        if now >= ends {
+        if now >= ends || !self.rules.fence_unknown_attempts {
             let why = format!("agent {agent} no longer has the task");
             return self.requeue(id, attempt, why, out);
         }
@@ -905,9 +914,26 @@ impl Controller {
         t.status = TaskStatus::Interrupted;
         t.error = Some((None, why.clone()));
         t.reason = Some(why);
-        self.live.remove(&id);
+        self.ended(id);
         self.persist(id, true, out);
         out.push(Effect::Publish { task: id });
+    }
+
+    /// No longer open; the oldest ended tasks are forgotten past the limit.
+    fn ended(&mut self, id: TaskId) {
+        if self.live.remove(&id).is_none() {
+            return; // Ended before (a late result of an interrupted task).
+        }
+        self.remember_ended(id);
+    }
+
+    fn remember_ended(&mut self, id: TaskId) {
+        self.finished.push_back(id);
+        while self.finished.len() > MAX_FINISHED_KEPT {
+            if let Some(old) = self.finished.pop_front() {
+                self.tasks.remove(&old);
+            }
+        }
     }
 
     fn echo_answered(&mut self, agent: AgentId, capacity: u32, out: &mut Vec<Effect>) {
@@ -1000,7 +1026,7 @@ impl Controller {
         t.status = TaskStatus::Cancelled;
         t.error = Some((None, "cancelled by a client".into()));
         t.reason = None;
-        self.live.remove(&id);
+        self.ended(id);
         self.persist(id, true, out);
         out.push(Effect::Publish { task: id });
         out.push(Effect::Answer(Answer::Cancel {
@@ -1058,6 +1084,8 @@ impl Controller {
                 if placed {
                     self.collect(id, attempt, out);
                 }
+            } else {
+                self.remember_ended(id);
             }
         }
     }
