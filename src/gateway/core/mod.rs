@@ -1090,3 +1090,120 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn controller() -> Controller {
+        let config = Config {
+            lease_ms: 300,
+            max_misses: 3,
+            reconcile_after_ms: 1_000,
+            epoch_base: 0,
+        };
+        let mut c = Controller::new(config, Rules::default(), 0);
+        c.step(
+            0,
+            Event::EchoAnswered {
+                agent: 1,
+                capacity: 1,
+            },
+        );
+        c
+    }
+
+    fn persisted(effects: &[Effect]) -> Vec<(TaskStatus, bool)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Persist { task, durable } => Some((task.status, *durable)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn placement_is_durable_before_the_answer_and_the_atask() {
+        let mut c = controller();
+        let fx = c.step(10, Event::Submitted { task: 7 });
+        assert!(
+            matches!(
+                fx.as_slice(),
+                [
+                    Effect::Persist { task, durable: true },
+                    Effect::Answer(Answer::Submit { task: 7, result: Ok(()) }),
+                    Effect::SendAtask { agent: 1, task: 7, attempt: 1, .. },
+                ] if task.status == TaskStatus::Dispatched
+            ),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn a_late_result_after_cancel_changes_nothing() {
+        let mut c = controller();
+        c.step(10, Event::Submitted { task: 7 });
+        let fx = c.step(20, Event::Cancel { task: 7 });
+        assert_eq!(persisted(&fx), [(TaskStatus::Cancelled, true)]);
+        let fx = c.step(
+            30,
+            Event::GetAnswered {
+                task: 7,
+                attempt: 1,
+                answer: GetAnswer::Ended(Outcome::Done(json!(1))),
+            },
+        );
+        assert_eq!(persisted(&fx), []);
+        assert_eq!(
+            c.task(7).map(|t| (t.status, t.result.clone())),
+            Some((TaskStatus::Cancelled, None))
+        );
+    }
+
+    #[test]
+    fn a_gone_agent_loses_its_waiting_attempts_only_after_its_lease() {
+        let mut c = controller();
+        c.step(10, Event::Submitted { task: 7 });
+        let fx = c.step(
+            20,
+            Event::Signal {
+                agent: 1,
+                task: 7,
+                attempt: 1,
+                signal: Signal::Queued,
+            },
+        );
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Answer(Answer::Signal { result: Ok(_), .. }))));
+        for t in [30, 40, 50] {
+            c.step(t, Event::EchoMissed { agent: 1 });
+        }
+        // The lease granted at 20 holds until 20 + 300 + the margin.
+        assert_eq!(c.task(7).map(|t| t.status), Some(TaskStatus::Dispatched));
+        assert_eq!(persisted(&c.tick(20 + 300 + LEASE_MARGIN_MS - 1)), []);
+        let fx = c.tick(20 + 300 + LEASE_MARGIN_MS);
+        assert_eq!(persisted(&fx), [(TaskStatus::Queued, false)]);
+        let fx = c.step(
+            400,
+            Event::Signal {
+                agent: 1,
+                task: 7,
+                attempt: 1,
+                signal: Signal::AskStart,
+            },
+        );
+        assert!(
+            fx.iter().any(|e| matches!(
+                e,
+                Effect::Answer(Answer::Signal {
+                    result: Err(Code::UnknownTask),
+                    ..
+                })
+            )),
+            "a withdrawn attempt may not start: {fx:?}"
+        );
+    }
+}
