@@ -4,10 +4,12 @@
 //! `service` checks requests and answers them; `scheduler` places tasks and follows
 //! them to their end; `membership` tracks the agents with echo requests; `listener`
 //! receives agents' SIGNALs; `store` persists; `model` holds the records and their
-//! rules; `watch` wakes clients waiting on a task.
+//! rules; `watch` wakes clients waiting on a task; `core` is the task rules as a
+//! value, checked by simulation and not yet driven by the others.
 
 pub mod auth;
 mod convert;
+pub mod core;
 mod error;
 pub mod grpc_tls;
 mod lease;
