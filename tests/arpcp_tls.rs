@@ -17,12 +17,6 @@ use common::gateway::*;
 use common::*;
 use serde_json::json;
 
-/// Runs `arpcp ARGS` in `dir` and fails the test if it does not succeed.
-fn arpcp_ok(dir: &Path, args: &[&str]) {
-    let (status, out, err) = run_to_exit(dir, args, WAIT);
-    assert!(status.success(), "arpcp {args:?} failed: {out}\n{err}");
-}
-
 /// A certificate directory made as an operator makes one: a CA, the gateway's
 /// certificate, agent-1's, and a `reader` client's.
 fn cluster_pki() -> std::sync::Arc<tempfile::TempDir> {
@@ -107,15 +101,6 @@ fn call_as(
         .with_tls(Some(tls.calling(server_role)));
     rt().block_on(client.call(addr, req))
         .map_err(|e| e.to_string())
-}
-
-/// Waits until a daemon's log has a line with every one of `needles`.
-fn wait_for_log(d: &Daemon, needles: &[&str]) {
-    wait_until(WAIT, &format!("a log line with {needles:?}"), || {
-        d.stderr()
-            .lines()
-            .any(|l| needles.iter().all(|n| l.contains(n)))
-    });
 }
 
 #[test]

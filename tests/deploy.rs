@@ -88,13 +88,6 @@ fn run_tool_env(
     Some((status, read(&out_path), read(&err_path)))
 }
 
-/// Runs `arpcp ARGS` in `dir` and fails the test if it does not succeed.
-fn arpcp_ok(dir: &Path, args: &[&str]) -> String {
-    let (status, out, err) = run_to_exit(dir, args, WAIT);
-    assert!(status.success(), "arpcp {args:?} failed: {out}\n{err}");
-    out
-}
-
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")
 }

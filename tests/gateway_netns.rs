@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use arpcp::pb::gateway_client::GatewayClient;
 use arpcp::pb::{self, AgentState, TaskStatus};
-use common::{call, code, req, run_to_exit, tempdir, wait_for, wait_until, Daemon, ARPCP, WAIT};
+use common::{arpcp_ok, call, code, req, tempdir, wait_for, wait_until, Daemon, ARPCP, WAIT};
 
 /// The agents' port, the one the gateway scans.
 const AGENT_PORT: u16 = 7018;
@@ -626,12 +626,6 @@ fn membership_follows_hosts_in_network_namespaces() {
         up.elapsed(),
         started.elapsed()
     ));
-}
-
-/// Runs `arpcp ARGS` in `dir` as an operator would; fails the test if it fails.
-fn arpcp_ok(dir: &std::path::Path, args: &[&str]) {
-    let (status, out, err) = run_to_exit(dir, args, WAIT);
-    assert!(status.success(), "arpcp {args:?} failed: {out}\n{err}");
 }
 
 /// What one host receives from the operator: `ca.pem` and its own pair, copied

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -17,13 +17,6 @@ use serde_json::json;
 use tempfile::TempDir;
 use tonic::transport::ClientTlsConfig;
 use tonic::Code;
-
-/// Runs `arpcp ARGS` in `dir` and returns its stdout, failing the test if it fails.
-fn arpcp_ok(dir: &Path, args: &[&str]) -> String {
-    let (status, out, err) = run_to_exit(dir, args, WAIT);
-    assert!(status.success(), "arpcp {args:?} failed: {out}\n{err}");
-    out
-}
 
 /// A TLS cluster (one agent) and the certificate directory it was made from: the CA,
 /// the gateway (with 127.0.0.1 and localhost as SANs, as a client checking the host
@@ -170,15 +163,6 @@ fn blacklist_as(gw: &Gw, token: Option<&str>, agent_id: &str) -> Result<pb::Agen
             None => c.blacklist_agent(req).await,
         }
     })
-}
-
-/// Waits until the daemon's log has a line with every one of `needles`.
-fn wait_for_log(d: &Daemon, needles: &[&str]) {
-    wait_until(WAIT, &format!("a log line with {needles:?}"), || {
-        d.stderr()
-            .lines()
-            .any(|l| needles.iter().all(|n| l.contains(n)))
-    });
 }
 
 #[test]

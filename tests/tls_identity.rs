@@ -19,13 +19,6 @@ use common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// Runs `arpcp ARGS` in `dir`; returns its stdout, failing the test if it fails.
-fn arpcp_ok(dir: &Path, args: &[&str]) -> String {
-    let (status, out, err) = run_to_exit(dir, args, WAIT);
-    assert!(status.success(), "arpcp {args:?} failed: {out}\n{err}");
-    out
-}
-
 /// A CA with the gateway's certificate, agent-1's, agent-2's and a reader client's.
 fn cluster_pki() -> (std::sync::Arc<tempfile::TempDir>, String) {
     let dir = tempdir();
@@ -102,14 +95,6 @@ fn call_as(
         .with_tls(Some(tls.calling(server_role)));
     rt().block_on(client.call(addr, req))
         .map_err(|e| e.to_string())
-}
-
-fn wait_for_log(d: &Daemon, needles: &[&str]) {
-    wait_until(WAIT, &format!("a log line with {needles:?}"), || {
-        d.stderr()
-            .lines()
-            .any(|l| needles.iter().all(|n| l.contains(n)))
-    });
 }
 
 /// A TLS server holding NAME's certificate that answers every request with an ID

@@ -506,6 +506,23 @@ fn tail_chars(s: &str, max: usize) -> &str {
     &s[start..]
 }
 
+/// Runs `arpcp ARGS` in `dir` as an operator would (`ca`, `token`, …) and returns
+/// its stdout, failing the test if it does not succeed.
+pub fn arpcp_ok(dir: &Path, args: &[&str]) -> String {
+    let (status, out, err) = run_to_exit(dir, args, WAIT);
+    assert!(status.success(), "arpcp {args:?} failed: {out}\n{err}");
+    out
+}
+
+/// Waits until a daemon's log has a line with every one of `needles`.
+pub fn wait_for_log(d: &Daemon, needles: &[&str]) {
+    wait_until(WAIT, &format!("a log line with {needles:?}"), || {
+        d.stderr()
+            .lines()
+            .any(|l| needles.iter().all(|n| l.contains(n)))
+    });
+}
+
 /// Runs `arpcp ARGS` in `dir` to its end (bounded by `timeout`, after which it is
 /// killed and the test fails); returns its exit status, stdout and stderr.
 pub fn run_to_exit(dir: &Path, args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
