@@ -12,16 +12,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::ClientCertVerifier;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
-};
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::tls::crl::{self, RevocationAwareServerVerifier, Revocations};
+use crate::tls::crl::{self, Revocations};
 use crate::tls::{self, IdentityError, PeerIdentity, Role, TlsError, TlsFiles};
 
 /// A TLS handshake (server or client side) not finished within this long fails: a
@@ -248,63 +245,8 @@ fn client_config(
     revocations: Arc<Revocations>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let base = tls::client_config(files)?;
-    let inner = tls::server_verifier(files, revocations)?;
+    let verifier = tls::server_verifier(files, revocations)?.any_name();
     let mut config = Arc::unwrap_or_clone(base);
-    config
-        .dangerous()
-        .set_certificate_verifier(Arc::new(AnyNameVerifier { inner }));
+    config.dangerous().set_certificate_verifier(verifier);
     Ok(Arc::new(config))
-}
-
-#[derive(Debug)]
-struct AnyNameVerifier {
-    inner: Arc<RevocationAwareServerVerifier>,
-}
-
-impl ServerCertVerifier for AnyNameVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            // Name checks come last in webpki: the chain, validity and usage have
-            // all passed when this is the only complaint.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
