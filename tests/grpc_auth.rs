@@ -120,6 +120,27 @@ impl Tls {
     }
 }
 
+/// A new connection of its own to the gateway (`tls` for the TLS port, else
+/// plaintext), not the pooled one of `Gw`: what a handshake decides shows here.
+async fn fresh_channel(
+    t: &Tls,
+    tls: Option<ClientTlsConfig>,
+) -> Result<tonic::transport::Channel, String> {
+    let endpoint = match tls {
+        Some(tls) => tonic::transport::Endpoint::from_shared(t.c.gateway.grpcs_url())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap(),
+        None => tonic::transport::Endpoint::from_shared(t.c.gateway.grpc_url()).unwrap(),
+    };
+    endpoint
+        .connect_timeout(IO_TIMEOUT)
+        .timeout(IO_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// `msg` with `authorization: Bearer TOKEN`.
 fn bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
@@ -181,11 +202,7 @@ fn a_caller_without_a_credential_is_unauthenticated_and_plaintext_gets_nothing()
     );
     // Health stays open, over TLS, for load balancers and probes.
     let health = anon.rt().block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(t.c.gateway.grpcs_url())
-            .unwrap()
-            .tls_config(client_tls(&t.ca(), None))
-            .unwrap()
-            .connect()
+        let channel = fresh_channel(&t, Some(client_tls(&t.ca(), None)))
             .await
             .unwrap();
         tonic_health::pb::health_client::HealthClient::new(channel)
@@ -200,13 +217,7 @@ fn a_caller_without_a_credential_is_unauthenticated_and_plaintext_gets_nothing()
     // A plaintext gRPC client on the TLS port: no answer at all, and the gateway
     // logs who knocked and why it was turned away.
     let plain = anon.rt().block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(t.c.gateway.grpc_url())
-            .unwrap()
-            .connect_timeout(IO_TIMEOUT)
-            .timeout(IO_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
+        let channel = fresh_channel(&t, None).await?;
         pb::gateway_client::GatewayClient::new(channel)
             .list_agents(pb::ListAgentsRequest {})
             .await
@@ -345,18 +356,9 @@ fn a_revoked_client_certificate_is_refused_on_its_open_connection_and_in_new_han
     }
     // A new connection with the certificate fails its handshake.
     let again = t.c.gw.rt().block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(t.c.gateway.grpcs_url())
-            .unwrap()
-            .tls_config(client_tls(
-                &t.ca(),
-                Some((&t.pki.join("rita.pem"), &t.pki.join("rita-key.pem"))),
-            ))
-            .unwrap()
-            .connect_timeout(IO_TIMEOUT)
-            .timeout(IO_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
+        let (cert, key) = (t.pki.join("rita.pem"), t.pki.join("rita-key.pem"));
+        let tls = client_tls(&t.ca(), Some((&cert, &key)));
+        let channel = fresh_channel(&t, Some(tls)).await?;
         pb::gateway_client::GatewayClient::new(channel)
             .list_agents(pb::ListAgentsRequest {})
             .await
@@ -396,15 +398,7 @@ fn a_client_certificate_of_another_ca_is_refused_in_the_handshake() {
         Some((&fake_pki.join("olga.pem"), &fake_pki.join("olga-key.pem"))),
     );
     let got = t.c.gw.rt().block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(t.c.gateway.grpcs_url())
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect_timeout(IO_TIMEOUT)
-            .timeout(IO_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
+        let channel = fresh_channel(&t, Some(tls)).await?;
         pb::gateway_client::GatewayClient::new(channel)
             .blacklist_agent(pb::BlacklistAgentRequest {
                 agent_id: t.c.id(0).to_string(),
