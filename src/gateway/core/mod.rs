@@ -1,26 +1,29 @@
-//! The gateway's rules as a value: the life of a task and its placement, written
-//! with no I/O, no clock, no locks and no tokio. Events go in (`step`, `tick`),
-//! effects come out, in the order they must be carried out: an effect after a
-//! `Persist { durable: true }` may happen only once that write is on disk.
+//! The gateway's rules as a value: the life of a task, its placement and the
+//! membership of agents, written with no I/O, no clock, no locks and no tokio.
+//! Events go in (`step`, `tick`), effects come out, in the order they must be
+//! carried out: an effect after a `Persist { durable: true }` may happen only once
+//! that write is on disk.
 //!
-//! This is the failure policy of `docs/architecture.md` in code, so that it can be
-//! checked against a simulated cluster (`sim`) rather than only through processes.
-//! The running gateway does not drive it yet: `Scheduler` and `Membership` still
-//! decide the same rules themselves.
+//! This is the failure policy of `docs/architecture.md` in code. `Scheduler`
+//! (`scheduler.rs`) drives it in the running gateway: it turns sockets, timers and
+//! sled into events and carries out the effects; `sim` drives it against a
+//! simulated cluster and checks the invariants at every step.
 
 #[cfg(test)]
 mod sim;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde_json::Value;
 
 use super::model::{AgentState, TaskStatus};
-use crate::arpcp::Code;
+use crate::arpcp::{Code, Progress};
 
 /// A point in time, in milliseconds; the driver chooses the origin.
 pub type Millis = u64;
-pub type TaskId = u64;
+/// A task's id (the store's ids are UUIDs).
+pub type TaskId = u128;
+/// An agent's number: the store calls agent `n` `agent-n`.
 pub type AgentId = u32;
 
 /// Unfinished tasks held at once; a Submit beyond is refused.
@@ -33,6 +36,11 @@ pub const MAX_COLLECTIONS: usize = 1024;
 pub const MAX_FINISHED_KEPT: usize = 100_000;
 /// Added to every lease's end: covers clock-rate differences between hosts.
 pub const LEASE_MARGIN_MS: Millis = 50;
+
+/// How an agent is named in reasons users read.
+pub fn agent_name(agent: AgentId) -> String {
+    format!("agent-{agent}")
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -91,14 +99,27 @@ impl Outcome {
     }
 }
 
+/// What a client asked to run, as far as placement cares.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Call {
+    pub procedure: String,
+    /// Only this agent may run it.
+    pub requested: Option<AgentId>,
+    /// Run with ARPCP TASK while the client waits; the agent keeps no copy.
+    pub sync: bool,
+}
+
 /// A task as the store keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
     pub id: TaskId,
+    pub call: Call,
     pub status: TaskStatus,
     /// Placements so far; attempt `n` went to `holders[n - 1]`.
     pub attempt: u32,
     pub holders: Vec<AgentId>,
+    pub progress: Option<Progress>,
+    /// Carried by the `Persist` of the end only: not kept in memory after it.
     pub result: Option<Value>,
     pub error: Option<(Option<Code>, String)>,
     /// Why the last change was made, when it was not the normal course.
@@ -106,7 +127,7 @@ pub struct Task {
 }
 
 impl Task {
-    fn holder(&self, attempt: u32) -> Option<AgentId> {
+    pub fn holder(&self, attempt: u32) -> Option<AgentId> {
         self.holders
             .get(usize::try_from(attempt.checked_sub(1)?).ok()?)
             .copied()
@@ -114,6 +135,14 @@ impl Task {
 
     fn current_holder(&self) -> Option<AgentId> {
         self.holder(self.attempt)
+    }
+
+    /// The agent whose load this task counts in.
+    fn placed_on(&self) -> Option<AgentId> {
+        self.status
+            .is_placed()
+            .then(|| self.current_holder())
+            .flatten()
     }
 }
 
@@ -137,7 +166,8 @@ pub enum GetAnswer {
     Unknown,
     /// Held, not started.
     Waiting,
-    Running,
+    /// Started, with its latest progress if it sent any.
+    Running(Option<Progress>),
     Ended(Outcome),
 }
 
@@ -145,6 +175,7 @@ pub enum GetAnswer {
 pub enum Event {
     Submitted {
         task: TaskId,
+        call: Call,
     },
     AtaskAnswered {
         task: TaskId,
@@ -157,11 +188,21 @@ pub enum Event {
         attempt: u32,
         unreachable: bool,
     },
+    /// The answer to a synchronous call (TASK), or its failure as an interruption.
+    TaskAnswered {
+        task: TaskId,
+        attempt: u32,
+        outcome: Outcome,
+        /// The call failed to connect: the agent takes no tasks until it answers.
+        unreachable: bool,
+    },
     Signal {
-        agent: AgentId,
+        /// Who sent it, when the connection says (TLS); `None`: whoever holds it.
+        agent: Option<AgentId>,
         task: TaskId,
         attempt: u32,
         signal: Signal,
+        progress: Option<Progress>,
     },
     GetAnswered {
         task: TaskId,
@@ -175,6 +216,7 @@ pub enum Event {
     EchoAnswered {
         agent: AgentId,
         capacity: u32,
+        procedures: Vec<String>,
     },
     EchoMissed {
         agent: AgentId,
@@ -207,13 +249,35 @@ pub struct Grant {
     pub epoch: u64,
 }
 
+/// Why no agent could be chosen for a call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
-    /// No alive, non-blacklisted agent with a slot to offer.
+    /// No alive, non-blacklisted agent.
     NoAgent,
+    /// No agent that can take tasks offers the procedure; these offer it but cannot.
+    NotOffered {
+        offered_elsewhere: Vec<AgentId>,
+    },
+    UnknownAgent(AgentId),
+    Blacklisted(AgentId),
+    Unavailable {
+        agent: AgentId,
+        state: AgentState,
+    },
     TooManyOpen {
         limit: usize,
     },
+}
+
+/// Why a SIGNAL is refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SignalRefusal {
+    /// No such attempt.
+    Unknown,
+    /// The attempt is placed on another agent than the sender.
+    NotYours,
+    /// It may not start: the attempt was withdrawn, for this reason.
+    Withdrawn(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,19 +286,21 @@ pub enum Answer {
         task: TaskId,
         result: Result<(), Refusal>,
     },
-    /// The answer to an agent's SIGNAL: a lease, or the code refusing it.
+    /// The answer to an agent's SIGNAL: a lease, or why not.
     Signal {
-        agent: AgentId,
+        agent: Option<AgentId>,
         task: TaskId,
         attempt: u32,
         signal: Signal,
-        result: Result<Grant, Code>,
+        result: Result<Grant, SignalRefusal>,
     },
     Cancel {
         task: TaskId,
         found: bool,
         changed: bool,
     },
+    /// A synchronous call is over (answered, or the task ended otherwise).
+    Sync { task: TaskId },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -244,11 +310,24 @@ pub enum Effect {
         durable: bool,
     },
     PersistAgent(AgentInfo),
+    /// An agent's state changed (for listings and logs).
+    AgentState {
+        agent: AgentId,
+        state: AgentState,
+        misses: u32,
+    },
     SendAtask {
         agent: AgentId,
         task: TaskId,
         attempt: u32,
         epoch: u64,
+    },
+    /// A synchronous call. The placement before it is not yet durable: the driver
+    /// flushes it while the call runs and reports the answer only once both are done.
+    SendTask {
+        agent: AgentId,
+        task: TaskId,
+        attempt: u32,
     },
     SendGet {
         agent: AgentId,
@@ -269,6 +348,7 @@ pub enum Effect {
 #[derive(Debug, Clone)]
 struct Agent {
     capacity: u32,
+    procedures: BTreeSet<String>,
     state: AgentState,
     misses: u32,
     blacklisted: bool,
@@ -277,6 +357,18 @@ struct Agent {
     epoch: u64,
     /// Gone, its tasks not yet withdrawn (waiting for the lease to end).
     withdraw_pending: bool,
+    /// Unfinished tasks placed on it.
+    load: u32,
+}
+
+impl Agent {
+    fn can_take_tasks(&self) -> bool {
+        self.state == AgentState::Alive && !self.blacklisted
+    }
+
+    fn offers(&self, procedure: &str) -> bool {
+        self.procedures.contains(procedure)
+    }
 }
 
 /// What is known of an unfinished task beyond its record.
@@ -324,10 +416,20 @@ impl Controller {
         self.tasks.get(&id)
     }
 
+    /// The epoch an agent's ATASKs carry now.
+    pub fn epoch(&self, agent: AgentId) -> Option<u64> {
+        self.agents.get(&agent).map(|a| a.epoch)
+    }
+
+    /// Unfinished tasks: what the driver keeps records of.
+    pub fn open_tasks(&self) -> usize {
+        self.live.len()
+    }
+
     pub fn step(&mut self, now: Millis, event: Event) -> Vec<Effect> {
         let mut out = Vec::new();
         match event {
-            Event::Submitted { task } => self.submitted(now, task, &mut out),
+            Event::Submitted { task, call } => self.submitted(now, task, call, &mut out),
             Event::AtaskAnswered {
                 task,
                 attempt,
@@ -340,19 +442,34 @@ impl Controller {
             } => {
                 if unreachable {
                     if let Some(a) = self.current_holder_of(task, attempt) {
-                        self.unreachable(a);
-                        let why = format!("agent {a} unreachable");
+                        self.unreachable(a, &mut out);
+                        let why = format!("agent {} unreachable", agent_name(a));
                         self.requeue(task, attempt, why, &mut out);
                     }
                 }
                 // Otherwise the agent may hold it: reconciliation asks later.
+            }
+            Event::TaskAnswered {
+                task,
+                attempt,
+                outcome,
+                unreachable,
+            } => {
+                if unreachable {
+                    if let Some(a) = self.tasks.get(&task).and_then(|t| t.holder(attempt)) {
+                        self.unreachable(a, &mut out);
+                    }
+                }
+                self.finish(task, attempt, outcome, false, &mut out);
+                out.push(Effect::Answer(Answer::Sync { task }));
             }
             Event::Signal {
                 agent,
                 task,
                 attempt,
                 signal,
-            } => self.signal(now, agent, task, attempt, signal, &mut out),
+                progress,
+            } => self.signal(now, agent, task, attempt, signal, progress, &mut out),
             Event::GetAnswered {
                 task,
                 attempt,
@@ -367,25 +484,12 @@ impl Controller {
             Event::GetFailed { task, attempt } => {
                 self.collecting.remove(&(task, attempt));
             }
-            Event::EchoAnswered { agent, capacity } => {
-                self.echo_answered(agent, capacity, &mut out)
-            }
-            Event::EchoMissed { agent } => {
-                let max = self.config.max_misses.max(1);
-                if let Some(a) = self.agents.get_mut(&agent) {
-                    a.misses = a.misses.saturating_add(1);
-                    let was = a.state;
-                    a.state = if a.misses >= max {
-                        AgentState::Gone
-                    } else {
-                        AgentState::Suspect
-                    };
-                    if a.state == AgentState::Gone && was != AgentState::Gone {
-                        a.withdraw_pending = true;
-                        self.withdraw(now, agent, &mut out);
-                    }
-                }
-            }
+            Event::EchoAnswered {
+                agent,
+                capacity,
+                procedures,
+            } => self.echo_answered(now, agent, capacity, procedures, &mut out),
+            Event::EchoMissed { agent } => self.echo_missed(now, agent, &mut out),
             Event::Cancel { task } => self.cancel(task, &mut out),
             Event::Blacklist { agent, on } => {
                 if let Some(a) = self.agents.get_mut(&agent) {
@@ -428,19 +532,20 @@ impl Controller {
                         l.requeue_at = None;
                     }
                     let agent = t.holder(attempt).unwrap_or_default();
-                    let why = format!("agent {agent} no longer has the task");
+                    let why = format!("agent {} no longer has the task", agent_name(agent));
                     self.requeue(id, attempt, why, &mut out);
                     continue;
                 }
             }
             match t.status {
                 TaskStatus::Queued => {
-                    if let Some(agent) = self.pick() {
+                    if let Ok(agent) = self.pick(&t.call) {
                         self.place(now, id, agent, &mut out);
                     }
                 }
+                // A synchronous call's agent answers on the call or it is interrupted.
                 TaskStatus::Dispatched | TaskStatus::Running
-                    if quiet >= self.config.reconcile_after_ms =>
+                    if quiet >= self.config.reconcile_after_ms && !t.call.sync =>
                 {
                     if t.status == TaskStatus::Dispatched && !self.rules.reconcile_waiting {
                         continue;
@@ -462,22 +567,63 @@ impl Controller {
         self.next_epoch
     }
 
-    /// Unfinished tasks placed on `agent` (what "fewest unfinished tasks per slot" counts).
-    fn load(&self, agent: AgentId) -> usize {
-        self.live
-            .keys()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|t| t.status.is_placed() && t.current_holder() == Some(agent))
-            .count()
-    }
-
-    /// The alive, non-blacklisted agent with the fewest unfinished tasks per slot.
-    fn pick(&self) -> Option<AgentId> {
+    /// Where a call runs: the requested agent, or the alive, non-blacklisted agent
+    /// offering it with the fewest unfinished tasks per slot.
+    fn pick(&self, call: &Call) -> Result<AgentId, Refusal> {
+        if let Some(id) = call.requested {
+            let a = self.agents.get(&id).ok_or(Refusal::UnknownAgent(id))?;
+            if a.blacklisted {
+                return Err(Refusal::Blacklisted(id));
+            }
+            if a.state != AgentState::Alive {
+                return Err(Refusal::Unavailable {
+                    agent: id,
+                    state: a.state,
+                });
+            }
+            if !a.offers(&call.procedure) {
+                return Err(Refusal::NotOffered {
+                    offered_elsewhere: Vec::new(),
+                });
+            }
+            return Ok(id);
+        }
+        if !self.agents.values().any(Agent::can_take_tasks) {
+            return Err(Refusal::NoAgent);
+        }
         self.agents
             .iter()
-            .filter(|(_, a)| a.state == AgentState::Alive && !a.blacklisted && a.capacity > 0)
-            .min_by_key(|(id, a)| (self.load(**id) * 1000) / a.capacity as usize)
+            .filter(|(_, a)| a.can_take_tasks() && a.offers(&call.procedure))
+            .min_by_key(|(id, a)| {
+                let per_slot = u64::from(a.load) * 1_000_000 / u64::from(a.capacity.max(1));
+                (per_slot, **id)
+            })
             .map(|(id, _)| *id)
+            .ok_or_else(|| Refusal::NotOffered {
+                offered_elsewhere: self
+                    .agents
+                    .iter()
+                    .filter(|(_, a)| a.offers(&call.procedure))
+                    .map(|(id, _)| *id)
+                    .collect(),
+            })
+    }
+
+    /// Changes a task, keeping each agent's load in step with what is placed on it.
+    fn update<R>(&mut self, id: TaskId, change: impl FnOnce(&mut Task) -> R) -> Option<R> {
+        let t = self.tasks.get_mut(&id)?;
+        let before = t.placed_on();
+        let r = change(t);
+        let after = t.placed_on();
+        if before != after {
+            if let Some(a) = before.and_then(|a| self.agents.get_mut(&a)) {
+                a.load = a.load.saturating_sub(1);
+            }
+            if let Some(a) = after.and_then(|a| self.agents.get_mut(&a)) {
+                a.load += 1;
+            }
+        }
+        Some(r)
     }
 
     fn persist(&self, id: TaskId, durable: bool, out: &mut Vec<Effect>) {
@@ -489,7 +635,7 @@ impl Controller {
         }
     }
 
-    fn submitted(&mut self, now: Millis, id: TaskId, out: &mut Vec<Effect>) {
+    fn submitted(&mut self, now: Millis, id: TaskId, call: Call, out: &mut Vec<Effect>) {
         let refuse = |result| Effect::Answer(Answer::Submit { task: id, result });
         if self.live.len() >= MAX_OPEN_TASKS {
             out.push(refuse(Err(Refusal::TooManyOpen {
@@ -497,18 +643,24 @@ impl Controller {
             })));
             return;
         }
+        if self.tasks.contains_key(&id) {
+            return; // Submitted before: the first answer stands.
+        }
         // Nothing is stored for a task no agent can take.
-        let Some(agent) = self.pick() else {
-            out.push(refuse(Err(Refusal::NoAgent)));
-            return;
+        let agent = match self.pick(&call) {
+            Ok(a) => a,
+            Err(r) => return out.push(refuse(Err(r))),
         };
+        let sync = call.sync;
         self.tasks.insert(
             id,
             Task {
                 id,
+                call,
                 status: TaskStatus::Queued,
                 attempt: 0,
                 holders: Vec::new(),
+                progress: None,
                 result: None,
                 error: None,
                 reason: None,
@@ -521,7 +673,19 @@ impl Controller {
                 requeue_at: None,
             },
         );
-        if self.rules.durable_placement {
+        if sync {
+            // Stored before the call; the client holds the answer, so the flush
+            // may overlap the agent's work (see `SendTask`).
+            self.dispatch(now, id, agent);
+            self.persist(id, false, out);
+            if let Some(t) = self.tasks.get(&id) {
+                out.push(Effect::SendTask {
+                    agent,
+                    task: id,
+                    attempt: t.attempt,
+                });
+            }
+        } else if self.rules.durable_placement {
             // Task and placement in one durable write, before the answer: no ATASK
             // goes out for a placement a restarted gateway could forget.
             self.dispatch(now, id, agent);
@@ -538,12 +702,12 @@ impl Controller {
     }
 
     fn dispatch(&mut self, now: Millis, id: TaskId, agent: AgentId) {
-        if let Some(t) = self.tasks.get_mut(&id) {
+        self.update(id, |t| {
             t.attempt += 1;
             t.holders.push(agent);
             t.status = TaskStatus::Dispatched;
             t.reason = None;
-        }
+        });
         if let Some(l) = self.live.get_mut(&id) {
             l.last_heard = now;
             l.requeue_at = None;
@@ -551,7 +715,7 @@ impl Controller {
     }
 
     fn send_atask(&mut self, id: TaskId, agent: AgentId, out: &mut Vec<Effect>) {
-        let epoch = self.agent_epoch(agent);
+        let epoch = self.epoch(agent).unwrap_or(0);
         if let Some(t) = self.tasks.get(&id) {
             out.push(Effect::SendAtask {
                 agent,
@@ -570,10 +734,25 @@ impl Controller {
         self.send_atask(id, agent, out);
     }
 
-    fn agent_epoch(&mut self, agent: AgentId) -> u64 {
-        match self.agents.get(&agent) {
-            Some(a) => a.epoch,
-            None => 0,
+    /// Places what waits in the queue (an agent became able to take tasks).
+    fn place_queued(&mut self, now: Millis, out: &mut Vec<Effect>) {
+        let queued: Vec<TaskId> = self
+            .live
+            .keys()
+            .filter(|id| {
+                self.tasks
+                    .get(id)
+                    .is_some_and(|t| t.status == TaskStatus::Queued)
+            })
+            .copied()
+            .collect();
+        for id in queued {
+            let Some(call) = self.tasks.get(&id).map(|t| t.call.clone()) else {
+                continue;
+            };
+            if let Ok(agent) = self.pick(&call) {
+                self.place(now, id, agent, out);
+            }
         }
     }
 
@@ -584,24 +763,33 @@ impl Controller {
             .flatten()
     }
 
-    fn unreachable(&mut self, agent: AgentId) {
+    /// It refused a connection: no new tasks until it answers an echo again.
+    fn unreachable(&mut self, agent: AgentId, out: &mut Vec<Effect>) {
         if let Some(a) = self.agents.get_mut(&agent) {
             if a.state == AgentState::Alive {
                 a.state = AgentState::Suspect;
+                out.push(Effect::AgentState {
+                    agent,
+                    state: a.state,
+                    misses: a.misses,
+                });
             }
         }
     }
 
     /// Back to the queue: only a placement that has not started, of this attempt.
     fn requeue(&mut self, id: TaskId, attempt: u32, reason: String, out: &mut Vec<Effect>) {
-        let Some(t) = self.tasks.get_mut(&id) else {
-            return;
-        };
-        if t.attempt != attempt || t.status != TaskStatus::Dispatched {
+        let changed = self.update(id, |t| {
+            if t.attempt != attempt || t.status != TaskStatus::Dispatched || t.call.sync {
+                return false;
+            }
+            t.status = TaskStatus::Queued;
+            t.reason = Some(reason);
+            true
+        });
+        if changed != Some(true) {
             return;
         }
-        t.status = TaskStatus::Queued;
-        t.reason = Some(reason);
         // Redone from the agents after a crash, so it need not wait for disk.
         self.persist(id, false, out);
         out.push(Effect::Publish { task: id });
@@ -615,50 +803,62 @@ impl Controller {
         id: TaskId,
         attempt: u32,
         outcome: Outcome,
+        durable: bool,
         out: &mut Vec<Effect>,
     ) -> bool {
-        let Some(t) = self.tasks.get_mut(&id) else {
+        let ended = self.update(id, |t| {
+            let late_delivery = t.status == TaskStatus::Interrupted
+                && attempt == t.attempt
+                && !matches!(outcome, Outcome::Interrupted(_));
+            if (t.status.is_final() && !late_delivery) || attempt > t.attempt || attempt == 0 {
+                return None;
+            }
+            let (status, result, error, reason) = match outcome {
+                Outcome::Done(v) => {
+                    if let Some(p) = &mut t.progress {
+                        p.percent = 1.0;
+                    }
+                    (
+                        TaskStatus::Done,
+                        Some(v),
+                        None,
+                        late_delivery.then(|| "the agent delivered the result after all".into()),
+                    )
+                }
+                Outcome::Failed { code, description } => (
+                    TaskStatus::Failed,
+                    None,
+                    Some((Some(code), description)),
+                    None,
+                ),
+                Outcome::ClientError { code, description } => (
+                    TaskStatus::ClientError,
+                    None,
+                    Some((Some(code), description)),
+                    None,
+                ),
+                Outcome::Interrupted(why) => (
+                    TaskStatus::Interrupted,
+                    None,
+                    Some((None, why.clone())),
+                    Some(why),
+                ),
+            };
+            t.status = status;
+            t.result = result;
+            t.error = error;
+            t.reason = reason;
+            Some((attempt < t.attempt).then(|| (t.current_holder(), t.attempt)))
+        });
+        let Some(Some(superseded)) = ended else {
             return false;
         };
-        let late_delivery = t.status == TaskStatus::Interrupted
-            && attempt == t.attempt
-            && !matches!(outcome, Outcome::Interrupted(_));
-        if (t.status.is_final() && !late_delivery) || attempt > t.attempt || attempt == 0 {
-            return false;
-        }
-        let (status, result, error, reason) = match outcome {
-            Outcome::Done(v) => (
-                TaskStatus::Done,
-                Some(v),
-                None,
-                late_delivery.then(|| "the agent delivered the result after all".to_string()),
-            ),
-            Outcome::Failed { code, description } => (
-                TaskStatus::Failed,
-                None,
-                Some((Some(code), description)),
-                None,
-            ),
-            Outcome::ClientError { code, description } => (
-                TaskStatus::ClientError,
-                None,
-                Some((Some(code), description)),
-                None,
-            ),
-            Outcome::Interrupted(why) => (
-                TaskStatus::Interrupted,
-                None,
-                Some((None, why.clone())),
-                Some(why),
-            ),
-        };
-        t.status = status;
-        t.result = result;
-        t.error = error;
-        t.reason = reason;
-        let superseded = (attempt < t.attempt).then(|| (t.current_holder(), t.attempt));
         self.ended(id);
-        self.persist(id, true, out);
+        self.persist(id, durable, out);
+        // The record has it now; memory keeps only what the rules need.
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.result = None;
+        }
         out.push(Effect::Publish { task: id });
         // The first result is kept; the copy placed later is not needed.
         if let Some((Some(agent), current)) = superseded {
@@ -704,24 +904,27 @@ impl Controller {
             }
             Code::UnknownProcedure | Code::Internal => {
                 let why = format!(
-                    "agent {} refused the task ({code})",
-                    holder.unwrap_or_default()
+                    "agent {} refused the task ({})",
+                    agent_name(holder.unwrap_or_default()),
+                    code.as_u16()
                 );
                 self.requeue(id, attempt, why, out);
             }
             code => {
                 if t.status == TaskStatus::Dispatched {
-                    let outcome =
-                        Outcome::from_error(code, format!("the agent refused the task ({code})"));
-                    self.finish(id, attempt, outcome, out);
+                    let outcome = Outcome::from_error(
+                        code,
+                        format!("the agent refused the task ({})", code.as_u16()),
+                    );
+                    self.finish(id, attempt, outcome, true, out);
                 }
             }
         }
     }
 
-    fn grant(&mut self, now: Millis, agent: AgentId) -> Result<Grant, Code> {
+    fn grant(&mut self, now: Millis, agent: AgentId) -> Result<Grant, SignalRefusal> {
         let lease_ms = self.config.lease_ms;
-        let a = self.agents.get_mut(&agent).ok_or(Code::UnknownTask)?;
+        let a = self.agents.get_mut(&agent).ok_or(SignalRefusal::Unknown)?;
         a.lease_end = a.lease_end.max(now + lease_ms + LEASE_MARGIN_MS);
         Ok(Grant {
             lease_ms,
@@ -729,37 +932,45 @@ impl Controller {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn signal(
         &mut self,
         now: Millis,
-        agent: AgentId,
+        sender: Option<AgentId>,
         id: TaskId,
         attempt: u32,
         signal: Signal,
+        progress: Option<Progress>,
         out: &mut Vec<Effect>,
     ) {
         let answer = |result| {
             Effect::Answer(Answer::Signal {
-                agent,
+                agent: sender,
                 task: id,
                 attempt,
                 signal,
                 result,
             })
         };
-        let known = self
+        let holder = self
             .tasks
             .get(&id)
-            .is_some_and(|t| attempt <= t.attempt && t.holder(attempt) == Some(agent));
-        if !known {
-            out.push(answer(Err(Code::UnknownTask)));
+            .filter(|t| attempt <= t.attempt)
+            .and_then(|t| t.holder(attempt));
+        let Some(agent) = holder else {
+            out.push(answer(Err(SignalRefusal::Unknown)));
+            return;
+        };
+        if sender.is_some_and(|s| s != agent) {
+            out.push(answer(Err(SignalRefusal::NotYours)));
             return;
         }
-        let (current, status) = match self.tasks.get(&id) {
-            Some(t) => (t.attempt == attempt, t.status),
+        let (current, status, now_attempt) = match self.tasks.get(&id) {
+            Some(t) => (t.attempt == attempt, t.status, t.attempt),
             None => return,
         };
-        if current && status.is_placed() {
+        let placed = current && status.is_placed();
+        if placed {
             if let Some(l) = self.live.get_mut(&id) {
                 l.last_heard = now;
             }
@@ -767,8 +978,8 @@ impl Controller {
         match signal {
             Signal::Queued => {}
             Signal::Started => {
-                if current && status == TaskStatus::Dispatched {
-                    self.set_running(id);
+                if placed {
+                    self.running(id, progress);
                     self.persist(id, false, out);
                     out.push(Effect::Publish { task: id });
                 }
@@ -776,15 +987,18 @@ impl Controller {
             Signal::AskStart => {
                 // Yes only while the attempt is still the placement; it then counts
                 // as running, durably, so it is never placed again.
-                if !(current && status.is_placed()) {
-                    out.push(answer(Err(Code::UnknownTask)));
+                if !placed {
+                    let why = if current {
+                        format!("the task is {}", status.as_str())
+                    } else {
+                        format!("the task was placed again as attempt {now_attempt}")
+                    };
+                    out.push(answer(Err(SignalRefusal::Withdrawn(why))));
                     return;
                 }
-                if status == TaskStatus::Dispatched {
-                    self.set_running(id);
-                    self.persist(id, true, out);
-                    out.push(Effect::Publish { task: id });
-                }
+                self.running(id, progress);
+                self.persist(id, true, out);
+                out.push(Effect::Publish { task: id });
             }
             Signal::Ended => self.collect(id, attempt, out),
         }
@@ -792,11 +1006,17 @@ impl Controller {
         out.push(answer(grant));
     }
 
-    fn set_running(&mut self, id: TaskId) {
-        if let Some(t) = self.tasks.get_mut(&id) {
-            t.status = TaskStatus::Running;
-            t.reason = None;
-        }
+    /// It runs (or said how far it got).
+    fn running(&mut self, id: TaskId, progress: Option<Progress>) {
+        self.update(id, |t| {
+            if t.status == TaskStatus::Dispatched {
+                t.status = TaskStatus::Running;
+                t.reason = None;
+            }
+            if progress.is_some() {
+                t.progress = progress;
+            }
+        });
     }
 
     /// One GET per attempt at a time; a request meanwhile makes it run once more.
@@ -844,7 +1064,7 @@ impl Controller {
                 if !current {
                     return;
                 }
-                let why = format!("agent {agent} no longer has the task");
+                let why = format!("agent {} no longer has the task", agent_name(agent));
                 match status {
                     TaskStatus::Dispatched => self.unknown_to_agent(now, id, attempt, agent, out),
                     TaskStatus::Running => self.interrupt(id, why, out),
@@ -852,15 +1072,15 @@ impl Controller {
                 }
             }
             GetAnswer::Waiting => {}
-            GetAnswer::Running => {
-                if current && status == TaskStatus::Dispatched {
-                    self.set_running(id);
+            GetAnswer::Running(progress) => {
+                if current && status.is_placed() {
+                    self.running(id, progress);
                     self.persist(id, false, out);
                     out.push(Effect::Publish { task: id });
                 }
             }
             GetAnswer::Ended(outcome) => {
-                self.finish(id, attempt, outcome, out);
+                self.finish(id, attempt, outcome, true, out);
                 // Durable (or the task ended otherwise): the agent's copy is not needed.
                 out.push(Effect::SendTerminate {
                     agent,
@@ -885,14 +1105,13 @@ impl Controller {
         out: &mut Vec<Effect>,
     ) {
         let epoch = self.next_epoch();
+        let why = format!("agent {} no longer has the task", agent_name(agent));
         let Some(a) = self.agents.get_mut(&agent) else {
-            let why = format!("agent {agent} no longer has the task");
             return self.requeue(id, attempt, why, out);
         };
         a.epoch = epoch;
         let ends = a.lease_end;
         if now >= ends || !self.rules.fence_unknown_attempts {
-            let why = format!("agent {agent} no longer has the task");
             return self.requeue(id, attempt, why, out);
         }
         if let Some(l) = self.live.get_mut(&id) {
@@ -905,15 +1124,18 @@ impl Controller {
     /// Stopped before it finished. Durable: a published `interrupted` must not come
     /// back as `running` after a crash.
     fn interrupt(&mut self, id: TaskId, why: String, out: &mut Vec<Effect>) {
-        let Some(t) = self.tasks.get_mut(&id) else {
-            return;
-        };
-        if t.status.is_final() {
+        let changed = self.update(id, |t| {
+            if t.status.is_final() {
+                return false;
+            }
+            t.status = TaskStatus::Interrupted;
+            t.error = Some((None, why.clone()));
+            t.reason = Some(why);
+            true
+        });
+        if changed != Some(true) {
             return;
         }
-        t.status = TaskStatus::Interrupted;
-        t.error = Some((None, why.clone()));
-        t.reason = Some(why);
         self.ended(id);
         self.persist(id, true, out);
         out.push(Effect::Publish { task: id });
@@ -936,7 +1158,14 @@ impl Controller {
         }
     }
 
-    fn echo_answered(&mut self, agent: AgentId, capacity: u32, out: &mut Vec<Effect>) {
+    fn echo_answered(
+        &mut self,
+        now: Millis,
+        agent: AgentId,
+        capacity: u32,
+        procedures: Vec<String>,
+        out: &mut Vec<Effect>,
+    ) {
         if !self.agents.contains_key(&agent) {
             if self.agents.len() >= MAX_AGENTS {
                 return;
@@ -946,12 +1175,14 @@ impl Controller {
                 agent,
                 Agent {
                     capacity,
-                    state: AgentState::Alive,
+                    procedures: BTreeSet::new(),
+                    state: AgentState::Suspect,
                     misses: 0,
                     blacklisted: false,
                     lease_end: self.restart_lease_end,
                     epoch,
                     withdraw_pending: false,
+                    load: 0,
                 },
             );
             out.push(Effect::PersistAgent(AgentInfo {
@@ -960,17 +1191,56 @@ impl Controller {
                 blacklisted: false,
             }));
         }
-        if let Some(a) = self.agents.get_mut(&agent) {
-            a.capacity = capacity;
-            a.misses = 0;
+        let Some(a) = self.agents.get_mut(&agent) else {
+            return;
+        };
+        let offers_more = procedures.iter().any(|p| !a.procedures.contains(p));
+        a.capacity = capacity;
+        a.procedures = procedures.into_iter().collect();
+        a.misses = 0;
+        // Back before its lease ended: its tasks stay its own.
+        a.withdraw_pending = false;
+        if a.state != AgentState::Alive {
             a.state = AgentState::Alive;
-            // Back before its lease ended: its tasks stay its own.
-            a.withdraw_pending = false;
+            out.push(Effect::AgentState {
+                agent,
+                state: AgentState::Alive,
+                misses: 0,
+            });
+            self.place_queued(now, out);
+        } else if offers_more {
+            self.place_queued(now, out);
+        }
+    }
+
+    fn echo_missed(&mut self, now: Millis, agent: AgentId, out: &mut Vec<Effect>) {
+        let max = self.config.max_misses.max(1);
+        let Some(a) = self.agents.get_mut(&agent) else {
+            return;
+        };
+        a.misses = a.misses.saturating_add(1);
+        let was = a.state;
+        a.state = if a.misses >= max {
+            AgentState::Gone
+        } else {
+            AgentState::Suspect
+        };
+        if a.state != was {
+            out.push(Effect::AgentState {
+                agent,
+                state: a.state,
+                misses: a.misses,
+            });
+        }
+        if a.state == AgentState::Gone && was != AgentState::Gone {
+            a.withdraw_pending = true;
+            self.withdraw(now, agent, out);
         }
     }
 
     /// The policy for a gone agent, once its lease has ended: a new epoch, its
     /// tasks that had not started back to the queue, its running ones interrupted.
+    /// Synchronous calls end with their call.
     fn withdraw(&mut self, now: Millis, agent: AgentId, out: &mut Vec<Effect>) {
         let Some(a) = self.agents.get(&agent) else {
             return;
@@ -990,50 +1260,47 @@ impl Controller {
             .live
             .keys()
             .filter_map(|id| self.tasks.get(id))
-            .filter(|t| t.status.is_placed() && t.current_holder() == Some(agent))
+            .filter(|t| t.placed_on() == Some(agent) && !t.call.sync)
             .map(|t| (t.id, t.attempt, t.status))
             .collect();
+        let name = agent_name(agent);
         for (id, attempt, status) in held {
             if status == TaskStatus::Dispatched {
-                let why = format!("agent {agent} left the cluster before starting the task");
+                let why = format!("agent {name} left the cluster before starting the task");
                 self.requeue(id, attempt, why, out);
             } else {
-                let why = format!("agent {agent} left the cluster while running the task");
+                let why = format!("agent {name} left the cluster while running the task");
                 self.interrupt(id, why, out);
             }
         }
     }
 
     fn cancel(&mut self, id: TaskId, out: &mut Vec<Effect>) {
-        let Some(t) = self.tasks.get_mut(&id) else {
-            out.push(Effect::Answer(Answer::Cancel {
+        let answer = |found, changed| {
+            Effect::Answer(Answer::Cancel {
                 task: id,
-                found: false,
-                changed: false,
-            }));
-            return;
+                found,
+                changed,
+            })
+        };
+        let Some(t) = self.tasks.get(&id) else {
+            return out.push(answer(false, false));
         };
         if t.status.is_final() {
-            out.push(Effect::Answer(Answer::Cancel {
-                task: id,
-                found: true,
-                changed: false,
-            }));
-            return;
+            return out.push(answer(true, false));
         }
-        let placed = t.status.is_placed().then(|| t.current_holder()).flatten();
+        // A synchronous call's agent keeps no copy to stop.
+        let placed = t.placed_on().filter(|_| !t.call.sync);
         let attempt = t.attempt;
-        t.status = TaskStatus::Cancelled;
-        t.error = Some((None, "cancelled by a client".into()));
-        t.reason = None;
+        self.update(id, |t| {
+            t.status = TaskStatus::Cancelled;
+            t.error = Some((None, "cancelled by a client".into()));
+            t.reason = None;
+        });
         self.ended(id);
         self.persist(id, true, out);
         out.push(Effect::Publish { task: id });
-        out.push(Effect::Answer(Answer::Cancel {
-            task: id,
-            found: true,
-            changed: true,
-        }));
+        out.push(answer(true, true));
         if let Some(agent) = placed {
             out.push(Effect::SendTerminate {
                 agent,
@@ -1046,6 +1313,7 @@ impl Controller {
     /// A restarted gateway: queued tasks wait for placement, placed ones are asked
     /// about; agents must answer an echo before they get tasks, and each gets a
     /// new epoch, so whatever it accepted from the earlier process asks first.
+    /// Synchronous calls were cut off with the process: they are interrupted.
     fn recovered(
         &mut self,
         now: Millis,
@@ -1060,32 +1328,40 @@ impl Controller {
                 info.id,
                 Agent {
                     capacity: info.capacity,
+                    procedures: BTreeSet::new(),
                     state: AgentState::Suspect,
                     misses: 0,
                     blacklisted: info.blacklisted,
                     lease_end: self.restart_lease_end,
                     epoch,
                     withdraw_pending: false,
+                    load: 0,
                 },
             );
         }
         for t in tasks {
             let (id, attempt, placed) = (t.id, t.attempt, t.status.is_placed());
-            let open = !t.status.is_final();
+            let (open, sync) = (!t.status.is_final(), t.call.sync);
+            if let Some(a) = t.placed_on().and_then(|a| self.agents.get_mut(&a)) {
+                a.load += 1;
+            }
             self.tasks.insert(id, t);
-            if open {
-                self.live.insert(
-                    id,
-                    Live {
-                        last_heard: now,
-                        requeue_at: None,
-                    },
-                );
-                if placed {
-                    self.collect(id, attempt, out);
-                }
-            } else {
+            if !open {
                 self.remember_ended(id);
+                continue;
+            }
+            self.live.insert(
+                id,
+                Live {
+                    last_heard: now,
+                    requeue_at: None,
+                },
+            );
+            if placed && sync {
+                let why = "the gateway restarted during the synchronous call".to_string();
+                self.interrupt(id, why, out);
+            } else if placed {
+                self.collect(id, attempt, out);
             }
         }
     }
@@ -1109,9 +1385,17 @@ mod tests {
             Event::EchoAnswered {
                 agent: 1,
                 capacity: 1,
+                procedures: vec!["p".into()],
             },
         );
         c
+    }
+
+    fn call() -> Call {
+        Call {
+            procedure: "p".into(),
+            ..Call::default()
+        }
     }
 
     fn persisted(effects: &[Effect]) -> Vec<(TaskStatus, bool)> {
@@ -1127,7 +1411,13 @@ mod tests {
     #[test]
     fn placement_is_durable_before_the_answer_and_the_atask() {
         let mut c = controller();
-        let fx = c.step(10, Event::Submitted { task: 7 });
+        let fx = c.step(
+            10,
+            Event::Submitted {
+                task: 7,
+                call: call(),
+            },
+        );
         assert!(
             matches!(
                 fx.as_slice(),
@@ -1144,7 +1434,13 @@ mod tests {
     #[test]
     fn a_late_result_after_cancel_changes_nothing() {
         let mut c = controller();
-        c.step(10, Event::Submitted { task: 7 });
+        c.step(
+            10,
+            Event::Submitted {
+                task: 7,
+                call: call(),
+            },
+        );
         let fx = c.step(20, Event::Cancel { task: 7 });
         assert_eq!(persisted(&fx), [(TaskStatus::Cancelled, true)]);
         let fx = c.step(
@@ -1165,14 +1461,21 @@ mod tests {
     #[test]
     fn a_gone_agent_loses_its_waiting_attempts_only_after_its_lease() {
         let mut c = controller();
-        c.step(10, Event::Submitted { task: 7 });
+        c.step(
+            10,
+            Event::Submitted {
+                task: 7,
+                call: call(),
+            },
+        );
         let fx = c.step(
             20,
             Event::Signal {
-                agent: 1,
+                agent: Some(1),
                 task: 7,
                 attempt: 1,
                 signal: Signal::Queued,
+                progress: None,
             },
         );
         assert!(fx
@@ -1189,17 +1492,18 @@ mod tests {
         let fx = c.step(
             400,
             Event::Signal {
-                agent: 1,
+                agent: Some(1),
                 task: 7,
                 attempt: 1,
                 signal: Signal::AskStart,
+                progress: None,
             },
         );
         assert!(
             fx.iter().any(|e| matches!(
                 e,
                 Effect::Answer(Answer::Signal {
-                    result: Err(Code::UnknownTask),
+                    result: Err(SignalRefusal::Withdrawn(_)),
                     ..
                 })
             )),

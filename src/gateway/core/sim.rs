@@ -18,6 +18,7 @@ use super::*;
 const TRACE_LEN: usize = 60;
 const MAX_TRACE_LEN: usize = 100_000;
 const FAULT_MS: Millis = 3_000;
+const PROCEDURE: &str = "work";
 /// Once faults stop, every acknowledged task must end within this.
 const QUIET_MS: Millis = 30_000;
 const GW_TICK_MS: Millis = 50;
@@ -151,7 +152,7 @@ enum Ev {
         attempt: u32,
         signal: Signal,
         sent: Millis,
-        result: Option<Result<Grant, Code>>,
+        result: Option<Result<Grant, SignalRefusal>>,
     },
 }
 
@@ -306,13 +307,16 @@ impl Sim {
         for a in 1..=n_agents {
             sim.schedule(AGENT_TICK_MS, Ev::AgentTick(a));
         }
-        let n_tasks = sim.rng.range(3, 8);
+        let n_tasks = u128::from(sim.rng.range(3, 8));
         for t in 1..=n_tasks {
             let at = sim.rng.range(150, FAULT_MS - 200);
             sim.schedule(at, Ev::Submit(t));
         }
         for _ in 0..sim.rng.range(0, 2) {
-            let (at, t) = (sim.rng.range(200, FAULT_MS), sim.rng.range(1, n_tasks));
+            let (at, t) = (
+                sim.rng.range(200, FAULT_MS),
+                u128::from(sim.rng.range(1, n_tasks as u64)),
+            );
             sim.schedule(at, Ev::Cancel(t));
         }
         for _ in 0..sim.rng.range(0, 1) {
@@ -519,7 +523,13 @@ impl Sim {
                 self.schedule(now + AGENT_TICK_MS, Ev::AgentTick(a));
                 self.agent_tick(a)?;
             }
-            Ev::Submit(task) => self.gw_step(Event::Submitted { task })?,
+            Ev::Submit(task) => self.gw_step(Event::Submitted {
+                task,
+                call: Call {
+                    procedure: PROCEDURE.into(),
+                    ..Call::default()
+                },
+            })?,
             Ev::Cancel(task) => self.gw_step(Event::Cancel { task })?,
             Ev::Blacklist(agent, on) => self.gw_step(Event::Blacklist { agent, on })?,
             Ev::AgentCrash(a) => {
@@ -612,10 +622,11 @@ impl Sim {
                 } else {
                     self.signal_sent = sent;
                     self.gw_step(Event::Signal {
-                        agent,
+                        agent: Some(agent),
                         task,
                         attempt,
                         signal,
+                        progress: None,
                     })?;
                 }
             }
@@ -761,7 +772,7 @@ impl Sim {
                 }
             }
             Effect::Answer(Answer::Signal {
-                agent,
+                agent: Some(agent),
                 task,
                 attempt,
                 signal,
@@ -787,7 +798,14 @@ impl Sim {
                 };
                 self.schedule(at, ev);
             }
-            Effect::Answer(Answer::Cancel { .. }) => {}
+            Effect::Answer(Answer::Signal { agent: None, .. }) => {
+                return Err(self.violation(0, "a SIGNAL answered without its sender".into()));
+            }
+            Effect::Answer(Answer::Cancel { .. } | Answer::Sync { .. }) => {}
+            Effect::AgentState { .. } => {}
+            Effect::SendTask { .. } => {
+                return Err(self.violation(0, "a synchronous call nobody made".into()));
+            }
         }
         Ok(())
     }
@@ -855,7 +873,11 @@ impl Sim {
         let ev = match req.clone() {
             Req::Echo => {
                 let capacity = self.agents.get(&agent).map_or(0, |a| a.capacity);
-                Some(Event::EchoAnswered { agent, capacity })
+                Some(Event::EchoAnswered {
+                    agent,
+                    capacity,
+                    procedures: vec![PROCEDURE.into()],
+                })
             }
             Req::Atask {
                 task,
@@ -884,7 +906,7 @@ impl Sim {
                 let answer = match state {
                     None => GetAnswer::Unknown,
                     Some(AState::Queued | AState::Asking { .. }) => GetAnswer::Waiting,
-                    Some(AState::Running { .. }) => GetAnswer::Running,
+                    Some(AState::Running { .. }) => GetAnswer::Running(None),
                     Some(AState::Ended { outcome, .. }) => GetAnswer::Ended(outcome),
                 };
                 Some(Event::GetAnswered {
@@ -1085,7 +1107,7 @@ impl Sim {
         key: (TaskId, u32),
         signal: Signal,
         sent: Millis,
-        result: Option<Result<Grant, Code>>,
+        result: Option<Result<Grant, SignalRefusal>>,
     ) -> Result<(), Violation> {
         let Some(result) = result else {
             return Ok(()); // Retried at its due time (start and end), or lost (progress).
