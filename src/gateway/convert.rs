@@ -372,8 +372,9 @@ mod tests {
     #[test]
     fn a_done_task_has_a_result_even_when_it_is_null() {
         let mut t = TaskRecord::new("t".into(), "sleep".into(), Args::default(), None);
-        t.dispatch("a1");
-        t.finish(1, crate::gateway::model::Outcome::Done(Value::Null));
+        t.attempt = 1;
+        t.result = Some(Value::Null);
+        t.set_status(crate::gateway::model::TaskStatus::Done, None, 1);
         let stored: TaskRecord = serde_json::from_slice(&serde_json::to_vec(&t).unwrap()).unwrap();
         let pb = task_to_pb(&stored);
         assert_eq!(pb.result, Some(json_to_value(&Value::Null)));

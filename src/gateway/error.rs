@@ -34,6 +34,9 @@ pub enum GatewayError {
     },
     #[error("agent {agent_id:?} did not answer: {reason}")]
     AgentUnreachable { agent_id: String, reason: String },
+    /// The gateway cannot take this now (stopping, its store failing, full).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the task did not finish within {0:?}")]
     DeadlineExceeded(std::time::Duration),
     #[error(transparent)]
@@ -65,7 +68,8 @@ impl From<GatewayError> for Status {
             GatewayError::ProcedureNotOffered { .. }
             | GatewayError::AgentUnavailable { .. }
             | GatewayError::NoAliveAgent
-            | GatewayError::AgentUnreachable { .. } => Code::Unavailable,
+            | GatewayError::AgentUnreachable { .. }
+            | GatewayError::Unavailable(_) => Code::Unavailable,
             GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             // The store recovers by itself (`durable.rs`): a retry later may succeed.
             GatewayError::Store(StoreError::Durable(

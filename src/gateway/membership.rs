@@ -1,8 +1,9 @@
 //! Cluster membership: which agents exist, whether they answer, and what they offer.
 //! The echo loop probes every known agent with ARPCP ID each interval (plus the
 //! configured addresses and announced agents that are not agents yet), and beside
-//! it passes over the scanned ranges; an answer registers or refreshes the agent, a
-//! miss counts up from alive to suspect to gone. Identity is MAC + port, so agents
+//! it passes over the scanned ranges; an answer registers or refreshes the agent,
+//! and answers and misses are reported to the controller (`core`), whose rules
+//! decide the agent's state (`set_state` brings the record in line). Identity is MAC + port, so agents
 //! sharing a host stay distinct; with TLS it is the name in the certificate the
 //! agent answered with, so what an agent reports cannot make it another.
 
@@ -13,11 +14,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ipnet::IpNet;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::core::Event;
 use super::model::{now_ms, AgentRecord, AgentState};
+use super::scheduler::{agent_number, ControllerHandle};
 use super::store::{GatewayStore, StoreError};
 use super::GatewayError;
 use crate::arpcp::{ArpcpClient, IdData, ProcedureKind, Request};
@@ -53,18 +55,8 @@ pub struct Described {
     pub agent_ids: Vec<String>,
 }
 
-/// What the scheduler needs to hear about.
-#[derive(Debug, Clone)]
-pub enum MembershipEvent {
-    /// Missed too many echoes: out of the cluster.
-    Gone(String),
-    /// Answers (again): tasks can be placed on it.
-    Alive(String),
-}
-
 pub struct MembershipConfig {
     pub echo_interval: Duration,
-    pub max_misses: u32,
     /// Addresses given with --agent.
     pub seeds: Vec<String>,
     pub scan: Vec<IpNet>,
@@ -79,8 +71,6 @@ pub struct MembershipConfig {
 
 pub struct Membership {
     agents: RwLock<HashMap<String, Arc<AgentRecord>>>,
-    /// Tasks placed on each agent and not yet ended (for least-loaded placement).
-    load: Mutex<HashMap<String, u32>>,
     /// Addresses to probe that are not registered agents (yet): `None` for the
     /// configured ones (probed until they answer), the failed probes in a row for
     /// announced ones.
@@ -91,25 +81,14 @@ pub struct Membership {
     store: GatewayStore,
     client: ArpcpClient,
     config: MembershipConfig,
-    events: mpsc::Sender<MembershipEvent>,
-}
-
-/// Why no agent could be chosen.
-#[derive(Debug)]
-pub enum NoPlacement {
-    NoAgents,
-    NotOffered {
-        procedure: String,
-        offered_elsewhere: Vec<String>,
-    },
-    Requested(GatewayError),
+    controller: ControllerHandle,
 }
 
 impl Membership {
     pub fn new(
         store: GatewayStore,
         config: MembershipConfig,
-        events: mpsc::Sender<MembershipEvent>,
+        controller: ControllerHandle,
     ) -> Result<Arc<Self>, StoreError> {
         // Not shorter than PROBE_TIMEOUT_FLOOR however fast the rounds: one slow
         // answer (a busy host, a large transfer on the agent) is a miss, and a miss
@@ -125,13 +104,12 @@ impl Membership {
         let candidates = config.seeds.iter().map(|s| (s.clone(), None)).collect();
         Ok(Arc::new(Membership {
             agents: RwLock::new(agents),
-            load: Mutex::new(HashMap::new()),
             candidates: Mutex::new(candidates),
             catalogs: Mutex::new(HashMap::new()),
             store,
             client: ArpcpClient::new(timeout, timeout).with_tls(config.tls.clone()),
             config,
-            events,
+            controller,
         }))
     }
 
@@ -141,10 +119,6 @@ impl Membership {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<AgentRecord>>> {
         self.agents.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn load(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.load.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn list(&self) -> Vec<Arc<AgentRecord>> {
@@ -194,105 +168,65 @@ impl Membership {
             .collect()
     }
 
-    /// Chooses where `procedure` runs: the requested agent, or the least loaded
-    /// alive, non-blacklisted agent offering it.
-    pub fn pick(
-        &self,
-        procedure: &str,
-        requested: Option<&str>,
-    ) -> Result<Arc<AgentRecord>, NoPlacement> {
-        let agents = self.read();
-        if let Some(id) = requested {
-            let a = agents.get(id).ok_or_else(|| {
-                NoPlacement::Requested(GatewayError::AgentNotFound(id.to_string()))
-            })?;
-            if a.blacklisted {
-                return Err(NoPlacement::Requested(GatewayError::AgentBlacklisted(
-                    id.to_string(),
-                )));
-            }
-            if a.state != AgentState::Alive {
-                return Err(NoPlacement::Requested(GatewayError::AgentUnavailable {
-                    agent_id: id.to_string(),
-                    state: a.state,
-                }));
-            }
-            if !a.offers(procedure) {
-                return Err(NoPlacement::NotOffered {
-                    procedure: procedure.to_string(),
-                    offered_elsewhere: vec![],
-                });
-            }
-            return Ok(a.clone());
-        }
-        let usable: Vec<&Arc<AgentRecord>> =
-            agents.values().filter(|a| a.can_take_tasks()).collect();
-        if usable.is_empty() {
-            return Err(NoPlacement::NoAgents);
-        }
-        let load = self.load();
-        usable
-            .into_iter()
-            .filter(|a| a.offers(procedure))
-            .min_by(|a, b| {
-                let la = f64::from(load.get(&a.agent_id).copied().unwrap_or(0))
-                    / f64::from(a.capacity.max(1));
-                let lb = f64::from(load.get(&b.agent_id).copied().unwrap_or(0))
-                    / f64::from(b.capacity.max(1));
-                la.total_cmp(&lb).then_with(|| a.agent_id.cmp(&b.agent_id))
-            })
-            .cloned()
-            .ok_or_else(|| NoPlacement::NotOffered {
-                procedure: procedure.to_string(),
-                offered_elsewhere: agents
-                    .values()
-                    .filter(|a| a.offers(procedure))
-                    .map(|a| a.agent_id.clone())
-                    .collect(),
-            })
-    }
-
-    /// The agent refused a connection when a task was placed on it: no new tasks
-    /// for it (suspect) until it answers an echo again.
-    pub fn unreachable(&self, agent_id: &str) {
+    /// Brings an agent's record in line with the state the rules gave it.
+    pub fn set_state(&self, agent_id: &str, state: AgentState, misses: u32) {
         let mut agents = self.write();
         let Some(a) = agents.get_mut(agent_id).map(Arc::make_mut) else {
             return;
         };
-        if a.state != AgentState::Alive {
-            return;
-        }
-        a.state = AgentState::Suspect;
+        let before = a.state;
+        a.state = state;
+        a.misses = misses;
         if let Err(e) = self.store.put_agent(a) {
             warn!(agent_id, "cannot store agent: {e}");
         }
-        info!(
-            agent_id,
-            "agent unreachable: no new tasks until it answers an echo"
-        );
-    }
-
-    pub fn task_placed(&self, agent_id: &str) {
-        *self.load().entry(agent_id.to_string()).or_default() += 1;
-    }
-
-    pub fn task_left(&self, agent_id: &str) {
-        if let Some(n) = self.load().get_mut(agent_id) {
-            *n = n.saturating_sub(1);
+        match state {
+            AgentState::Gone if before != AgentState::Gone => {
+                warn!(
+                    agent_id,
+                    "agent missed {misses} echoes: it left the cluster"
+                )
+            }
+            AgentState::Suspect if misses == 0 => info!(
+                agent_id,
+                "agent unreachable: no new tasks until it answers an echo"
+            ),
+            AgentState::Suspect => warn!(agent_id, misses, "agent missed an echo"),
+            AgentState::Alive | AgentState::Gone => {}
         }
     }
 
-    pub fn set_blacklisted(&self, agent_id: &str, on: bool) -> Result<AgentRecord, GatewayError> {
-        let mut agents = self.write();
-        let a = Arc::make_mut(
-            agents
-                .get_mut(agent_id)
-                .ok_or_else(|| GatewayError::AgentNotFound(agent_id.to_string()))?,
-        );
-        a.blacklisted = on;
-        self.store.put_agent(a)?;
+    /// Whether the agents describe `procedure` as an Opal model (its result is a
+    /// table). Asked when a result arrives: a call submitted before the gateway
+    /// had the agents' catalog is recognised then.
+    pub fn is_opal(&self, procedure: &str) -> bool {
+        self.kind_of(procedure)
+            .is_some_and(|(kind, _)| kind == ProcedureKind::Opal)
+    }
+
+    /// Changes the blacklist; the controller hears of it before any Submit that
+    /// comes after this returns.
+    pub async fn set_blacklisted(
+        &self,
+        agent_id: &str,
+        on: bool,
+    ) -> Result<AgentRecord, GatewayError> {
+        let record = {
+            let mut agents = self.write();
+            let a = Arc::make_mut(
+                agents
+                    .get_mut(agent_id)
+                    .ok_or_else(|| GatewayError::AgentNotFound(agent_id.to_string()))?,
+            );
+            a.blacklisted = on;
+            self.store.put_agent(a)?;
+            a.clone()
+        };
         info!(agent_id, blacklisted = on, "blacklist changed");
-        Ok(a.clone())
+        if let Some(agent) = agent_number(agent_id) {
+            self.controller.tell(Event::Blacklist { agent, on }).await;
+        }
+        Ok(record)
     }
 
     fn candidates(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Option<u32>>> {
@@ -407,6 +341,7 @@ impl Membership {
             // not overwritten with the flag read before it.
             let mut agents = self.write();
             let previous = agents.get(&agent_id);
+            // The state is the rules' to change (`set_state`), once they hear of this.
             let rec = AgentRecord {
                 agent_id: agent_id.clone(),
                 mac: id.mac.to_lowercase(),
@@ -418,8 +353,8 @@ impl Membership {
                 procedures: id.procedures,
                 capacity: id.capacity,
                 running: id.running,
-                state: AgentState::Alive,
-                misses: 0,
+                state: previous.map_or(AgentState::Suspect, |p| p.state),
+                misses: previous.map_or(0, |p| p.misses),
                 last_seen_ms: now_ms(),
                 blacklisted: previous.is_some_and(|p| p.blacklisted),
                 certificate,
@@ -437,9 +372,14 @@ impl Membership {
         self.candidates().remove(addr);
         if changed {
             info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, certificate = ?rec.certificate, "agent alive");
-            let _ = self
-                .events
-                .try_send(MembershipEvent::Alive(agent_id.clone()));
+        }
+        if let Some(agent) = agent_number(&agent_id) {
+            let answered = Event::EchoAnswered {
+                agent,
+                capacity: rec.capacity,
+                procedures: rec.procedures.clone(),
+            };
+            self.controller.tell(answered).await;
         }
         if id.agent_id.as_deref() != Some(agent_id.as_str()) {
             // Tell the agent its id (it reports it in SIGNALs and ID from now on).
@@ -565,36 +505,14 @@ impl Membership {
             .map(|a| a.agent_id.clone())
     }
 
-    /// `reason`: why the echo failed, logged when the agent's state changes (a
-    /// revoked or expired certificate shows here).
+    /// `reason`: why the echo failed (a revoked or expired certificate shows here).
     async fn missed(&self, agent_id: &str, reason: &str) {
-        let changed = {
-            let mut agents = self.write();
-            let Some(a) = agents.get_mut(agent_id).map(Arc::make_mut) else {
-                return;
-            };
-            let before = a.state;
-            let after = a.missed(self.config.max_misses);
-            if let Err(e) = self.store.put_agent(a) {
-                warn!(agent_id, "cannot store agent: {e}");
-            }
-            (before != after).then_some(after)
-        };
-        match changed {
-            Some(AgentState::Gone) => {
-                warn!(
-                    agent_id,
-                    "agent missed {} echoes: it left the cluster (last: {reason})",
-                    self.config.max_misses
-                );
-                // Must reach the scheduler: its tasks depend on it.
-                let _ = self
-                    .events
-                    .send(MembershipEvent::Gone(agent_id.to_string()))
-                    .await;
-            }
-            Some(state) => warn!(agent_id, ?state, "agent missed an echo: {reason}"),
-            None => {}
+        if self.get(agent_id).is_none() {
+            return;
+        }
+        debug!(agent_id, "no echo: {reason}");
+        if let Some(agent) = agent_number(agent_id) {
+            self.controller.tell(Event::EchoMissed { agent }).await;
         }
     }
 
@@ -717,6 +635,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::gateway::scheduler::ControllerInbox;
 
     /// Answers ID like an agent on a loopback port; aborting the task closes the
     /// listener and every connection, as if the agent's host went away.
@@ -778,8 +697,8 @@ mod tests {
         panic!("no port free on every address of {net}");
     }
 
-    async fn next_event(heard: &mut mpsc::Receiver<MembershipEvent>) -> MembershipEvent {
-        tokio::time::timeout(Duration::from_secs(10), heard.recv())
+    async fn next_event(heard: &mut ControllerInbox) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), heard.next_event())
             .await
             .expect("an event within 10 s")
             .expect("the channel is open")
@@ -791,7 +710,7 @@ mod tests {
         let (agent, server) = fake_agent().await;
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = GatewayStore::open(dir.path()).expect("a store");
-        let (events, mut heard) = mpsc::channel(16);
+        let (events, mut heard) = ControllerHandle::new();
         let interval = Duration::from_millis(300);
         let membership = Membership::new(
             store,
@@ -799,7 +718,6 @@ mod tests {
                 // Probes time out after PROBE_TIMEOUT_FLOOR: a pass over the silent
                 // range takes 254 / 64 waves of 1 s, about 4 s.
                 echo_interval: interval,
-                max_misses: 3,
                 seeds: vec![agent.clone()],
                 scan: vec![scan],
                 scan_port,
@@ -812,17 +730,21 @@ mod tests {
         .expect("membership");
         let stop = CancellationToken::new();
         let echo = tokio::spawn(membership.clone().echo_loop(stop.clone()));
-        let MembershipEvent::Alive(id) = next_event(&mut heard).await else {
-            panic!("the seed should register first");
+        let Event::EchoAnswered { agent: id, .. } = next_event(&mut heard).await else {
+            panic!("the seed should answer first");
         };
 
         server.abort();
         let left = Instant::now();
-        let MembershipEvent::Gone(gone) = next_event(&mut heard).await else {
-            panic!("the agent should leave");
-        };
+        let mut misses = 0;
+        while misses < 3 {
+            match next_event(&mut heard).await {
+                Event::EchoMissed { agent } if agent == id => misses += 1,
+                Event::EchoAnswered { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         let took = left.elapsed();
-        assert_eq!(gone, id);
         // Three echoes 300 ms apart, each refused at once: under 1 s. Echoes waiting
         // for each pass over the silent range would take at least one pass, about 4 s.
         assert!(

@@ -12,7 +12,6 @@ mod convert;
 pub mod core;
 mod error;
 pub mod grpc_tls;
-mod lease;
 mod listener;
 pub mod membership;
 pub mod model;
@@ -30,7 +29,6 @@ use std::time::Duration;
 use ipnet::IpNet;
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -47,8 +45,6 @@ use scheduler::Scheduler;
 use store::GatewayStore;
 use watch::TaskWatchers;
 
-/// Membership events waiting for the scheduler.
-const MEMBERSHIP_EVENTS: usize = 1024;
 /// How often retention runs.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -114,8 +110,8 @@ pub struct Gateway {
     membership: Arc<Membership>,
     scheduler: Arc<Scheduler>,
     watchers: Arc<TaskWatchers>,
-    queue_rx: mpsc::Receiver<String>,
-    events_rx: mpsc::Receiver<membership::MembershipEvent>,
+    driver: scheduler::Driver,
+    inbox: scheduler::ControllerInbox,
     advertise: String,
 }
 
@@ -138,20 +134,15 @@ impl Gateway {
         };
         let store = GatewayStore::open_with(&config.data_dir, policy)?;
         let advertise = advertised(&config, arpcp.local_addr().map_err(StartError::Listener)?);
-        let (events_tx, events_rx) = mpsc::channel(MEMBERSHIP_EVENTS);
+        let (controller, inbox) = scheduler::ControllerHandle::new();
         // An agent that stops answering leaves after `max_misses` echoes: its lease
         // runs as long, so its waiting tasks are usually withdrawn as it leaves.
         let lease_duration = config.echo_interval * config.max_misses.max(1);
-        let leases = Arc::new(lease::Leases::new(
-            lease_duration,
-            std::time::Instant::now(),
-        ));
         let agents_tls = config.tls.as_ref().map(|t| t.calling(Role::Agent));
         let membership = Membership::new(
             store.clone(),
             MembershipConfig {
                 echo_interval: config.echo_interval,
-                max_misses: config.max_misses,
                 seeds: config.agents.clone(),
                 scan: config.scan.clone(),
                 scan_port: config.scan_port,
@@ -159,18 +150,22 @@ impl Gateway {
                 lease: lease_duration,
                 tls: agents_tls.clone(),
             },
-            events_tx,
+            controller.clone(),
         )?;
         let watchers = Arc::new(TaskWatchers::default());
-        let (scheduler, queue_rx) = Scheduler::new(
+        let driver = scheduler::Driver::recover(
+            controller.clone(),
             store.clone(),
             membership.clone(),
             watchers.clone(),
-            leases,
-            advertise.clone(),
-            agents_tls,
-        );
-        scheduler.recover().await?;
+            scheduler::DriverConfig {
+                lease: lease_duration,
+                max_misses: config.max_misses,
+                reply_to: advertise.clone(),
+                tls: agents_tls,
+            },
+        )?;
+        let scheduler = Scheduler::new(controller);
         Ok(Gateway {
             config,
             grpc,
@@ -179,8 +174,8 @@ impl Gateway {
             membership,
             scheduler,
             watchers,
-            queue_rx,
-            events_rx,
+            driver,
+            inbox,
             advertise,
         })
     }
@@ -195,8 +190,8 @@ impl Gateway {
             membership,
             scheduler,
             watchers,
-            queue_rx,
-            events_rx,
+            driver,
+            inbox,
             advertise,
         } = self;
         let reflection = |b: tonic_reflection::server::Builder<'static>| {
@@ -219,7 +214,7 @@ impl Gateway {
                 crate::metrics::get().set_agents(&m.count_by_state());
             }
         });
-        background.spawn(scheduler.clone().run(queue_rx, events_rx, shutdown.clone()));
+        background.spawn(driver.run(inbox, shutdown.clone()));
         background.spawn(retention_loop(
             store.clone(),
             watchers.clone(),

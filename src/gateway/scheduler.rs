@@ -1,25 +1,39 @@
-//! Task placement and follow-up. Places queued tasks on agents (ATASK with an
-//! `atask_id` of `<task_id>.<attempt>` and our `reply_to`), turns agents' SIGNALs
-//! into stored status changes, fetches results with GET after `done`, stores them
-//! durably and only then tells the agent to `terminate` its copy. Also applies the
-//! failure policy when an agent leaves the cluster, and reconciles placed tasks
-//! after a restart or when nothing was heard of them for a while.
+//! The driver of the gateway's rules (`core`). One task, `Driver`, owns the
+//! `Controller`: it turns what happens (a Submit, an agent's SIGNAL, an answer to
+//! ATASK or GET, an echo, a timer) into events, and carries out the effects the
+//! rules return, in their order: writes to the store, ARPCP requests to agents,
+//! answers to waiting callers, task changes for watchers. `Scheduler` is the face
+//! the gRPC service and the ARPCP listener call; `ControllerHandle` is how
+//! membership reports echoes.
+//!
+//! Durability without waiting in the loop: a durable write is applied to sled at
+//! once and starts (or joins) one group commit; what the rules put after it for
+//! the same task (an answer, an ATASK, a publication) is held until that commit is
+//! done, and released in order, so watchers never see an older version after a
+//! newer one and no agent hears of a placement a crash could forget.
+//!
+//! Bounds: `CONTROLLER_QUEUE` inputs wait for the loop (callers and echo reports
+//! wait beyond it); `MAX_CONCURRENT_SENDS` exchanges with agents run at once (the
+//! rest wait for a permit; their number is bounded by the rules' own limits:
+//! one ATASK per open task, `MAX_COLLECTIONS` GETs, one terminate per ended attempt).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use tokio::sync::{mpsc, Semaphore};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::lease::Leases;
-use super::membership::{Membership, MembershipEvent, NoPlacement};
-use super::model::{
-    now_ms, parse_atask_id, AgentRecord, AgentState, Outcome, TaskRecord, TaskStatus,
+use super::core::{
+    self, agent_name, AgentId, AgentInfo, Answer, Call, Controller, Effect, Event, GetAnswer,
+    Grant, Outcome, Refusal, Rules, Signal, SignalRefusal, TaskId,
 };
+use super::membership::Membership;
+use super::model::{now_ms, parse_atask_id, AgentRecord, TaskRecord, TaskStatus};
 use super::store::{GatewayStore, StoreError};
 use super::watch::TaskWatchers;
 use super::GatewayError;
@@ -28,23 +42,25 @@ use crate::arpcp::{
     Response, SignalRequest,
 };
 
-/// Task ids waiting for placement in memory; when full, the sweep finds the rest
-/// in the store.
-pub const DISPATCH_QUEUE_LEN: usize = 16 * 1024;
-/// ATASK exchanges in flight at once.
-pub const MAX_CONCURRENT_DISPATCHES: usize = 512;
-/// How often queued tasks are retried and quiet tasks reconciled.
-pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
-/// Reconciliations (GET of a quiet task) a sweep runs at once.
-pub const MAX_CONCURRENT_RECONCILES: usize = 256;
+/// Inputs (calls, agents' reports, answers) waiting for the controller's loop.
+pub const CONTROLLER_QUEUE: usize = 4096;
+/// Exchanges with agents (ATASK, TASK, GET, terminate) in flight at once.
+pub const MAX_CONCURRENT_SENDS: usize = 512;
+/// How often time passes for the rules: queued tasks retried, quiet ones asked about.
+pub const TICK_INTERVAL: Duration = Duration::from_millis(500);
 /// A placed task not heard of for this long is asked about (GET).
 pub const RECONCILE_AFTER: Duration = Duration::from_secs(10);
 /// Tries of a `terminate` SIGNAL to an agent.
 pub const TERMINATE_TRIES: u32 = 5;
-/// Tries of a GET after a `done` SIGNAL before leaving it to reconciliation.
+/// Tries of a GET before leaving it to reconciliation.
 pub const COLLECT_TRIES: u32 = 3;
 /// Default limit of a synchronous call.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Inputs taken from the queue in one turn of the loop before a commit may start.
+const BATCH: usize = 256;
+/// Epochs stay below 2^53 so that every JSON reader keeps them exact; a process
+/// starts at a random base below 2^52 and counts up.
+const EPOCH_BASE_MASK: u64 = (1 << 52) - 1;
 
 /// Who sent a SIGNAL, as far as the gateway can tell.
 #[derive(Clone, Copy, Debug)]
@@ -59,356 +75,156 @@ pub enum SignalSender<'a> {
     },
 }
 
+type SignalResult = Result<Result<Grant, SignalRefusal>, String>;
+
+enum Input {
+    Event(Event),
+    Submit {
+        record: Box<TaskRecord>,
+        /// The limit of a synchronous call; `None`: asynchronous.
+        sync: Option<Duration>,
+        reply: oneshot::Sender<Result<TaskRecord, GatewayError>>,
+    },
+    Signal {
+        event: Event,
+        reply: oneshot::Sender<SignalResult>,
+    },
+    Cancel {
+        id: TaskId,
+        task_id: String,
+        reply: oneshot::Sender<Result<TaskRecord, GatewayError>>,
+    },
+}
+
+/// A caller waiting for what one input comes to.
+enum Waiting {
+    Task(oneshot::Sender<Result<TaskRecord, GatewayError>>),
+    Signal(oneshot::Sender<SignalResult>),
+}
+
+/// How membership and the request handlers reach the controller.
+#[derive(Clone)]
+pub struct ControllerHandle {
+    tx: mpsc::Sender<Input>,
+}
+
+impl ControllerHandle {
+    /// The queue of inputs, and its receiving end for `Driver::run`.
+    pub fn new() -> (ControllerHandle, ControllerInbox) {
+        let (tx, rx) = mpsc::channel(CONTROLLER_QUEUE);
+        (ControllerHandle { tx }, ControllerInbox(rx))
+    }
+
+    /// Reports an event; waits while the queue is full. Lost only when the
+    /// gateway is stopping.
+    pub async fn tell(&self, event: Event) {
+        let _ = self.tx.send(Input::Event(event)).await;
+    }
+
+    async fn ask(&self, input: Input) -> bool {
+        self.tx.send(input).await.is_ok()
+    }
+}
+
+pub struct ControllerInbox(mpsc::Receiver<Input>);
+
+#[cfg(test)]
+impl ControllerInbox {
+    /// The next event reported (tests of what reports events).
+    pub async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Input::Event(e) = self.0.recv().await? {
+                return Some(e);
+            }
+        }
+    }
+}
+
+/// The number in an agent id `agent-N` (the only form the store makes).
+pub fn agent_number(agent_id: &str) -> Option<AgentId> {
+    agent_id.strip_prefix("agent-")?.parse().ok()
+}
+
+fn task_number(task_id: &str) -> Option<TaskId> {
+    uuid::Uuid::parse_str(task_id).ok().map(|u| u.as_u128())
+}
+
+fn task_name(id: TaskId) -> String {
+    uuid::Uuid::from_u128(id).to_string()
+}
+
+/// What the gRPC service and the ARPCP listener call.
 pub struct Scheduler {
-    store: GatewayStore,
-    membership: Arc<Membership>,
-    watchers: Arc<TaskWatchers>,
-    client: ArpcpClient,
-    /// Our ARPCP address for agents' SIGNALs.
-    reply_to: String,
-    queue: mpsc::Sender<String>,
-    /// Tasks that have not ended (so sweeps need not scan the store).
-    open: Mutex<HashSet<String>>,
-    dispatch_slots: Arc<Semaphore>,
-    leases: Arc<Leases>,
-    /// Collections under way, by `atask_id`; `true`: run once more when done.
-    collecting: Mutex<HashMap<String, bool>>,
-    reconcile_slots: Arc<Semaphore>,
-    tracker: TaskTracker,
+    handle: ControllerHandle,
+}
+
+fn stopping() -> GatewayError {
+    GatewayError::Unavailable("the gateway is stopping".into())
 }
 
 impl Scheduler {
-    pub fn new(
-        store: GatewayStore,
-        membership: Arc<Membership>,
-        watchers: Arc<TaskWatchers>,
-        leases: Arc<Leases>,
-        reply_to: String,
-        tls: Option<crate::arpcp::tls::ClientTls>,
-    ) -> (Arc<Self>, mpsc::Receiver<String>) {
-        let (queue, rx) = mpsc::channel(DISPATCH_QUEUE_LEN);
-        let s = Scheduler {
-            store,
-            membership,
-            watchers,
-            client: ArpcpClient::default().with_tls(tls),
-            reply_to,
-            queue,
-            open: Mutex::new(HashSet::new()),
-            dispatch_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_DISPATCHES)),
-            leases,
-            collecting: Mutex::new(HashMap::new()),
-            reconcile_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_RECONCILES)),
-            tracker: TaskTracker::new(),
-        };
-        (Arc::new(s), rx)
+    pub fn new(handle: ControllerHandle) -> Arc<Scheduler> {
+        Arc::new(Scheduler { handle })
     }
 
-    fn open(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Applies a change to a stored task, keeps the bookkeeping (open tasks, agent
-    /// load) in step and tells watchers. `None` for an unknown task; the flag says
-    /// whether `change` changed anything.
-    fn save(
+    async fn submit_input(
         &self,
-        task_id: &str,
-        change: impl FnMut(&mut TaskRecord) -> bool,
-    ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
-        let mut change = change;
-        let mut before: Option<(TaskStatus, Option<String>)> = None;
-        let out = self.store.update_task(task_id, |t| {
-            before = Some((t.status, t.agent_id.clone()));
-            change(t)
-        })?;
-        if let (Some((t, true)), Some((status, agent))) = (&out, before) {
-            let was_on = agent.filter(|_| status.is_placed());
-            let now_on = t.agent_id.clone().filter(|_| t.status.is_placed());
-            if was_on != now_on {
-                if let Some(a) = &was_on {
-                    self.membership.task_left(a);
-                }
-                if let Some(a) = &now_on {
-                    self.membership.task_placed(a);
-                }
-            }
-            if t.status.is_final() && !status.is_final() {
-                task_ended(t);
-            }
-            if t.status.is_final() {
-                self.open().remove(task_id);
-            } else {
-                self.open().insert(task_id.to_string());
-            }
-            self.watchers.publish(t);
-        }
-        Ok(out)
-    }
-
-    async fn save_durable(
-        &self,
-        task_id: &str,
-        change: impl FnMut(&mut TaskRecord) -> bool,
-    ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
-        let out = self.save(task_id, change)?;
-        if matches!(out, Some((_, true))) {
-            self.store.commit().await?;
-        }
-        Ok(out)
-    }
-
-    fn enqueue(&self, task_id: &str) {
-        // A full queue is fine: the sweep finds queued tasks in the open set.
-        let _ = self.queue.try_send(task_id.to_string());
-    }
-
-    fn placement(
-        &self,
-        procedure: &str,
-        requested: Option<&str>,
-    ) -> Result<Arc<AgentRecord>, GatewayError> {
-        self.membership
-            .pick(procedure, requested)
-            .map_err(|e| match e {
-                NoPlacement::NoAgents => GatewayError::NoAliveAgent,
-                NoPlacement::NotOffered {
-                    procedure,
-                    offered_elsewhere,
-                } => GatewayError::ProcedureNotOffered {
-                    procedure,
-                    offered_elsewhere,
-                },
-                NoPlacement::Requested(e) => e,
-            })
-    }
-
-    /// Whether the agents describe `procedure` as an Opal model (its result is a
-    /// table). Asked again when a result arrives: a call submitted before the
-    /// gateway had the agents' catalog is recognised then.
-    fn is_opal(&self, procedure: &str) -> bool {
-        self.membership
-            .kind_of(procedure)
-            .is_some_and(|(kind, _)| kind == crate::arpcp::ProcedureKind::Opal)
-    }
-
-    /// Stores a new task durably and queues it for placement. Refused at once when
-    /// no agent could run it now.
-    pub async fn submit(
-        self: &Arc<Self>,
-        mut task: TaskRecord,
+        task: TaskRecord,
+        sync: Option<Duration>,
     ) -> Result<TaskRecord, GatewayError> {
-        let agent = self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
-        // Placed in the same durable write that stores it: one flush per Submit,
-        // and no ATASK ever goes out for a placement the store could forget (after
-        // a crash the gateway would place it again, maybe on another agent).
-        task.dispatch(&agent.agent_id);
-        self.store.put_task(&task)?;
-        crate::metrics::get().task_submitted(&task.procedure);
-        self.open().insert(task.task_id.clone());
-        self.membership.task_placed(&agent.agent_id);
-        // The rest goes on if the client goes away during the wait for disk.
-        let this = self.clone();
-        let stored = self.tracker.spawn(async move {
-            this.store.commit().await?;
-            let (sender, placed) = (this.clone(), task.clone());
-            this.tracker.spawn(async move {
-                // Bounded like every dispatch (see `run`).
-                let Ok(_slot) = sender.dispatch_slots.acquire().await else {
-                    return;
-                };
-                sender.send_atask(placed, agent).await
-            });
-            Ok::<_, GatewayError>(task)
-        });
-        match stored.await {
-            Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        let (reply, answer) = oneshot::channel();
+        let record = Box::new(task);
+        if !self
+            .handle
+            .ask(Input::Submit {
+                record,
+                sync,
+                reply,
+            })
+            .await
+        {
+            return Err(stopping());
         }
+        answer.await.map_err(|_| stopping())?
+    }
+
+    /// Stores a new task durably, placed on an agent, and sends it there. Refused
+    /// at once when no agent could run it now.
+    pub async fn submit(&self, task: TaskRecord) -> Result<TaskRecord, GatewayError> {
+        self.submit_input(task, None).await
     }
 
     /// Runs a task with ARPCP TASK and returns it finished (or interrupted when the
     /// agent did not answer in time). Stored before the call and durable before the
-    /// answer (the flush overlaps the agent's work); the outcome is written at once
-    /// and flushed right after the answer (after a crash mid-call the task is found
-    /// and marked interrupted).
+    /// answer (the flush overlaps the agent's work).
     pub async fn submit_sync(
-        self: &Arc<Self>,
-        mut task: TaskRecord,
-        timeout: Duration,
-    ) -> Result<TaskRecord, GatewayError> {
-        let agent = self.placement(&task.procedure, task.requested_agent_id.as_deref())?;
-        task.sync = true;
-        task.dispatch(&agent.agent_id);
-        self.store.put_task(&task)?;
-        crate::metrics::get().task_submitted(&task.procedure);
-        self.open().insert(task.task_id.clone());
-        self.membership.task_placed(&agent.agent_id);
-        // The call goes on if the client goes away, so the task ends either way.
-        let this = self.clone();
-        let call = self
-            .tracker
-            .spawn(async move { this.run_sync(task, agent, timeout).await });
-        match call.await {
-            Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
-    }
-
-    async fn run_sync(
         &self,
         task: TaskRecord,
-        agent: Arc<AgentRecord>,
         timeout: Duration,
     ) -> Result<TaskRecord, GatewayError> {
-        let req = Request::Task {
-            procedure: task.procedure.clone(),
-            args: task.args.clone(),
-            timeout_ms: Some(timeout.as_millis().max(1) as u64),
-        };
-        // A little longer than the agent's own limit, so its answer can arrive.
-        let wait = timeout + Duration::from_secs(2);
-        // The placed task becomes durable while the agent works on it: the answer
-        // waits for both, so it costs the longer of the two, not their sum.
-        let (answer, stored) =
-            tokio::join!(self.call_agent(&agent, &req, wait), self.store.commit());
-        stored?;
-        let outcome = match answer {
-            Ok(r) => outcome_of_task_response(r),
-            Err(ClientError::Timeout { .. }) => Outcome::Interrupted(format!(
-                "agent {} gave no answer within {wait:?}",
-                agent.agent_id
-            )),
-            Err(e) => {
-                if e.is_unreachable() {
-                    self.membership.unreachable(&agent.agent_id);
-                }
-                Outcome::Interrupted(format!("agent {} unreachable: {e}", agent.agent_id))
-            }
-        };
-        let attempt = task.attempt;
-        let opal = self.is_opal(&task.procedure);
-        let saved = self.save(&task.task_id, |t| {
-            t.opal |= opal;
-            t.finish(attempt, outcome.clone())
-        })?;
-        // The caller holds its result in the answer; the outcome reaches disk with
-        // the next group commit, started now. (A crash in between leaves the task
-        // marked interrupted after the restart.)
-        let store = self.store.clone();
-        self.tracker.spawn(async move {
-            if let Err(e) = store.commit().await {
-                warn!("cannot store a synchronous call's outcome: {e}");
-            }
-        });
-        saved
-            .map(|(t, _)| t)
-            .ok_or_else(|| GatewayError::TaskNotFound(task.task_id.clone()))
+        self.submit_input(task, Some(timeout)).await
     }
 
-    /// Places one queued task.
-    async fn dispatch(self: Arc<Self>, task_id: String) {
-        if let Err(e) = self.try_dispatch(&task_id).await {
-            warn!(%task_id, "dispatch failed: {e}");
+    /// CancelTask: marks the task cancelled (durably) and stops it on its agent.
+    pub async fn cancel(&self, task_id: &str) -> Result<TaskRecord, GatewayError> {
+        let not_found = || GatewayError::TaskNotFound(task_id.to_string());
+        let id = task_number(task_id).ok_or_else(not_found)?;
+        let (reply, answer) = oneshot::channel();
+        let input = Input::Cancel {
+            id,
+            task_id: task_id.to_string(),
+            reply,
+        };
+        if !self.handle.ask(input).await {
+            return Err(stopping());
         }
-    }
-
-    async fn try_dispatch(self: &Arc<Self>, task_id: &str) -> Result<(), StoreError> {
-        let Some(task) = self.store.get_task(task_id)? else {
-            return Ok(());
-        };
-        if task.status != TaskStatus::Queued {
-            return Ok(());
-        }
-        let agent = match self.placement(&task.procedure, task.requested_agent_id.as_deref()) {
-            Ok(a) => a,
-            Err(e) => {
-                debug!(%task_id, "waiting for an agent: {e}");
-                return Ok(());
-            }
-        };
-        let Some((task, true)) = self.save(task_id, |t| t.dispatch(&agent.agent_id))? else {
-            return Ok(());
-        };
-        // Durable before the agent hears of it: after a crash the gateway asks this
-        // agent about the attempt instead of placing it again on another one.
-        self.store.commit().await?;
-        self.send_atask(task, agent).await;
-        Ok(())
-    }
-
-    /// Sends the ATASK of a stored placement and handles the agent's answer.
-    async fn send_atask(self: &Arc<Self>, task: TaskRecord, agent: Arc<AgentRecord>) {
-        let task_id = task.task_id.clone();
-        if let Err(e) = self.try_send_atask(&task, &agent).await {
-            warn!(%task_id, "dispatch failed: {e}");
-        }
-    }
-
-    async fn try_send_atask(
-        self: &Arc<Self>,
-        task: &TaskRecord,
-        agent: &AgentRecord,
-    ) -> Result<(), StoreError> {
-        let task_id = task.task_id.as_str();
-        let req = Request::Atask {
-            procedure: task.procedure.clone(),
-            args: task.args.clone(),
-            atask_id: Some(task.atask_id()),
-            reply_to: Some(self.reply_to.clone()),
-            lease_epoch: Some(self.leases.epoch(&agent.agent_id)),
-        };
-        let attempt = task.attempt;
-        let requeue = |reason: String| {
-            let r = self.save(task_id, |t| {
-                t.attempt == attempt && t.requeue(reason.clone())
-            });
-            if let Ok(Some((_, true))) = r {
-                debug!(%task_id, "requeued: {reason}");
-            }
-            r.map(|_| ())
-        };
-        match self
-            .call_agent(agent, &req, self.client.request_timeout())
-            .await
-        {
-            Ok(r) if r.is_ok() => {
-                // Cancelled while the ATASK was on its way: the cancel's terminate may
-                // have reached the agent before it held the task. It holds it now.
-                let cancelled = self
-                    .store
-                    .get_task(task_id)?
-                    .is_some_and(|t| t.attempt == attempt && t.status == TaskStatus::Cancelled);
-                if cancelled {
-                    self.terminate_on(agent, task.atask_id()).await;
-                }
-            }
-            Ok(r) => match r.code {
-                Code::UnknownProcedure | Code::Internal => requeue(format!(
-                    "agent {} refused the task ({}): {}",
-                    agent.agent_id, r.code, r.description
-                ))?,
-                code => {
-                    let outcome = Outcome::from_error(code.as_u16(), r.description);
-                    self.save_durable(task_id, |t| t.finish(attempt, outcome.clone()))
-                        .await?;
-                }
-            },
-            Err(e) if e.is_unreachable() => {
-                self.client.forget(&agent.address);
-                self.membership.unreachable(&agent.agent_id);
-                requeue(format!("agent {} unreachable: {e}", agent.agent_id))?;
-            }
-            // The agent may have stored it: reconciliation asks it later.
-            Err(e) => warn!(%task_id, agent = %agent.agent_id, "no answer to ATASK: {e}"),
-        }
-        Ok(())
+        answer.await.map_err(|_| stopping())?
     }
 
     /// A SIGNAL from an agent. The answer grants the agent holding the attempt
-    /// its lease (see `lease.rs`).
+    /// its lease.
     pub async fn on_signal(
-        self: &Arc<Self>,
+        &self,
         sig: SignalRequest,
         sender: SignalSender<'_>,
     ) -> Result<Response, ProtocolError> {
@@ -425,490 +241,934 @@ impl Scheduler {
         if attempt == 0 {
             return Err(unknown());
         }
-        if let SignalSender::Certified { name, agent_id } = sender {
-            self.check_sender(task_id, attempt, &sig.atask_id, name, agent_id)?;
-        }
-        if sig.status == AtaskStatus::Accepted && sig.start {
-            return self.confirm_start(task_id, attempt, &sig).await;
-        }
-        if sig.status == AtaskStatus::Accepted {
-            // One read-modify-write: checks the attempt and applies the progress.
-            let mut holder = None;
-            let saved = self.save(task_id, |t| {
-                if attempt > t.attempt {
-                    return false;
-                }
-                holder = t.agent_of_attempt(attempt).map(str::to_string);
-                t.accepted(attempt, sig.progress.clone())
-            })?;
-            let holder = holder.filter(|_| saved.is_some()).ok_or_else(unknown)?;
-            return Ok(self.granting(&holder));
-        }
-        let task = self.store.get_task(task_id)?.ok_or_else(unknown)?;
-        if attempt > task.attempt {
-            return Err(unknown());
-        }
-        let holder = task
-            .agent_of_attempt(attempt)
-            .map(str::to_string)
-            .ok_or_else(unknown)?;
-        let this = self.clone();
-        self.tracker
-            .spawn(async move { this.collect(Some(task), attempt).await });
-        Ok(self.granting(&holder))
-    }
-
-    /// Refuses a SIGNAL about an attempt not placed on the agent the sender's
-    /// certificate names, before anything is read into the task. The agent an
-    /// attempt went to never changes, so checking ahead of the update is enough.
-    fn check_sender(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        atask_id: &str,
-        name: &str,
-        agent_id: Option<&str>,
-    ) -> Result<(), ProtocolError> {
-        let refuse = |placed| ProtocolError::NotYourTask {
-            atask_id: atask_id.to_string(),
+        let task = task_number(task_id).ok_or_else(unknown)?;
+        let not_yours = |name: &str, placed| ProtocolError::NotYourTask {
+            atask_id: sig.atask_id.clone(),
             name: name.to_string(),
             placed,
         };
-        let Some(agent_id) = agent_id else {
-            return Err(refuse("no agent is registered with that certificate"));
+        let agent = match sender {
+            SignalSender::Anyone => None,
+            SignalSender::Certified { name, agent_id } => {
+                let none = "no agent is registered with that certificate";
+                let n = agent_id.and_then(agent_number);
+                Some(n.ok_or_else(|| not_yours(name, none))?)
+            }
         };
-        let task = self
-            .store
-            .get_task(task_id)?
-            .ok_or_else(|| ProtocolError::UnknownTask(atask_id.to_string()))?;
-        match task.agent_of_attempt(attempt) {
-            Some(holder) if holder == agent_id => Ok(()),
-            Some(_) => Err(refuse("it is placed on another agent")),
-            None => Err(ProtocolError::UnknownTask(atask_id.to_string())),
+        let signal = match sig.status {
+            AtaskStatus::Accepted if sig.start => Signal::AskStart,
+            AtaskStatus::Accepted if sig.progress.is_some() => Signal::Started,
+            AtaskStatus::Accepted => Signal::Queued,
+            _ => Signal::Ended,
+        };
+        let progress = match signal {
+            Signal::AskStart => Some(sig.progress.clone().unwrap_or(Progress {
+                percent: 0.0,
+                comment: "starting".into(),
+            })),
+            _ => sig.progress.clone(),
+        };
+        let event = Event::Signal {
+            agent,
+            task,
+            attempt,
+            signal,
+            progress,
+        };
+        let (reply, answer) = oneshot::channel();
+        let gone = || ProtocolError::Internal("the gateway is stopping".into());
+        if !self.handle.ask(Input::Signal { event, reply }).await {
+            return Err(gone());
         }
+        match answer.await.map_err(|_| gone())? {
+            Ok(Ok(g)) => Ok(Response::ok(
+                json!({"lease_ms": g.lease_ms, "lease_epoch": g.epoch}),
+            )),
+            Ok(Err(SignalRefusal::Unknown)) => Err(unknown()),
+            Ok(Err(SignalRefusal::NotYours)) => {
+                let name = match sender {
+                    SignalSender::Certified { name, .. } => name,
+                    SignalSender::Anyone => "",
+                };
+                Err(not_yours(name, "it is placed on another agent"))
+            }
+            Ok(Err(SignalRefusal::Withdrawn(why))) => Err(ProtocolError::AttemptWithdrawn {
+                atask_id: sig.atask_id.clone(),
+                why,
+            }),
+            Err(e) => Err(ProtocolError::Internal(e)),
+        }
+    }
+}
+
+/// An effect the rules put after a write that must be durable first.
+enum Visible {
+    Publish(Box<TaskRecord>),
+    Task(
+        oneshot::Sender<Result<TaskRecord, GatewayError>>,
+        Result<Box<TaskRecord>, GatewayError>,
+    ),
+    Signal(oneshot::Sender<SignalResult>, Result<Grant, SignalRefusal>),
+    Send(Job),
+}
+
+/// An exchange with an agent, run in its own task.
+enum Job {
+    Atask {
+        agent: Arc<AgentRecord>,
+        task: TaskId,
+        attempt: u32,
+        epoch: u64,
+        procedure: String,
+        args: crate::arpcp::Args,
+    },
+    Task {
+        agent: Arc<AgentRecord>,
+        task: TaskId,
+        attempt: u32,
+        procedure: String,
+        args: crate::arpcp::Args,
+        timeout: Duration,
+    },
+    Get {
+        agent: Arc<AgentRecord>,
+        task: TaskId,
+        attempt: u32,
+    },
+    Terminate {
+        agent: Arc<AgentRecord>,
+        task: TaskId,
+        attempt: u32,
+    },
+}
+
+/// Owns the rules and carries out what they say.
+pub struct Driver {
+    core: Controller,
+    started: Instant,
+    store: GatewayStore,
+    membership: Arc<Membership>,
+    watchers: Arc<TaskWatchers>,
+    /// Carries the results of exchanges with agents back to the loop.
+    handle: ControllerHandle,
+    exchanges: Arc<Exchanges>,
+    /// Records of the unfinished tasks (the rules know their state; the record
+    /// holds what they do not need: arguments, history, owner).
+    open: HashMap<TaskId, TaskRecord>,
+    /// Limits of synchronous calls not yet sent.
+    sync_limits: HashMap<TaskId, Duration>,
+    /// Synchronous callers waiting for their task's end.
+    sync_waiting: HashMap<TaskId, oneshot::Sender<Result<TaskRecord, GatewayError>>>,
+    /// Durable writes made so far, and those known to be on disk.
+    written: u64,
+    committed: u64,
+    /// The last durable write of each task not yet on disk.
+    pending_writes: HashMap<TaskId, u64>,
+    /// Held effects, by the durable write they wait for.
+    held: BTreeMap<u64, Vec<Visible>>,
+    commit: Option<JoinHandle<(u64, Result<(), StoreError>)>>,
+    /// A write of this turn failed: its answers carry the error.
+    write_failed: Option<String>,
+    /// Tasks that ended this turn: their records leave `open` after it.
+    ended: Vec<TaskId>,
+}
+
+/// What the exchanges with agents share.
+struct Exchanges {
+    client: ArpcpClient,
+    /// Our ARPCP address for agents' SIGNALs.
+    reply_to: String,
+    store: GatewayStore,
+    slots: Semaphore,
+    tracker: TaskTracker,
+}
+
+pub struct DriverConfig {
+    pub lease: Duration,
+    pub max_misses: u32,
+    pub reply_to: String,
+    pub tls: Option<crate::arpcp::tls::ClientTls>,
+}
+
+impl Driver {
+    /// A driver with the unfinished tasks and the agents of the store recovered:
+    /// placed tasks are asked about, synchronous calls cut off are interrupted.
+    pub fn recover(
+        handle: ControllerHandle,
+        store: GatewayStore,
+        membership: Arc<Membership>,
+        watchers: Arc<TaskWatchers>,
+        config: DriverConfig,
+    ) -> Result<Driver, StoreError> {
+        let (hi, lo) = uuid::Uuid::new_v4().as_u64_pair();
+        let core_config = core::Config {
+            lease_ms: config.lease.as_millis() as u64,
+            max_misses: config.max_misses,
+            reconcile_after_ms: RECONCILE_AFTER.as_millis() as u64,
+            epoch_base: (hi ^ lo) & EPOCH_BASE_MASK,
+        };
+        let exchanges = Arc::new(Exchanges {
+            client: ArpcpClient::default().with_tls(config.tls),
+            reply_to: config.reply_to,
+            store: store.clone(),
+            slots: Semaphore::new(MAX_CONCURRENT_SENDS),
+            tracker: TaskTracker::new(),
+        });
+        let mut driver = Driver {
+            core: Controller::new(core_config, Rules::default(), 0),
+            started: Instant::now(),
+            store: store.clone(),
+            membership,
+            watchers,
+            handle,
+            exchanges,
+            open: HashMap::new(),
+            sync_limits: HashMap::new(),
+            sync_waiting: HashMap::new(),
+            written: 0,
+            committed: 0,
+            pending_writes: HashMap::new(),
+            held: BTreeMap::new(),
+            commit: None,
+            write_failed: None,
+            ended: Vec::new(),
+        };
+        let agents = store
+            .agents()?
+            .into_iter()
+            .filter_map(|a| {
+                Some(AgentInfo {
+                    id: agent_number(&a.agent_id)?,
+                    capacity: a.capacity,
+                    blacklisted: a.blacklisted,
+                })
+            })
+            .collect();
+        let mut tasks = Vec::new();
+        for rec in store.scan_tasks(|t| !t.status.is_final()) {
+            let Some(t) = core_task(&rec) else {
+                warn!(task_id = %rec.task_id, "a stored task with an id this gateway does not make; left as it is");
+                continue;
+            };
+            driver.open.insert(t.id, rec);
+            tasks.push(t);
+        }
+        if !tasks.is_empty() {
+            info!(
+                tasks = tasks.len(),
+                "recovered unfinished tasks from the store"
+            );
+        }
+        driver.step(Event::Recovered { tasks, agents }, None);
+        Ok(driver)
+    }
+
+    fn now(&self) -> core::Millis {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Runs the rules until `stop`; then lets exchanges under way end (for a
+    /// while) and flushes the store.
+    pub async fn run(mut self, inbox: ControllerInbox, stop: CancellationToken) {
+        let mut inbox = inbox.0;
+        let mut tick = tokio::time::interval(TICK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.start_commit();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                done = async {
+                    match self.commit.as_mut() {
+                        Some(c) => c.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.commit = None;
+                    match done {
+                        Ok((gen, result)) => self.committed(gen, result.map_err(|e| e.to_string())),
+                        Err(e) => self.committed(self.written, Err(e.to_string())),
+                    }
+                }
+                input = inbox.recv() => {
+                    let Some(input) = input else { break };
+                    self.input(input);
+                    for _ in 1..BATCH {
+                        match inbox.try_recv() {
+                            Ok(input) => self.input(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = self.now();
+                    let effects = self.core.tick(now);
+                    self.carry_out(effects, None);
+                }
+            }
+        }
+        self.watchers.close();
+        self.exchanges.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.exchanges.tracker.wait()).await;
+        // Status changes not yet on disk (progress, running, ...) survive a clean stop.
+        if let Err(e) = self.store.commit().await {
+            warn!("cannot flush the store on shutdown: {e}");
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        match input {
+            Input::Event(event) => {
+                let sync_end = matches!(event, Event::TaskAnswered { .. });
+                self.step(event, None);
+                if sync_end {
+                    // The caller has its answer; the outcome goes to disk with the
+                    // next group commit, started now, not held for it.
+                    self.written += 1;
+                }
+            }
+            Input::Signal { event, reply } => self.step(event, Some(Waiting::Signal(reply))),
+            Input::Cancel { id, task_id, reply } => {
+                if self.core.task(id).is_some() {
+                    return self.step(Event::Cancel { task: id }, Some(Waiting::Task(reply)));
+                }
+                // Ended long ago (or never was): the store answers.
+                let found = match self.store.get_task(&task_id) {
+                    Ok(Some(t)) => Ok(t),
+                    Ok(None) => Err(GatewayError::TaskNotFound(task_id)),
+                    Err(e) => Err(e.into()),
+                };
+                let _ = reply.send(found);
+            }
+            Input::Submit {
+                record,
+                sync,
+                reply,
+            } => self.submit(*record, sync, reply),
+        }
+    }
+
+    fn submit(
+        &mut self,
+        record: TaskRecord,
+        sync: Option<Duration>,
+        reply: oneshot::Sender<Result<TaskRecord, GatewayError>>,
+    ) {
+        let Some(id) = task_number(&record.task_id) else {
+            let _ = reply.send(Err(GatewayError::InvalidArgument {
+                field: "task_id",
+                reason: format!("{:?} is not a UUID", record.task_id),
+            }));
+            return;
+        };
+        let requested = match record.requested_agent_id.as_deref() {
+            None => None,
+            Some(a) => match agent_number(a) {
+                Some(n) => Some(n),
+                None => {
+                    let _ = reply.send(Err(GatewayError::AgentNotFound(a.to_string())));
+                    return;
+                }
+            },
+        };
+        let call = Call {
+            procedure: record.procedure.clone(),
+            requested,
+            sync: sync.is_some(),
+        };
+        self.open.insert(id, record);
+        if let Some(limit) = sync {
+            self.sync_limits.insert(id, limit);
+        }
+        self.step(
+            Event::Submitted { task: id, call },
+            Some(Waiting::Task(reply)),
+        );
+    }
+
+    fn step(&mut self, event: Event, waiting: Option<Waiting>) {
+        let now = self.now();
+        let submitted = match &event {
+            Event::Submitted { task, call } => Some((*task, call.sync)),
+            _ => None,
+        };
+        let effects = self.core.step(now, event);
+        let waiting = self.carry_out(effects, waiting);
+        // Accepted synchronous calls answer when their task ends.
+        if let (Some((task, true)), Some(Waiting::Task(reply))) = (submitted, waiting) {
+            if self.core.task(task).is_some() {
+                self.sync_waiting.insert(task, reply);
+            }
+        }
+    }
+
+    /// Carries out effects in order; returns the waiting caller if no answer was
+    /// for it.
+    fn carry_out(&mut self, effects: Vec<Effect>, mut waiting: Option<Waiting>) -> Option<Waiting> {
+        self.write_failed = None;
+        for effect in effects {
+            match effect {
+                Effect::Persist { task, durable } => self.write(&task, durable),
+                Effect::PersistAgent(_) => {
+                    // Membership keeps the agents' records as they register and
+                    // as the blacklist changes.
+                }
+                Effect::AgentState {
+                    agent,
+                    state,
+                    misses,
+                } => self.membership.set_state(&agent_name(agent), state, misses),
+                Effect::Publish { task } => {
+                    if let Some(rec) = self.open.get(&task) {
+                        let v = Visible::Publish(Box::new(rec.clone()));
+                        self.emit(task, v);
+                    }
+                }
+                Effect::Answer(answer) => self.answer(answer, &mut waiting),
+                Effect::SendAtask {
+                    agent,
+                    task,
+                    attempt,
+                    epoch,
+                } => {
+                    let Some(rec) = self.open.get(&task) else {
+                        continue;
+                    };
+                    let (procedure, args) = (rec.procedure.clone(), rec.args.clone());
+                    match self.agent(agent) {
+                        Some(agent) => self.emit(
+                            task,
+                            Visible::Send(Job::Atask {
+                                agent,
+                                task,
+                                attempt,
+                                epoch,
+                                procedure,
+                                args,
+                            }),
+                        ),
+                        None => self.later(Event::AtaskFailed {
+                            task,
+                            attempt,
+                            unreachable: true,
+                        }),
+                    }
+                }
+                Effect::SendTask {
+                    agent,
+                    task,
+                    attempt,
+                } => {
+                    let Some(rec) = self.open.get(&task) else {
+                        continue;
+                    };
+                    let (procedure, args) = (rec.procedure.clone(), rec.args.clone());
+                    let timeout = self
+                        .sync_limits
+                        .remove(&task)
+                        .unwrap_or(DEFAULT_SYNC_TIMEOUT);
+                    match self.agent(agent) {
+                        Some(agent) => self.emit(
+                            task,
+                            Visible::Send(Job::Task {
+                                agent,
+                                task,
+                                attempt,
+                                procedure,
+                                args,
+                                timeout,
+                            }),
+                        ),
+                        None => self.later(Event::TaskAnswered {
+                            task,
+                            attempt,
+                            outcome: Outcome::Interrupted(format!(
+                                "agent {} is not known here",
+                                agent_name(agent)
+                            )),
+                            unreachable: false,
+                        }),
+                    }
+                }
+                Effect::SendGet {
+                    agent,
+                    task,
+                    attempt,
+                } => match self.agent(agent) {
+                    Some(agent) => self.emit(
+                        task,
+                        Visible::Send(Job::Get {
+                            agent,
+                            task,
+                            attempt,
+                        }),
+                    ),
+                    None => self.later(Event::GetFailed { task, attempt }),
+                },
+                Effect::SendTerminate {
+                    agent,
+                    task,
+                    attempt,
+                } => {
+                    if let Some(agent) = self.agent(agent) {
+                        let job = Job::Terminate {
+                            agent,
+                            task,
+                            attempt,
+                        };
+                        self.emit(task, Visible::Send(job));
+                    }
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.ended) {
+            if self.core.task(id).is_none_or(|t| t.status.is_final()) {
+                self.open.remove(&id);
+            }
+        }
+        waiting
+    }
+
+    fn agent(&self, agent: AgentId) -> Option<Arc<AgentRecord>> {
+        self.membership.get(&agent_name(agent))
+    }
+
+    /// An event that follows from an effect that cannot be carried out (an agent
+    /// not known here): given to the rules in a later turn, not within this one.
+    fn later(&self, event: Event) {
+        let handle = self.handle.clone();
+        self.exchanges
+            .tracker
+            .spawn(async move { handle.tell(event).await });
+    }
+
+    /// The record of a task for a caller: the open one, or the stored one.
+    fn record(&self, id: TaskId) -> Result<TaskRecord, GatewayError> {
+        if let Some(rec) = self.open.get(&id) {
+            return Ok(rec.clone());
+        }
+        let name = task_name(id);
+        self.store
+            .get_task(&name)?
+            .ok_or(GatewayError::TaskNotFound(name))
+    }
+
+    fn answer(&mut self, answer: Answer, waiting: &mut Option<Waiting>) {
+        let failed = self.write_failed.clone();
+        match answer {
+            Answer::Submit { task, result } => {
+                let Some(Waiting::Task(reply)) = waiting.take() else {
+                    return;
+                };
+                let result = match (result, failed) {
+                    (Err(r), _) => {
+                        self.open.remove(&task);
+                        self.sync_limits.remove(&task);
+                        let procedure = self.core.task(task).map(|t| t.call.procedure.clone());
+                        Err(refusal(r, procedure.unwrap_or_default()))
+                    }
+                    (Ok(()), Some(e)) => Err(GatewayError::Unavailable(e)),
+                    (Ok(()), None) => self.record(task).map(Box::new),
+                };
+                self.emit(task, Visible::Task(reply, result));
+            }
+            Answer::Cancel {
+                task,
+                found,
+                changed: _,
+            } => {
+                let Some(Waiting::Task(reply)) = waiting.take() else {
+                    return;
+                };
+                let result = match (found, failed) {
+                    (_, Some(e)) => Err(GatewayError::Unavailable(e)),
+                    (_, None) => self.record(task).map(Box::new),
+                };
+                self.emit(task, Visible::Task(reply, result));
+            }
+            Answer::Signal { task, result, .. } => {
+                let Some(Waiting::Signal(reply)) = waiting.take() else {
+                    return;
+                };
+                if let Some(e) = failed {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.emit(task, Visible::Signal(reply, result));
+            }
+            Answer::Sync { task } => {
+                let Some(reply) = self.sync_waiting.remove(&task) else {
+                    return;
+                };
+                let result = self.record(task).map(Box::new);
+                self.emit(task, Visible::Task(reply, result));
+            }
+        }
+    }
+
+    /// Applies the rules' version of a task to its record and stores it.
+    fn write(&mut self, task: &core::Task, durable: bool) {
+        let id = task.id;
+        if !self.open.contains_key(&id) {
+            match self.store.get_task(&task_name(id)) {
+                Ok(Some(rec)) => {
+                    self.open.insert(id, rec);
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(task_id = %task_name(id), "cannot read the task to change it: {e}");
+                    self.write_failed = Some(e.to_string());
+                    return;
+                }
+            }
+        }
+        let opal = task.status.is_final() && self.membership.is_opal(&task.call.procedure);
+        let Some(rec) = self.open.get_mut(&id) else {
+            return;
+        };
+        let was_final = rec.status.is_final();
+        let was_new = rec.attempt == 0 && task.attempt > 0 && rec.status == TaskStatus::Queued;
+        mirror(rec, task, now_ms());
+        rec.opal |= opal;
+        if was_new && rec.history.len() <= 2 {
+            crate::metrics::get().task_submitted(&rec.procedure);
+        }
+        if rec.status.is_final() && !was_final {
+            task_ended(rec);
+        }
+        if let Err(e) = self.store.put_task(rec) {
+            warn!(task_id = %rec.task_id, "cannot store the task: {e}");
+            self.write_failed = Some(e.to_string());
+            return;
+        }
+        if task.status.is_final() {
+            self.ended.push(id);
+        }
+        if durable {
+            self.written += 1;
+            self.pending_writes.insert(id, self.written);
+        }
+    }
+
+    /// Carries out a visible effect now, or holds it until the task's last
+    /// durable write is on disk.
+    fn emit(&mut self, task: TaskId, v: Visible) {
+        match self.pending_writes.get(&task) {
+            Some(&gen) if gen > self.committed => self.held.entry(gen).or_default().push(v),
+            _ => self.execute(v, None),
+        }
+    }
+
+    fn start_commit(&mut self) {
+        if self.commit.is_some() || self.written <= self.committed {
+            return;
+        }
+        let (store, gen) = (self.store.clone(), self.written);
+        self.commit = Some(tokio::spawn(async move { (gen, store.commit().await) }));
+    }
+
+    /// Writes up to `gen` are on disk (or failed to get there): what waited for
+    /// them goes out, in order.
+    fn committed(&mut self, gen: u64, result: Result<(), String>) {
+        if let Err(e) = &result {
+            warn!("cannot make task changes durable: {e}");
+        }
+        self.committed = self.committed.max(gen);
+        let later = self.held.split_off(&(gen + 1));
+        let ready = std::mem::replace(&mut self.held, later);
+        for v in ready.into_values().flatten() {
+            self.execute(v, result.as_ref().err());
+        }
+        let committed = self.committed;
+        self.pending_writes.retain(|_, g| *g > committed);
+    }
+
+    /// `failed`: the durable write this waited for did not reach disk.
+    fn execute(&self, v: Visible, failed: Option<&String>) {
+        match (v, failed) {
+            (Visible::Publish(rec), None) => self.watchers.publish(&rec),
+            (Visible::Task(reply, result), None) => {
+                let _ = reply.send(result.map(|r| *r));
+            }
+            (Visible::Signal(reply, result), None) => {
+                let _ = reply.send(Ok(result));
+            }
+            (Visible::Send(job), None) => self.exchanges.clone().start(job, self.handle.clone()),
+            (Visible::Task(reply, _), Some(e)) => {
+                let _ = reply.send(Err(GatewayError::Unavailable(e.clone())));
+            }
+            (Visible::Signal(reply, _), Some(e)) => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            // Not on disk: nothing is told. Reconciliation finds what the agents hold.
+            (Visible::Publish(_) | Visible::Send(_), Some(_)) => {}
+        }
+    }
+}
+
+impl Exchanges {
+    fn start(self: Arc<Self>, job: Job, handle: ControllerHandle) {
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let Ok(_slot) = this.slots.acquire().await else {
+                return;
+            };
+            if let Some(event) = this.run(job).await {
+                handle.tell(event).await;
+            }
+        });
     }
 
     /// A request to `agent` at its address; over TLS only to the holder of the
     /// certificate it registered with, so whoever else holds that address now (a
     /// valid agent certificate of another name) never sees a task or sends a result.
-    async fn call_agent(
+    async fn call(
         &self,
         agent: &AgentRecord,
         req: &Request,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
-        self.client
+        let r = self
+            .client
             .call_named(&agent.address, agent.certificate.as_deref(), req, timeout)
-            .await
+            .await;
+        if r.is_err() {
+            self.client.forget(&agent.address);
+        }
+        r
     }
 
-    /// A 100 answer that grants `agent_id` its lease.
-    fn granting(&self, agent_id: &str) -> Response {
-        let g = self.leases.grant(agent_id, Instant::now());
-        Response::ok(serde_json::json!({"lease_ms": g.lease_ms, "lease_epoch": g.lease_epoch}))
-    }
-
-    /// An agent asks whether it may start an attempt it accepted under a lease that
-    /// no longer holds. Yes while the attempt is still the task's placement (the
-    /// task then counts as running, durably, so it is never placed again); else
-    /// the attempt was withdrawn.
-    async fn confirm_start(
-        self: &Arc<Self>,
-        task_id: &str,
-        attempt: u32,
-        sig: &SignalRequest,
-    ) -> Result<Response, ProtocolError> {
-        let progress = sig.progress.clone().unwrap_or(Progress {
-            percent: 0.0,
-            comment: "starting".into(),
-        });
-        let mut verdict: Result<String, String> = Err("unknown".into());
-        let saved = self
-            .save_durable(task_id, |t| {
-                verdict = match t.agent_of_attempt(attempt) {
-                    _ if attempt != t.attempt => Err(format!(
-                        "the task was placed again as attempt {}",
-                        t.attempt
-                    )),
-                    _ if !t.status.is_placed() => {
-                        Err(format!("the task is {:?}", t.status).to_lowercase())
-                    }
-                    Some(a) => Ok(a.to_string()),
-                    None => Err("no agent holds it".into()),
+    async fn run(&self, job: Job) -> Option<Event> {
+        let timeout = self.client.request_timeout();
+        match job {
+            Job::Atask {
+                agent,
+                task,
+                attempt,
+                epoch,
+                procedure,
+                args,
+            } => {
+                let req = Request::Atask {
+                    procedure,
+                    args,
+                    atask_id: Some(format!("{}.{attempt}", task_name(task))),
+                    reply_to: Some(self.reply_to.clone()),
+                    lease_epoch: Some(epoch),
                 };
-                verdict.is_ok() && t.accepted(attempt, Some(progress.clone()))
-            })
-            .await?;
-        if saved.is_none() {
-            return Err(ProtocolError::UnknownTask(sig.atask_id.clone()));
-        }
-        match verdict {
-            Ok(holder) => Ok(self.granting(&holder)),
-            Err(why) => Err(ProtocolError::AttemptWithdrawn {
-                atask_id: sig.atask_id.clone(),
-                why,
-            }),
-        }
-    }
-
-    /// Asks the agent of `attempt` about the task (GET) and stores what it says;
-    /// once the result is durable, the agent is told to delete its copy.
-    /// `task` is the stored task when the caller has just read it (only its
-    /// history is used: which agent held `attempt`).
-    ///
-    /// At most one collection per attempt runs at once: a request for one already
-    /// under way makes it run once more when it ends (a `done` SIGNAL may arrive
-    /// while a reconciliation's GET still saw the task running).
-    async fn collect(self: &Arc<Self>, task: Option<TaskRecord>, attempt: u32) {
-        let Some(task) = task else { return };
-        let key = format!("{}.{attempt}", task.task_id);
-        {
-            let mut collecting = self.collecting();
-            if let Some(again) = collecting.get_mut(&key) {
-                *again = true;
-                return;
+                Some(match self.call(&agent, &req, timeout).await {
+                    Ok(r) => Event::AtaskAnswered {
+                        task,
+                        attempt,
+                        code: r.code,
+                        description: r.description,
+                    },
+                    Err(e) => {
+                        let unreachable = e.is_unreachable();
+                        if !unreachable {
+                            // The agent may have stored it: reconciliation asks later.
+                            warn!(task_id = %task_name(task), agent = %agent.agent_id, "no answer to ATASK: {e}");
+                        }
+                        Event::AtaskFailed {
+                            task,
+                            attempt,
+                            unreachable,
+                        }
+                    }
+                })
             }
-            collecting.insert(key.clone(), false);
-        }
-        let mut task = Some(task);
-        loop {
-            let task_id = task.as_ref().map(|t| t.task_id.clone()).unwrap_or_default();
-            if let Err(e) = self.try_collect(task.take(), attempt).await {
-                warn!(%task_id, "cannot collect the result: {e}");
-            }
-            let again = {
-                let mut collecting = self.collecting();
-                let again = collecting.get(&key).copied().unwrap_or(false);
-                if again {
-                    collecting.insert(key.clone(), false);
-                } else {
-                    collecting.remove(&key);
+            Job::Task {
+                agent,
+                task,
+                attempt,
+                procedure,
+                args,
+                timeout,
+            } => {
+                let req = Request::Task {
+                    procedure,
+                    args,
+                    timeout_ms: Some(timeout.as_millis().max(1) as u64),
+                };
+                // A little longer than the agent's own limit, so its answer can arrive.
+                let wait = timeout + Duration::from_secs(2);
+                // The placement becomes durable while the agent works on it: the
+                // answer waits for both, so it costs the longer of the two.
+                let (answer, stored) =
+                    tokio::join!(self.call(&agent, &req, wait), self.store.commit());
+                if let Err(e) = stored {
+                    warn!(task_id = %task_name(task), "cannot store a synchronous call: {e}");
                 }
-                again
-            };
-            if !again {
-                return;
+                let (outcome, unreachable) = match answer {
+                    Ok(r) => (outcome_of_task_response(r), false),
+                    Err(ClientError::Timeout { .. }) => (
+                        Outcome::Interrupted(format!(
+                            "agent {} gave no answer within {wait:?}",
+                            agent.agent_id
+                        )),
+                        false,
+                    ),
+                    Err(e) => (
+                        Outcome::Interrupted(format!("agent {} unreachable: {e}", agent.agent_id)),
+                        e.is_unreachable(),
+                    ),
+                };
+                Some(Event::TaskAnswered {
+                    task,
+                    attempt,
+                    outcome,
+                    unreachable,
+                })
             }
-            task = self.store.get_task(&task_id).ok().flatten();
-        }
-    }
-
-    fn collecting(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
-        self.collecting.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    async fn try_collect(
-        self: &Arc<Self>,
-        task: Option<TaskRecord>,
-        attempt: u32,
-    ) -> Result<(), StoreError> {
-        let Some(task) = task else {
-            return Ok(());
-        };
-        let task_id = task.task_id.as_str();
-        let Some(agent) = task
-            .agent_of_attempt(attempt)
-            .and_then(|a| self.membership.get(a))
-        else {
-            return Ok(());
-        };
-        let atask_id = format!("{task_id}.{attempt}");
-        let req = Request::Get {
-            atask_id: atask_id.clone(),
-        };
-        let mut delay = Duration::from_millis(100);
-        let mut response = None;
-        for _ in 0..COLLECT_TRIES {
-            match self
-                .call_agent(&agent, &req, self.client.request_timeout())
-                .await
-            {
-                Ok(r) => {
-                    response = Some(r);
-                    break;
+            Job::Get {
+                agent,
+                task,
+                attempt,
+            } => {
+                let req = Request::Get {
+                    atask_id: format!("{}.{attempt}", task_name(task)),
+                };
+                let mut delay = Duration::from_millis(100);
+                for _ in 0..COLLECT_TRIES {
+                    match self.call(&agent, &req, timeout).await {
+                        Ok(r) => {
+                            let answer = answer_of_get(r);
+                            if answer.is_none() {
+                                warn!(task_id = %task_name(task), agent = %agent.agent_id, "GET answered without valid data");
+                            }
+                            return Some(match answer {
+                                Some(answer) => Event::GetAnswered {
+                                    task,
+                                    attempt,
+                                    answer,
+                                },
+                                None => Event::GetFailed { task, attempt },
+                            });
+                        }
+                        Err(e) => {
+                            debug!(task_id = %task_name(task), agent = %agent.agent_id, "GET failed: {e}");
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                    }
                 }
-                Err(e) => {
-                    debug!(%task_id, agent = %agent.agent_id, "GET failed: {e}");
-                    self.client.forget(&agent.address);
+                Some(Event::GetFailed { task, attempt })
+            }
+            Job::Terminate {
+                agent,
+                task,
+                attempt,
+            } => {
+                let atask_id = format!("{}.{attempt}", task_name(task));
+                let req = Request::Signal(SignalRequest {
+                    atask_id: atask_id.clone(),
+                    status: AtaskStatus::Terminate,
+                    progress: None,
+                    agent_id: None,
+                    error: None,
+                    start: false,
+                });
+                let mut delay = Duration::from_millis(100);
+                for _ in 0..TERMINATE_TRIES {
+                    match self.call(&agent, &req, timeout).await {
+                        Ok(_) => return None,
+                        Err(e) => {
+                            debug!(%atask_id, agent = %agent.agent_id, "terminate not delivered: {e}")
+                        }
+                    }
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
+                warn!(%atask_id, agent = %agent.agent_id, "agent keeps its copy of the task: terminate not delivered");
+                None
             }
         }
-        let Some(r) = response else {
-            return Ok(());
-        };
-        let outcome = match r.code {
-            Code::UnknownTask => {
-                let why = format!("agent {} no longer has the task", agent.agent_id);
-                let requeued = self.save(task_id, |t| {
-                    t.attempt == attempt
-                        && !t.sync
-                        && (t.requeue(why.clone()) || t.interrupt(why.clone()))
-                })?;
-                if let Some((t, true)) = requeued {
-                    if t.status == TaskStatus::Queued {
-                        self.enqueue(task_id);
-                    }
-                }
-                return Ok(());
-            }
-            Code::Ok => {
-                let Ok(data) = serde_json::from_value::<GetData>(r.data) else {
-                    warn!(%task_id, agent = %agent.agent_id, "GET answered without valid data");
-                    return Ok(());
-                };
-                match data.atask_status {
-                    AtaskStatus::Accepted => {
-                        self.save(task_id, |t| {
-                            t.accepted(attempt, data.progress.clone());
-                            t.updated_ms = now_ms();
-                            true
-                        })?;
-                        return Ok(());
-                    }
-                    AtaskStatus::Done => Outcome::Done(data.result.unwrap_or(Value::Null)),
-                    AtaskStatus::Interrupted | AtaskStatus::Terminate => Outcome::Interrupted(
-                        data.error
-                            .map(|e| e.description)
-                            .unwrap_or_else(|| "interrupted on the agent".into()),
-                    ),
-                    AtaskStatus::ClientError => Outcome::ClientError {
-                        code: data.error.as_ref().map_or(204, |e| e.code.as_u16()),
-                        description: data.error.map(|e| e.description).unwrap_or_default(),
-                    },
-                }
-            }
-            code => Outcome::from_error(code.as_u16(), r.description),
-        };
-        let opal = self.is_opal(&task.procedure);
-        self.save_durable(task_id, |t| {
-            t.opal |= opal;
-            t.finish(attempt, outcome.clone())
-        })
-        .await?;
-        // Durable (or the task ended otherwise): the agent's copy is not needed.
-        self.terminate_on(&agent, atask_id).await;
-        Ok(())
     }
+}
 
-    async fn terminate_on(&self, agent: &AgentRecord, atask_id: String) {
-        let req = Request::Signal(SignalRequest {
-            atask_id: atask_id.clone(),
-            status: AtaskStatus::Terminate,
-            progress: None,
-            agent_id: None,
-            error: None,
-            start: false,
-        });
-        let mut delay = Duration::from_millis(100);
-        for _ in 0..TERMINATE_TRIES {
-            match self
-                .call_agent(agent, &req, self.client.request_timeout())
-                .await
+/// Why a call found no agent, as the API says it.
+fn refusal(r: Refusal, procedure: String) -> GatewayError {
+    match r {
+        Refusal::NoAgent => GatewayError::NoAliveAgent,
+        Refusal::NotOffered { offered_elsewhere } => GatewayError::ProcedureNotOffered {
+            procedure,
+            offered_elsewhere: offered_elsewhere.into_iter().map(agent_name).collect(),
+        },
+        Refusal::UnknownAgent(a) => GatewayError::AgentNotFound(agent_name(a)),
+        Refusal::Blacklisted(a) => GatewayError::AgentBlacklisted(agent_name(a)),
+        Refusal::Unavailable { agent, state } => GatewayError::AgentUnavailable {
+            agent_id: agent_name(agent),
+            state,
+        },
+        Refusal::TooManyOpen { limit } => GatewayError::Unavailable(format!(
+            "{limit} tasks are unfinished, the most this gateway holds; submit again once some have ended"
+        )),
+    }
+}
+
+/// The rules' view of a stored task; `None` for an id this gateway does not make.
+fn core_task(rec: &TaskRecord) -> Option<core::Task> {
+    Some(core::Task {
+        id: task_number(&rec.task_id)?,
+        call: Call {
+            procedure: rec.procedure.clone(),
+            requested: rec.requested_agent_id.as_deref().and_then(agent_number),
+            sync: rec.sync,
+        },
+        status: rec.status,
+        attempt: rec.attempt,
+        holders: (1..=rec.attempt)
+            .map(|n| rec.agent_of_attempt(n).and_then(agent_number).unwrap_or(0))
+            .collect(),
+        progress: rec.progress.clone(),
+        result: None,
+        error: None,
+        reason: None,
+    })
+}
+
+/// Brings a record to the rules' version of its task, with the history entries
+/// and times of each change.
+fn mirror(rec: &mut TaskRecord, t: &core::Task, now: u64) {
+    rec.updated_ms = now;
+    while rec.attempt < t.attempt {
+        rec.attempt += 1;
+        rec.agent_id = t.holder(rec.attempt).map(agent_name);
+        rec.set_status(TaskStatus::Dispatched, None, now);
+    }
+    if t.progress.is_some() {
+        rec.progress = t.progress.clone();
+    }
+    if rec.status == t.status {
+        return;
+    }
+    match t.status {
+        TaskStatus::Queued => {
+            rec.set_status(TaskStatus::Queued, t.reason.clone(), now);
+            rec.agent_id = None;
+        }
+        TaskStatus::Dispatched => rec.set_status(TaskStatus::Dispatched, None, now),
+        TaskStatus::Running => {
+            rec.started_ms = Some(now);
+            rec.set_status(TaskStatus::Running, None, now);
+        }
+        status => {
+            if matches!(
+                status,
+                TaskStatus::Done | TaskStatus::Failed | TaskStatus::ClientError
+            ) && rec.started_ms.is_none()
             {
-                Ok(_) => return,
-                Err(e) => {
-                    debug!(%atask_id, agent = %agent.agent_id, "terminate not delivered: {e}");
-                    self.client.forget(&agent.address);
-                }
+                rec.started_ms = Some(now);
             }
-            tokio::time::sleep(delay).await;
-            delay *= 2;
-        }
-        warn!(%atask_id, agent = %agent.agent_id, "agent keeps its copy of the task: terminate not delivered");
-    }
-
-    /// CancelTask: marks the task cancelled (durably) and stops it on its agent.
-    pub async fn cancel(self: &Arc<Self>, task_id: &str) -> Result<TaskRecord, GatewayError> {
-        let before = self
-            .store
-            .get_task(task_id)?
-            .ok_or_else(|| GatewayError::TaskNotFound(task_id.to_string()))?;
-        let (task, changed) = self
-            .save_durable(task_id, |t| t.cancel())
-            .await?
-            .ok_or_else(|| GatewayError::TaskNotFound(task_id.to_string()))?;
-        if changed && before.status.is_placed() && !before.sync {
-            if let Some(agent) = before
-                .agent_id
-                .as_deref()
-                .and_then(|a| self.membership.get(a))
-            {
-                let this = self.clone();
-                let atask_id = before.atask_id();
-                self.tracker
-                    .spawn(async move { this.terminate_on(&agent, atask_id).await });
+            rec.result = t.result.clone();
+            if let Some(p) = &t.progress {
+                rec.progress = Some(p.clone());
             }
-        }
-        Ok(task)
-    }
-
-    /// The failure policy for an agent that left the cluster: its tasks that had
-    /// not started go back to the queue; those that were running are interrupted
-    /// (a result the agent delivers later is still taken). Waiting tasks are
-    /// withdrawn only once the agent's lease has ended (until then it may still
-    /// start them unasked), so this may run again later.
-    fn agent_gone(self: &Arc<Self>, agent_id: &str) {
-        if self
-            .membership
-            .get(agent_id)
-            .is_some_and(|a| a.state != AgentState::Gone)
-        {
-            return; // Back meanwhile: its tasks stay its own.
-        }
-        if let Err(ends) = self.leases.withdraw(agent_id, Instant::now()) {
-            let (this, agent) = (self.clone(), agent_id.to_string());
-            self.tracker.spawn(async move {
-                tokio::time::sleep_until(ends.into()).await;
-                this.agent_gone(&agent);
-            });
-            return;
-        }
-        let ids: Vec<String> = self.open().iter().cloned().collect();
-        let (mut requeued, mut interrupted) = (0, 0);
-        for id in ids {
-            let r = self.save(&id, |t| {
-                if t.agent_id.as_deref() != Some(agent_id) || t.sync {
-                    return false;
-                }
-                match t.status {
-                    TaskStatus::Dispatched => t.requeue(format!(
-                        "agent {agent_id} left the cluster before starting the task"
-                    )),
-                    TaskStatus::Running => t.interrupt(format!(
-                        "agent {agent_id} left the cluster while running the task"
-                    )),
-                    _ => false,
-                }
-            });
-            match r {
-                Ok(Some((t, true))) if t.status == TaskStatus::Queued => {
-                    requeued += 1;
-                    self.enqueue(&id);
-                }
-                Ok(Some((_, true))) => interrupted += 1,
-                Ok(_) => {}
-                Err(e) => warn!(task_id = %id, "{e}"),
-            }
-        }
-        if requeued + interrupted > 0 {
-            info!(
-                agent_id,
-                requeued, interrupted, "applied the policy for an agent that left"
-            );
-        }
-    }
-
-    /// Queues what waits for an agent; asks agents about placed tasks not heard of
-    /// for a while.
-    fn sweep(self: &Arc<Self>, reconcile_all: bool) {
-        let ids: Vec<String> = self.open().iter().cloned().collect();
-        let now = now_ms();
-        let quiet = RECONCILE_AFTER.as_millis() as u64;
-        for id in ids {
-            let t = match self.store.get_task(&id) {
-                Ok(Some(t)) => t,
-                Ok(None) => {
-                    self.open().remove(&id);
-                    continue;
-                }
-                // The store cannot be read now (reopening after a write error): the
-                // task stays open for the next sweep.
-                Err(_) => continue,
+            (rec.error, rec.error_code) = match &t.error {
+                Some((code, text)) => (Some(text.clone()), code.map(Code::as_u16)),
+                None => (None, None),
             };
-            match t.status {
-                TaskStatus::Queued
-                    if now.saturating_sub(t.updated_ms) >= SWEEP_INTERVAL.as_millis() as u64
-                        || reconcile_all =>
-                {
-                    self.enqueue(&id)
-                }
-                s if s.is_placed()
-                    && !t.sync
-                    && (reconcile_all || now.saturating_sub(t.updated_ms) >= quiet) =>
-                {
-                    // Bounded: what finds no permit is asked about by a later sweep.
-                    let Ok(permit) = self.reconcile_slots.clone().try_acquire_owned() else {
-                        continue;
-                    };
-                    let this = self.clone();
-                    let attempt = t.attempt;
-                    self.tracker.spawn(async move {
-                        this.collect(Some(t), attempt).await;
-                        drop(permit);
-                    });
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// After a restart: rebuilds the bookkeeping from the store, interrupts
-    /// synchronous calls that were cut off, and reconciles everything else.
-    pub async fn recover(self: &Arc<Self>) -> Result<(), StoreError> {
-        let open = self.store.scan_tasks(|t| !t.status.is_final());
-        let n = open.len();
-        for t in open {
-            if t.sync && t.status.is_placed() {
-                self.save_durable(&t.task_id, |r| {
-                    r.interrupt("the gateway restarted during the synchronous call".into())
-                })
-                .await?;
-                continue;
-            }
-            if let (Some(a), true) = (&t.agent_id, t.status.is_placed()) {
-                self.membership.task_placed(a);
-            }
-            self.open().insert(t.task_id.clone());
-        }
-        if n > 0 {
-            info!(tasks = n, "recovered unfinished tasks from the store");
-        }
-        Ok(())
-    }
-
-    /// Places queued tasks, follows membership changes and sweeps, until `stop`.
-    pub async fn run(
-        self: Arc<Self>,
-        mut queue: mpsc::Receiver<String>,
-        mut events: mpsc::Receiver<MembershipEvent>,
-        stop: CancellationToken,
-    ) {
-        // Agents that had left before a restart send no event: apply the policy to
-        // what they still hold now (after the leases an earlier process granted).
-        for a in self.membership.list() {
-            if a.state == AgentState::Gone {
-                self.agent_gone(&a.agent_id);
-            }
-        }
-        self.sweep(true);
-        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                Some(id) = queue.recv() => {
-                    let Ok(permit) = self.dispatch_slots.clone().acquire_owned().await else { break };
-                    let this = self.clone();
-                    self.tracker.spawn(async move {
-                        this.dispatch(id).await;
-                        drop(permit);
-                    });
-                }
-                Some(ev) = events.recv() => match ev {
-                    MembershipEvent::Gone(a) => self.agent_gone(&a),
-                    MembershipEvent::Alive(_) => self.sweep(false),
-                },
-                _ = tick.tick() => self.sweep(false),
-            }
-        }
-        self.watchers.close();
-        self.tracker.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
-        // Status changes not yet on disk (progress, running, ...) survive a clean stop.
-        if let Err(e) = self.store.commit().await {
-            warn!("cannot flush the store on shutdown: {e}");
+            rec.set_status(status, t.reason.clone(), now);
         }
     }
 }
@@ -916,7 +1176,7 @@ impl Scheduler {
 /// The one log line and the metrics of a task's first end (a later result of an
 /// interrupted task changes neither: each task ends once here).
 fn task_ended(t: &TaskRecord) {
-    let end = t.finished_ms.unwrap_or_else(super::model::now_ms);
+    let end = t.finished_ms.unwrap_or_else(now_ms);
     let duration_ms = end.saturating_sub(t.created_ms);
     let status = t.status.as_str();
     crate::metrics::get().task_ended(&t.procedure, status, duration_ms as f64 / 1000.0);
@@ -930,10 +1190,121 @@ fn task_ended(t: &TaskRecord) {
     );
 }
 
+/// A result as the agent sent it, unless it is over the limits: an agent that
+/// does not check its results (an older or a foreign one) could leave a result
+/// no client can read.
+fn checked_done(v: Value) -> Outcome {
+    match crate::limits::check_result(&v) {
+        Ok(()) => Outcome::Done(v),
+        Err(e) => Outcome::Failed {
+            code: Code::Execution,
+            description: format!("the agent sent a result over the limit: {e}"),
+        },
+    }
+}
+
 /// What a TASK answer means for the task.
 fn outcome_of_task_response(r: Response) -> Outcome {
     match r.code {
-        Code::Ok => Outcome::Done(r.data.get("result").cloned().unwrap_or(Value::Null)),
-        code => Outcome::from_error(code.as_u16(), r.description),
+        Code::Ok => checked_done(r.data.get("result").cloned().unwrap_or(Value::Null)),
+        code => Outcome::from_error(code, r.description),
+    }
+}
+
+/// What a GET answer says of the attempt; `None` when it says nothing readable.
+fn answer_of_get(r: Response) -> Option<GetAnswer> {
+    match r.code {
+        Code::UnknownTask => Some(GetAnswer::Unknown),
+        Code::Ok => {
+            let data = serde_json::from_value::<GetData>(r.data).ok()?;
+            Some(match data.atask_status {
+                AtaskStatus::Accepted => match data.progress {
+                    Some(p) => GetAnswer::Running(Some(p)),
+                    None => GetAnswer::Waiting,
+                },
+                AtaskStatus::Done => {
+                    GetAnswer::Ended(checked_done(data.result.unwrap_or(Value::Null)))
+                }
+                AtaskStatus::Interrupted | AtaskStatus::Terminate => {
+                    GetAnswer::Ended(Outcome::Interrupted(
+                        data.error
+                            .map(|e| e.description)
+                            .unwrap_or_else(|| "interrupted on the agent".into()),
+                    ))
+                }
+                AtaskStatus::ClientError => GetAnswer::Ended(Outcome::ClientError {
+                    code: data.error.as_ref().map_or(Code::BadArguments, |e| e.code),
+                    description: data.error.map(|e| e.description).unwrap_or_default(),
+                }),
+            })
+        }
+        code => Some(GetAnswer::Ended(Outcome::from_error(code, r.description))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_result_over_the_limits_is_a_failure() {
+        let big = json!("x".repeat(crate::limits::MAX_RESULT_BYTES + 1));
+        assert!(matches!(
+            checked_done(big),
+            Outcome::Failed {
+                code: Code::Execution,
+                ..
+            }
+        ));
+        assert_eq!(checked_done(json!(3)), Outcome::Done(json!(3)));
+    }
+
+    #[test]
+    fn agent_ids_and_numbers_round_trip() {
+        assert_eq!(agent_number("agent-17"), Some(17));
+        assert_eq!(agent_name(17), "agent-17");
+        assert_eq!(agent_number("agent-x"), None);
+        assert_eq!(agent_number("17"), None);
+        let id = uuid::Uuid::now_v7().to_string();
+        assert_eq!(task_number(&id).map(task_name), Some(id));
+    }
+
+    #[test]
+    fn a_record_follows_a_task_through_a_requeue_and_a_second_placement() {
+        let mut rec = TaskRecord::new("t".into(), "add".into(), Default::default(), None);
+        let mut t = core::Task {
+            id: 1,
+            call: Call::default(),
+            status: TaskStatus::Dispatched,
+            attempt: 1,
+            holders: vec![3],
+            progress: None,
+            result: None,
+            error: None,
+            reason: None,
+        };
+        mirror(&mut rec, &t, 10);
+        assert_eq!((rec.attempt, rec.agent_id.as_deref()), (1, Some("agent-3")));
+        t.status = TaskStatus::Queued;
+        t.reason = Some("agent agent-3 left".into());
+        mirror(&mut rec, &t, 20);
+        assert_eq!(
+            (rec.status, rec.agent_id.as_deref()),
+            (TaskStatus::Queued, None)
+        );
+        t.status = TaskStatus::Dispatched;
+        t.attempt = 2;
+        t.holders.push(4);
+        mirror(&mut rec, &t, 30);
+        assert_eq!(rec.agent_of_attempt(1), Some("agent-3"));
+        assert_eq!(rec.agent_of_attempt(2), Some("agent-4"));
+        t.status = TaskStatus::Done;
+        t.result = Some(json!(5));
+        mirror(&mut rec, &t, 40);
+        assert_eq!(
+            (rec.status, rec.result.clone(), rec.finished_ms),
+            (TaskStatus::Done, Some(json!(5)), Some(40))
+        );
     }
 }

@@ -335,7 +335,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         self.authorize(&req, GrpcMethod::BlacklistAgent)?;
         let id = req.into_inner().agent_id;
         required_id("agent_id", &id)?;
-        let a = self.membership.set_blacklisted(&id, true)?;
+        let a = self.membership.set_blacklisted(&id, true).await?;
         // The operator's decision is durable before the answer.
         self.store.commit().await.map_err(GatewayError::from)?;
         Ok(Response::new(agent_to_pb(&a)))
@@ -348,7 +348,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         self.authorize(&req, GrpcMethod::UnblacklistAgent)?;
         let id = req.into_inner().agent_id;
         required_id("agent_id", &id)?;
-        let a = self.membership.set_blacklisted(&id, false)?;
+        let a = self.membership.set_blacklisted(&id, false).await?;
         // The operator's decision is durable before the answer.
         self.store.commit().await.map_err(GatewayError::from)?;
         Ok(Response::new(agent_to_pb(&a)))

@@ -181,6 +181,8 @@ pub enum Event {
         task: TaskId,
         attempt: u32,
         code: Code,
+        /// The agent's words, for a refusal.
+        description: String,
     },
     /// No answer: `unreachable` when the agent surely did not get it.
     AtaskFailed {
@@ -434,7 +436,8 @@ impl Controller {
                 task,
                 attempt,
                 code,
-            } => self.atask_answered(now, task, attempt, code, &mut out),
+                description,
+            } => self.atask_answered(now, task, attempt, code, description, &mut out),
             Event::AtaskFailed {
                 task,
                 attempt,
@@ -877,6 +880,7 @@ impl Controller {
         id: TaskId,
         attempt: u32,
         code: Code,
+        description: String,
         out: &mut Vec<Effect>,
     ) {
         let Some(t) = self.tasks.get(&id) else {
@@ -904,7 +908,7 @@ impl Controller {
             }
             Code::UnknownProcedure | Code::Internal => {
                 let why = format!(
-                    "agent {} refused the task ({})",
+                    "agent {} refused the task ({}): {description}",
                     agent_name(holder.unwrap_or_default()),
                     code.as_u16()
                 );
@@ -912,10 +916,7 @@ impl Controller {
             }
             code => {
                 if t.status == TaskStatus::Dispatched {
-                    let outcome = Outcome::from_error(
-                        code,
-                        format!("the agent refused the task ({})", code.as_u16()),
-                    );
+                    let outcome = Outcome::from_error(code, description);
                     self.finish(id, attempt, outcome, true, out);
                 }
             }

@@ -895,6 +895,7 @@ impl Sim {
                     task,
                     attempt,
                     code: Code::Ok,
+                    description: String::new(),
                 })
             }
             Req::Get { task, attempt } => {
