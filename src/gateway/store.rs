@@ -12,7 +12,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use super::model::{AgentRecord, TaskRecord, TaskStatus};
-use crate::durable::{DamagePolicy, Spec, Store, GATEWAY_STORE};
+use crate::durable::{count_up, DamagePolicy, Spec, Store, GATEWAY_STORE};
 pub use crate::store::StoreError;
 use crate::store::{Edit, Json, Records, Text};
 
@@ -265,17 +265,7 @@ impl GatewayStore {
         if let Some(id) = self.identities.get(identity)? {
             return Ok(id);
         }
-        let next = self.db.with(|d| {
-            d.meta.update_and_fetch("agent_counter", |old| {
-                let n = old
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map_or(0, u64::from_be_bytes);
-                Some((n + 1).to_be_bytes().to_vec())
-            })
-        })?;
-        let n = next
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(1, u64::from_be_bytes);
+        let n = self.db.with(|d| count_up(&d.meta, b"agent_counter"))?;
         let id = format!("agent-{n}");
         match self.identities.insert_new(identity, &id)? {
             None => {
