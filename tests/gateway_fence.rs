@@ -28,6 +28,8 @@ use serde_json::{json, Value};
 const MAX_MISSES: &str = "100";
 /// The procedure the scripted peer offers.
 const PROCEDURE: &str = "work";
+/// Echoes an agent may miss where the test waits for the lease to end: 2 s.
+const SHORT_LEASE_MISSES: &str = "20";
 /// How long the peer lets the gateway show what it does with a 205 before the late
 /// ATASK "arrives" (a re-placement, if the gateway makes one, comes in milliseconds).
 const LATE_ATASK_AFTER: Duration = Duration::from_secs(2);
@@ -55,6 +57,8 @@ struct State {
     gets: Vec<(String, u64)>,
     /// Attempts run to completion, in order.
     runs: Vec<String>,
+    /// Later attempts whose ask-then-run has ended (run, or refused).
+    settled: Vec<String>,
 }
 
 /// A scripted ARPCP agent on a loopback port. It answers ID and GET from its
@@ -244,7 +248,9 @@ fn run_after_asking(state: &Arc<Mutex<State>>, reply_to: &str, id: &str, agent_i
         &signal(id, "accepted", agent_id.as_deref(), started),
     );
     if code(&r) != 100 {
-        lock(state).held.remove(id);
+        let mut s = lock(state);
+        s.held.remove(id);
+        s.settled.push(id.to_string());
         return;
     }
     let result = json!(format!("result of attempt {}", attempt_of(id)));
@@ -257,12 +263,28 @@ fn run_after_asking(state: &Arc<Mutex<State>>, reply_to: &str, id: &str, agent_i
         reply_to,
         &signal(id, "done", agent_id.as_deref(), json!({})),
     );
+    lock(state).settled.push(id.to_string());
 }
 
-#[test]
-fn an_attempt_the_agent_does_not_hold_yet_is_not_placed_again_within_its_lease() {
+/// A task placed on the scripted peer, whose attempt 1 holds a lease, after the
+/// gateway restarted and the peer answered its GET of attempt 1 with 205.
+struct Lost {
+    peer: ScriptedAgent,
+    /// Kept so the gateway lives as long as the scenario.
+    _gateway: Daemon,
+    gw: Gw,
+    task_id: String,
+    first: String,
+    reply_to: String,
+    agent_id: Option<String>,
+    lease_ms: u64,
+    /// When the lease granted for attempt 1 ends, as the peer counts it.
+    lease_ends: Instant,
+}
+
+fn place_then_lose(max_misses: &str) -> Lost {
     let peer = ScriptedAgent::start();
-    let mut gateway = Daemon::gateway(&["--agent", &peer.addr, "--max-misses", MAX_MISSES]);
+    let mut gateway = Daemon::gateway(&["--agent", &peer.addr, "--max-misses", max_misses]);
     let gw = Gw::connect(&gateway);
     gw.wait_alive(1, WAIT);
 
@@ -311,30 +333,72 @@ fn an_attempt_the_agent_does_not_hold_yet_is_not_placed_again_within_its_lease()
     wait_until(WAIT, "a GET of attempt 1 answered 205", || {
         peer.state().gets.iter().any(|g| g.0 == first && g.1 == 205)
     });
+    Lost {
+        peer,
+        _gateway: gateway,
+        gw,
+        task_id,
+        first,
+        reply_to,
+        agent_id,
+        lease_ms,
+        lease_ends,
+    }
+}
+
+impl Lost {
+    fn later_atasks(&self) -> Vec<(String, Instant)> {
+        self.peer
+            .state()
+            .atasks
+            .iter()
+            .filter(|a| attempt_of(&a.0) > 1)
+            .map(|a| (a.0.clone(), a.2))
+            .collect()
+    }
+
+    /// Waits until every later attempt the peer was given has run or been refused.
+    fn settle(&self) {
+        wait_until(WAIT, "the later attempts to run or be refused", || {
+            let s = self.peer.state();
+            s.atasks
+                .iter()
+                .filter(|a| attempt_of(&a.0) > 1)
+                .all(|a| s.settled.contains(&a.0))
+        });
+    }
+}
+
+#[test]
+fn an_attempt_the_agent_does_not_hold_yet_is_not_placed_again_within_its_lease() {
+    let l = place_then_lose(MAX_MISSES);
+    let (peer, first) = (&l.peer, &l.first);
 
     // The late ATASK arrives after the gateway has had time to act on the 205 (or
     // as soon as it placed the task again), still well inside the lease.
-    let late = (Instant::now() + LATE_ATASK_AFTER).min(lease_ends - LEASE_ROOM);
+    let late = (Instant::now() + LATE_ATASK_AFTER).min(l.lease_ends - LEASE_ROOM);
     wait_until(
         2 * LATE_ATASK_AFTER,
         "the gateway to act on the 205",
-        || Instant::now() >= late || peer.state().atasks.iter().any(|a| attempt_of(&a.0) > 1),
+        || Instant::now() >= late || !l.later_atasks().is_empty(),
     );
     assert!(
-        Instant::now() + LEASE_ROOM / 2 < lease_ends,
-        "the test itself was too slow: the lease of {lease_ms} ms granted for attempt 1 \
-         ends in under {LEASE_ROOM:?}; the scenario needs the start inside it"
+        Instant::now() + LEASE_ROOM / 2 < l.lease_ends,
+        "the test itself was too slow: the lease of {} ms granted for attempt 1 ends \
+         in under {:?}; the scenario needs the start inside it",
+        l.lease_ms,
+        LEASE_ROOM / 2
     );
-    // Accepted under epoch `epoch`, whose lease holds: the agent starts it unasked.
+    // Accepted under the epoch whose lease holds: the agent starts it unasked.
     {
         let mut s = peer.state();
-        s.lost.retain(|id| id != &first);
+        s.lost.retain(|id| id != first);
         s.held.insert(first.clone(), Held::Waiting);
     }
     let started = json!({"progress": {"percent": 0.0, "comment": "started"}});
     let r = call(
-        &reply_to,
-        &signal(&first, "accepted", agent_id.as_deref(), started),
+        &l.reply_to,
+        &signal(first, "accepted", l.agent_id.as_deref(), started),
     );
     assert_eq!(code(&r), 100, "{r}");
     {
@@ -344,28 +408,26 @@ fn an_attempt_the_agent_does_not_hold_yet_is_not_placed_again_within_its_lease()
         s.runs.push(first.clone());
     }
     let r = call(
-        &reply_to,
-        &signal(&first, "done", agent_id.as_deref(), json!({})),
+        &l.reply_to,
+        &signal(first, "done", l.agent_id.as_deref(), json!({})),
     );
     assert_eq!(code(&r), 100, "{r}");
 
-    let t = gw.wait_final(&task_id, WAIT);
-    // Both copies, if there are two, have had time to report: the peer runs a
-    // second attempt the moment the gateway confirms it.
-    let s = peer.state();
-    let placed_in_lease: Vec<String> = s
-        .atasks
-        .iter()
-        .filter(|a| attempt_of(&a.0) > 1 && a.2 < lease_ends)
-        .map(|a| a.0.clone())
+    let t = l.gw.wait_final(&l.task_id, WAIT);
+    l.settle();
+    let placed_in_lease: Vec<String> = l
+        .later_atasks()
+        .into_iter()
+        .filter(|a| a.1 < l.lease_ends)
+        .map(|a| a.0)
         .collect();
+    let runs = peer.state().runs.clone();
     assert_eq!(
-        s.runs,
+        runs,
         vec![first.clone()],
-        "the procedure ran to completion {} times ({:?}); ATASKs sent while the lease \
-         of attempt 1 held: {placed_in_lease:?}; task: {}",
-        s.runs.len(),
-        s.runs,
+        "the procedure ran to completion {} times; ATASKs sent while the lease of \
+         attempt 1 held: {placed_in_lease:?}; task: {}",
+        runs.len(),
         describe(&t)
     );
     assert!(
@@ -380,4 +442,53 @@ fn an_attempt_the_agent_does_not_hold_yet_is_not_placed_again_within_its_lease()
         describe(&t)
     );
     assert_eq!(t.attempts, 1, "{}", describe(&t));
+}
+
+/// The other half of the rule: an attempt the agent really never gets is placed
+/// again once the lease has ended (the task is not stuck), and its ATASK, should it
+/// arrive after all, must ask and is refused.
+#[test]
+fn an_attempt_the_agent_never_gets_is_placed_again_once_its_lease_ends() {
+    // 2 s leases: the re-placement is waited for, not raced.
+    let l = place_then_lose(SHORT_LEASE_MISSES);
+
+    let t =
+        l.gw.wait_final(&l.task_id, WAIT + Duration::from_millis(l.lease_ms));
+    l.settle();
+    let later = l.later_atasks();
+    let second = format!("{}.2", l.task_id);
+    assert_eq!(
+        later.iter().map(|a| a.0.clone()).collect::<Vec<_>>(),
+        vec![second.clone()],
+        "{}",
+        describe(&t)
+    );
+    assert!(
+        later[0].1 >= l.lease_ends,
+        "attempt 2 was sent {:?} before the lease of attempt 1 ended",
+        l.lease_ends - later[0].1
+    );
+    assert_eq!(l.peer.state().runs, vec![second], "{}", describe(&t));
+    assert_eq!(t.status, pb::TaskStatus::Done as i32, "{}", describe(&t));
+    assert_eq!(
+        result_of(&t),
+        Some(json!("result of attempt 2")),
+        "{}",
+        describe(&t)
+    );
+
+    // The ATASK of attempt 1 arrives now, its lease over: the agent asks first.
+    let start = json!({"start": true, "progress": {"percent": 0.0, "comment": "started"}});
+    let r = call(
+        &l.reply_to,
+        &signal(&l.first, "accepted", l.agent_id.as_deref(), start),
+    );
+    assert_eq!(code(&r), 205, "{r}");
+    assert!(
+        r["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("placed again as attempt 2")),
+        "{r}"
+    );
+    assert_eq!(l.gw.task(&l.task_id), t, "a refused start changes nothing");
 }
