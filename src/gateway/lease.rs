@@ -5,6 +5,9 @@
 //! It withdraws an agent's waiting attempts only once that time has passed, and
 //! then moves the agent to a new epoch, which every later ATASK and grant carries:
 //! attempts the agent accepted before must ask, and are told they were withdrawn.
+//! An agent that says it does not hold an attempt is fenced the other way round:
+//! new epoch at once, the attempt withdrawn once the old lease has ended (it may
+//! still be on its way to the agent, which would start it unasked until then).
 //!
 //! Pure rules: the time is passed in.
 
@@ -96,6 +99,18 @@ impl Leases {
         lease.epoch = fresh_epoch();
         Ok(())
     }
+
+    /// Fences off the attempts `agent_id` accepted so far, at once: moves it to a
+    /// new epoch, which every later ATASK and grant carries, so an attempt accepted
+    /// before must ask before it starts once the lease it came with has ended.
+    /// Returns when that lease ends: until then the agent may still start such an
+    /// attempt without asking, so none of them may be placed elsewhere before.
+    pub fn fence(&self, agent_id: &str) -> Instant {
+        let mut agents = self.agents();
+        let lease = self.entry(&mut agents, agent_id);
+        lease.epoch = fresh_epoch();
+        lease.ends
+    }
 }
 
 #[cfg(test)]
@@ -119,6 +134,35 @@ mod tests {
         assert_eq!(l.withdraw("a", ends), Ok(()));
         assert_ne!(l.epoch("a"), first);
         assert!(l.epoch("a") <= EPOCH_MASK);
+    }
+
+    #[test]
+    fn a_fence_changes_the_epoch_at_once_and_says_when_the_old_lease_ends() {
+        let t0 = Instant::now();
+        let l = Leases::new(2 * SECOND, t0);
+        let first = l.epoch("a");
+        l.grant("a", t0 + 3 * SECOND);
+        let ends = t0 + 5 * SECOND + LEASE_MARGIN;
+        assert_eq!(l.fence("a"), ends);
+        let second = l.epoch("a");
+        assert_ne!(
+            second, first,
+            "the new epoch holds before the old lease ends"
+        );
+        assert!(second <= EPOCH_MASK);
+        // Grants from now on carry the new epoch; a second fence moves on again
+        // and still reports the latest end of any lease granted.
+        let g = l.grant("a", t0 + 4 * SECOND);
+        assert_eq!(g.lease_epoch, second);
+        assert_eq!(l.fence("a"), t0 + 6 * SECOND + LEASE_MARGIN);
+        assert_ne!(l.epoch("a"), second);
+    }
+
+    #[test]
+    fn a_fence_right_after_a_restart_waits_for_the_leases_of_the_earlier_process() {
+        let t0 = Instant::now();
+        let l = Leases::new(2 * SECOND, t0);
+        assert_eq!(l.fence("never-granted"), t0 + 2 * SECOND + LEASE_MARGIN);
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub const RECONCILE_AFTER: Duration = Duration::from_secs(10);
 pub const TERMINATE_TRIES: u32 = 5;
 /// Tries of a GET after a `done` SIGNAL before leaving it to reconciliation.
 pub const COLLECT_TRIES: u32 = 3;
+/// Attempts an agent said it does not hold, waiting for its lease to end before
+/// their task goes back to the queue. Beyond this, such a task stays placed and a
+/// later reconciliation asks again.
+pub const MAX_DEFERRED_REQUEUES: usize = 16 * 1024;
 /// Default limit of a synchronous call.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -74,6 +78,11 @@ pub struct Scheduler {
     /// Collections under way, by `atask_id`; `true`: run once more when done.
     collecting: Mutex<HashMap<String, bool>>,
     reconcile_slots: Arc<Semaphore>,
+    /// `atask_id`s re-queued once their agent's lease ends (see `unknown_to_agent`).
+    deferred_requeues: Mutex<HashSet<String>>,
+    /// Ends those waits when the scheduler stops: a re-queue is not durable anyway,
+    /// and reconciliation after the restart decides again.
+    stopping: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -99,6 +108,8 @@ impl Scheduler {
             leases,
             collecting: Mutex::new(HashMap::new()),
             reconcile_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_RECONCILES)),
+            deferred_requeues: Mutex::new(HashSet::new()),
+            stopping: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
         (Arc::new(s), rx)
@@ -640,17 +651,7 @@ impl Scheduler {
         };
         let outcome = match r.code {
             Code::UnknownTask => {
-                let why = format!("agent {} no longer has the task", agent.agent_id);
-                let requeued = self.save(task_id, |t| {
-                    t.attempt == attempt
-                        && !t.sync
-                        && (t.requeue(why.clone()) || t.interrupt(why.clone()))
-                })?;
-                if let Some((t, true)) = requeued {
-                    if t.status == TaskStatus::Queued {
-                        self.enqueue(task_id);
-                    }
-                }
+                self.unknown_to_agent(task_id, attempt, &agent.agent_id)?;
                 return Ok(());
             }
             Code::Ok => {
@@ -690,6 +691,80 @@ impl Scheduler {
         // Durable (or the task ended otherwise): the agent's copy is not needed.
         self.terminate_on(&agent, atask_id).await;
         Ok(())
+    }
+
+    /// The agent of `attempt` answered that it does not hold it. A started attempt
+    /// is interrupted. One not started may still be on its way to the agent (an
+    /// ATASK of an earlier process of ours, or one overtaken on another connection)
+    /// and be started unasked under the lease the agent holds: the agent moves to a
+    /// new epoch at once (once that lease ends, the attempt must ask, and is refused
+    /// if the task was placed again), and the task goes back to the queue only when
+    /// that lease has ended, and only if the attempt has not started meanwhile.
+    fn unknown_to_agent(
+        self: &Arc<Self>,
+        task_id: &str,
+        attempt: u32,
+        agent_id: &str,
+    ) -> Result<(), StoreError> {
+        let why = format!("agent {agent_id} no longer has the task");
+        let mut waiting = false;
+        self.save(task_id, |t| {
+            if t.attempt != attempt || t.sync || !t.status.is_placed() {
+                return false;
+            }
+            if t.status == TaskStatus::Dispatched {
+                waiting = true;
+                return false;
+            }
+            t.interrupt(why.clone())
+        })?;
+        if !waiting {
+            return Ok(());
+        }
+        let ends = self.leases.fence(agent_id);
+        if ends <= Instant::now() {
+            return self.requeue_unheld(task_id, attempt, why);
+        }
+        let key = format!("{task_id}.{attempt}");
+        {
+            let mut deferred = self.deferred_requeues();
+            if deferred.contains(&key) || deferred.len() >= MAX_DEFERRED_REQUEUES {
+                return Ok(());
+            }
+            deferred.insert(key.clone());
+        }
+        debug!(%task_id, attempt, agent_id, "the agent does not hold the attempt; re-queued once its lease ends");
+        let (this, task_id) = (self.clone(), task_id.to_string());
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(ends.into()) => {
+                    if let Err(e) = this.requeue_unheld(&task_id, attempt, why) {
+                        warn!(%task_id, "cannot re-queue the task: {e}");
+                    }
+                }
+                _ = this.stopping.cancelled() => {}
+            }
+            this.deferred_requeues().remove(&key);
+        });
+        Ok(())
+    }
+
+    /// Puts a task back in the queue if `attempt` is still its placement and has
+    /// not started (`requeue` changes nothing otherwise).
+    fn requeue_unheld(&self, task_id: &str, attempt: u32, why: String) -> Result<(), StoreError> {
+        let requeued = self.save(task_id, |t| {
+            t.attempt == attempt && !t.sync && t.requeue(why.clone())
+        })?;
+        if let Some((_, true)) = requeued {
+            self.enqueue(task_id);
+        }
+        Ok(())
+    }
+
+    fn deferred_requeues(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.deferred_requeues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     async fn terminate_on(&self, agent: &AgentRecord, atask_id: String) {
@@ -903,6 +978,7 @@ impl Scheduler {
                 _ = tick.tick() => self.sweep(false),
             }
         }
+        self.stopping.cancel();
         self.watchers.close();
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
