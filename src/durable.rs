@@ -179,10 +179,20 @@ fn seq_path(path: &Path) -> PathBuf {
 }
 
 fn read_seq(db: &sled::Db) -> sled::Result<u64> {
-    Ok(db
-        .get(SEQ_KEY)?
-        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map_or(0, u64::from_be_bytes))
+    Ok(db.get(SEQ_KEY)?.map_or(0, |v| counter_value(&v)))
+}
+
+/// A counter's stored bytes as a number; missing or not eight bytes counts as 0.
+fn counter_value(bytes: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(bytes).map_or(0, u64::from_be_bytes)
+}
+
+/// Counts the counter at `key` up by one, atomically, and returns its new value.
+pub fn count_up(tree: &sled::Tree, key: &[u8]) -> sled::Result<u64> {
+    let new = tree.update_and_fetch(key, |old| {
+        Some((old.map_or(0, counter_value) + 1).to_be_bytes().to_vec())
+    })?;
+    Ok(new.map_or(0, |v| counter_value(&v)))
 }
 
 /// The text of an error, without sled's debug formatting of I/O errors.
@@ -504,17 +514,10 @@ impl<T> Shared<T> {
             return Err(self.unwritable());
         };
         let step = || -> sled::Result<u64> {
-            let seq = h.db.update_and_fetch(SEQ_KEY, |old| {
-                let n = old
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map_or(0, u64::from_be_bytes);
-                Some((n + 1).to_be_bytes().to_vec())
-            })?;
+            let seq = count_up(&h.db, SEQ_KEY)?;
             h.db.flush()?;
             h.log.sync_data()?;
-            Ok(seq
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map_or(0, u64::from_be_bytes))
+            Ok(seq)
         };
         let out = step();
         drop(guard);

@@ -36,12 +36,6 @@ pub const STORE_RETRY_CAP: Duration = Duration::from_secs(2);
 /// Default limit of a synchronous TASK that names none.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
-impl From<StoreError> for ProtocolError {
-    fn from(e: StoreError) -> Self {
-        ProtocolError::Internal(e.to_string())
-    }
-}
-
 /// What the runner knows about a task that has not ended.
 struct Live {
     terminate: CancellationToken,

@@ -58,9 +58,3 @@ impl Handler for ControllerService {
         "gateway"
     }
 }
-
-impl From<super::store::StoreError> for ProtocolError {
-    fn from(e: super::store::StoreError) -> Self {
-        ProtocolError::Internal(e.to_string())
-    }
-}

@@ -8,27 +8,16 @@
 //! (see `durable.rs`), so every access goes through [`Store::with`] and no method
 //! keeps a tree or an iterator past its return.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
-use thiserror::Error;
-
 use super::model::{AgentRecord, TaskRecord, TaskStatus};
-use crate::durable::{DamagePolicy, DurableError, OpenError, Spec, Store, GATEWAY_STORE};
+use crate::durable::{count_up, DamagePolicy, Spec, Store, GATEWAY_STORE};
+pub use crate::store::StoreError;
+use crate::store::{Edit, Json, Records, Text};
 
 /// sled's page cache for the gateway's store.
 const CACHE_BYTES: u64 = 256 * 1024 * 1024;
-
-#[derive(Debug, Error)]
-pub enum StoreError {
-    #[error(transparent)]
-    Durable(#[from] DurableError),
-    #[error(transparent)]
-    Open(#[from] OpenError),
-    #[error("gateway store: unreadable record {key:?}: {error}")]
-    Corrupt { key: String, error: String },
-    #[error("gateway store: {0}")]
-    Encode(#[from] serde_json::Error),
-}
 
 /// Which tasks a listing wants.
 #[derive(Debug, Default, Clone)]
@@ -69,13 +58,9 @@ fn trees(db: &sled::Db) -> sled::Result<Trees> {
 #[derive(Clone)]
 pub struct GatewayStore {
     db: Store<Trees>,
-}
-
-fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        error: e.to_string(),
-    })
+    tasks: Records<Trees, Json<TaskRecord>>,
+    agents: Records<Trees, Json<AgentRecord>>,
+    identities: Records<Trees, Text>,
 }
 
 impl GatewayStore {
@@ -98,41 +83,26 @@ impl GatewayStore {
             policy,
         )?;
         let mut damage = opened.damage;
-        let db = opened.store;
-        let (bad, entries) = db.with(|t| {
-            let (mut bad, mut entries) = (0usize, 0usize);
-            for tree in [&t.tasks, &t.agents] {
-                let is_tasks = std::ptr::eq(tree, &t.tasks);
-                for kv in tree.iter() {
-                    let Ok((k, v)) = kv else {
-                        entries += 1;
-                        continue;
-                    };
-                    let decodes = if is_tasks {
-                        decode::<TaskRecord>(&k, &v).is_ok()
-                    } else {
-                        decode::<AgentRecord>(&k, &v).is_ok()
-                    };
-                    if decodes {
-                        continue;
-                    }
-                    bad += 1;
-                    if policy == DamagePolicy::Accept {
-                        tracing::warn!(key = %String::from_utf8_lossy(&k), "damaged store: dropping a record that does not decode");
-                        tree.remove(&k)?;
-                    }
-                }
-            }
-            Ok((bad, entries))
-        })?;
+        let store = GatewayStore::with_records(opened.store);
+        let drop_bad = policy == DamagePolicy::Accept;
+        let (bad_tasks, unreadable_tasks) = store.tasks.audit(drop_bad)?;
+        let (bad_agents, unreadable_agents) = store.agents.audit(drop_bad)?;
+        let (bad, entries) = (bad_tasks + bad_agents, unreadable_tasks + unreadable_agents);
         if bad > 0 || entries > 0 {
             damage.push(format!(
                 "{bad} records do not decode and {entries} entries cannot be read"
             ));
         }
-        Ok(GatewayStore {
-            db: db.settle(damage, policy)?,
-        })
+        Ok(GatewayStore::with_records(store.db.settle(damage, policy)?))
+    }
+
+    fn with_records(db: Store<Trees>) -> GatewayStore {
+        GatewayStore {
+            tasks: Records::new(db.clone(), "tasks", |t| &t.tasks),
+            agents: Records::new(db.clone(), "agents", |t| &t.agents),
+            identities: Records::new(db.clone(), "identities", |t| &t.identities),
+            db,
+        }
     }
 
     /// Why the store cannot write now, `None` while it can; changes as it fails
@@ -153,77 +123,42 @@ impl GatewayStore {
 
     /// Stores a task without waiting for disk (a later commit covers it).
     pub fn put_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(t)?;
-        self.db
-            .with(|d| d.tasks.insert(t.task_id.as_bytes(), bytes))?;
+        self.tasks.put(&t.task_id, t)?;
         Ok(())
     }
 
     pub fn get_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        self.db
-            .with(|d| d.tasks.get(id.as_bytes()))?
-            .map(|v| decode(id.as_bytes(), &v))
-            .transpose()
+        self.tasks.get(id)
     }
 
     /// Applies `change` atomically. `change` returns whether it changed anything;
     /// the answer is the record after the change and that flag, or `None` for an
-    /// unknown id. Not yet durable: see [`GatewayStore::commit`].
+    /// unknown id. Not yet durable: see [`GatewayStore::commit`]. On an error the
+    /// stored record is left as it was.
     pub fn update_task(
         &self,
         id: &str,
-        mut change: impl FnMut(&mut TaskRecord) -> bool,
+        change: impl FnMut(&mut TaskRecord) -> bool,
     ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
-        let mut out = None;
-        let mut failure = None;
-        self.db.with(|d| {
-            d.tasks.fetch_and_update(id.as_bytes(), |old| {
-                let old = old?;
-                match decode::<TaskRecord>(id.as_bytes(), old) {
-                    Ok(mut rec) => {
-                        let changed = change(&mut rec);
-                        let bytes = if changed {
-                            serde_json::to_vec(&rec).ok()
-                        } else {
-                            Some(old.to_vec())
-                        };
-                        out = Some((rec, changed));
-                        bytes
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        Some(old.to_vec())
-                    }
-                }
-            })
-        })?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        self.tasks.update(id, change)
     }
 
     /// Every task for which `keep` holds (a full scan: start-up and maintenance).
     pub fn scan_tasks(&self, mut keep: impl FnMut(&TaskRecord) -> bool) -> Vec<TaskRecord> {
-        let scanned = self.db.with(|d| {
-            Ok(d.tasks
-                .iter()
-                .filter_map(|kv| {
-                    let (k, v) = kv.ok()?;
-                    match decode::<TaskRecord>(&k, &v) {
-                        Ok(t) => keep(&t).then_some(t),
-                        Err(e) => {
-                            tracing::warn!("{e}");
-                            None
-                        }
-                    }
-                })
-                .collect())
+        let mut out = Vec::new();
+        let scanned = self.tasks.scan(|_, t| {
+            match t {
+                Ok(t) if keep(&t) => out.push(t),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+            ControlFlow::<()>::Continue(())
         });
-        scanned.unwrap_or_else(|e| {
+        if let Err(e) = scanned {
             tracing::warn!("cannot scan the tasks: {e}");
-            Vec::new()
-        })
+            return Vec::new();
+        }
+        out
     }
 
     /// Newest first, from before `after` (a previous page's last id): at most
@@ -240,39 +175,31 @@ impl GatewayStore {
         max_bytes: usize,
         mut convert: impl FnMut(&TaskRecord) -> (T, usize),
     ) -> Result<(Vec<T>, bool), StoreError> {
-        self.db
-            .with(|d| {
-                let iter = match after {
-                    Some(a) => d.tasks.range(..a.as_bytes().to_vec()),
-                    None => d.tasks.iter(),
-                };
-                let mut page = Vec::new();
-                let mut bytes = 0usize;
-                for kv in iter.rev() {
-                    let (k, v) = kv?;
-                    let t: TaskRecord = match decode(&k, &v) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::warn!("listing tasks: {e}");
-                            continue;
-                        }
-                    };
-                    if !filter.matches(&t) {
-                        continue;
-                    }
-                    if page.len() == limit {
-                        return Ok((page, true));
-                    }
-                    let (item, size) = convert(&t);
-                    if !page.is_empty() && bytes.saturating_add(size) > max_bytes {
-                        return Ok((page, true));
-                    }
-                    bytes = bytes.saturating_add(size);
-                    page.push(item);
+        let mut page = Vec::new();
+        let mut bytes = 0usize;
+        let cut = self.tasks.scan_back(after, |_, t| {
+            let t = match t {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!("listing tasks: {e}");
+                    return ControlFlow::Continue(());
                 }
-                Ok((page, false))
-            })
-            .map_err(StoreError::from)
+            };
+            if !filter.matches(&t) {
+                return ControlFlow::Continue(());
+            }
+            if page.len() == limit {
+                return ControlFlow::Break(());
+            }
+            let (item, size) = convert(&t);
+            if !page.is_empty() && bytes.saturating_add(size) > max_bytes {
+                return ControlFlow::Break(());
+            }
+            bytes = bytes.saturating_add(size);
+            page.push(item);
+            ControlFlow::Continue(())
+        })?;
+        Ok((page, cut.is_some()))
     }
 
     /// Drops finished tasks older than `max_age_ms`, then the oldest finished ones
@@ -283,82 +210,70 @@ impl GatewayStore {
         max_age_ms: u64,
         max_count: usize,
     ) -> Result<usize, StoreError> {
-        let finished: Vec<(sled::IVec, u64)> = self.db.with(|d| {
-            Ok(d.tasks
-                .iter()
-                .filter_map(|kv| {
-                    let (k, v) = kv.ok()?;
-                    let t: TaskRecord = decode(&k, &v).ok()?;
-                    Some((k, t.finished_ms?)).filter(|_| t.status.is_final())
-                })
-                .collect())
+        let mut finished: Vec<(String, u64)> = Vec::new();
+        self.tasks.scan(|k, t| {
+            if let Ok(t) = t {
+                if let Some(at) = t.finished_ms.filter(|_| t.status.is_final()) {
+                    finished.push((k.to_string(), at));
+                }
+            }
+            ControlFlow::<()>::Continue(())
         })?;
         let excess = finished.len().saturating_sub(max_count);
         let mut removed = 0;
         for (i, (k, finished_ms)) in finished.iter().enumerate() {
             if i < excess || now_ms.saturating_sub(*finished_ms) > max_age_ms {
-                self.db.with(|d| d.tasks.remove(k))?;
-                removed += 1;
+                // A final status is never left, so the check only guards the rule.
+                let gone = self.tasks.edit(k, |t| {
+                    if t.status.is_final() {
+                        Edit::Remove
+                    } else {
+                        Edit::Keep
+                    }
+                })?;
+                if matches!(gone, Some((_, Edit::Remove))) {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        self.db.with(|d| {
-            let mut out = Vec::new();
-            for kv in d.agents.iter() {
-                let (k, v) = kv?;
-                match decode(&k, &v) {
-                    Ok(a) => out.push(a),
-                    Err(e) => return Ok(Err(e)),
-                }
+        let mut out = Vec::new();
+        let failed = self.agents.scan(|_, a| match a {
+            Ok(a) => {
+                out.push(a);
+                ControlFlow::Continue(())
             }
-            Ok(Ok(out))
-        })?
+            Err(e) => ControlFlow::Break(e),
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     pub fn put_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(a)?;
-        self.db
-            .with(|d| d.agents.insert(a.agent_id.as_bytes(), bytes))?;
+        self.agents.put(&a.agent_id, a)?;
         Ok(())
     }
 
     /// The agent id of an identity (MAC + port), assigning the next free one for a
     /// new identity. Ids are never reused.
     pub async fn agent_id_for(&self, identity: &str) -> Result<String, StoreError> {
-        if let Some(id) = self.db.with(|d| d.identities.get(identity.as_bytes()))? {
-            return Ok(String::from_utf8_lossy(&id).into_owned());
+        if let Some(id) = self.identities.get(identity)? {
+            return Ok(id);
         }
-        let next = self.db.with(|d| {
-            d.meta.update_and_fetch("agent_counter", |old| {
-                let n = old
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map_or(0, u64::from_be_bytes);
-                Some((n + 1).to_be_bytes().to_vec())
-            })
-        })?;
-        let n = next
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(1, u64::from_be_bytes);
+        let n = self.db.with(|d| count_up(&d.meta, b"agent_counter"))?;
         let id = format!("agent-{n}");
-        match self.db.with(|d| {
-            d.identities.compare_and_swap(
-                identity.as_bytes(),
-                None as Option<&[u8]>,
-                Some(id.as_bytes()),
-            )
-        })? {
-            Ok(()) => {
+        match self.identities.insert_new(identity, &id)? {
+            None => {
                 self.commit().await?;
                 Ok(id)
             }
             // Registered concurrently: keep the first id.
-            Err(cas) => Ok(cas
-                .current
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
-                .unwrap_or(id)),
+            Some(first) => Ok(first),
         }
     }
 }
