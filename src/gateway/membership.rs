@@ -71,6 +71,8 @@ pub struct MembershipConfig {
 
 pub struct Membership {
     agents: RwLock<HashMap<String, Arc<AgentRecord>>>,
+    /// Held while an agent's record is written to the store (see `persist`).
+    persisting: Mutex<()>,
     /// Addresses to probe that are not registered agents (yet): `None` for the
     /// configured ones (probed until they answer), the failed probes in a row for
     /// announced ones.
@@ -104,6 +106,7 @@ impl Membership {
         let candidates = config.seeds.iter().map(|s| (s.clone(), None)).collect();
         Ok(Arc::new(Membership {
             agents: RwLock::new(agents),
+            persisting: Mutex::new(()),
             candidates: Mutex::new(candidates),
             catalogs: Mutex::new(HashMap::new()),
             store,
@@ -177,7 +180,8 @@ impl Membership {
         let before = a.state;
         a.state = state;
         a.misses = misses;
-        if let Err(e) = self.store.put_agent(a) {
+        drop(agents);
+        if let Err(e) = self.persist(agent_id) {
             warn!(agent_id, "cannot store agent: {e}");
         }
         match state {
@@ -189,10 +193,21 @@ impl Membership {
             }
             AgentState::Suspect if misses == 0 => info!(
                 agent_id,
-                "agent unreachable: no new tasks until it answers an echo"
+                "agent unreachable or not heard from since the start: no new tasks until it answers an echo"
             ),
             AgentState::Suspect => warn!(agent_id, misses, "agent missed an echo"),
             AgentState::Alive | AgentState::Gone => {}
+        }
+    }
+
+    /// Stores an agent's record as it is in memory now. Writers take turns, so the
+    /// last write is of the latest record; readers of the records never wait for
+    /// the store.
+    fn persist(&self, agent_id: &str) -> Result<(), StoreError> {
+        let _turn = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
+        match self.get(agent_id) {
+            Some(rec) => self.store.put_agent(&rec),
+            None => Ok(()),
         }
     }
 
@@ -219,9 +234,9 @@ impl Membership {
                     .ok_or_else(|| GatewayError::AgentNotFound(agent_id.to_string()))?,
             );
             a.blacklisted = on;
-            self.store.put_agent(a)?;
             a.clone()
         };
+        self.persist(agent_id)?;
         info!(agent_id, blacklisted = on, "blacklist changed");
         if let Some(agent) = agent_number(agent_id) {
             self.controller.tell(Event::Blacklist { agent, on }).await;
@@ -337,8 +352,8 @@ impl Membership {
         };
         let agent_id = self.store.agent_id_for(&identity).await?;
         let (rec, changed) = {
-            // Read and write under one lock, so a blacklist change made meanwhile is
-            // not overwritten with the flag read before it.
+            // Read and change under one lock, so a blacklist change made meanwhile
+            // is not overwritten with the flag read before it.
             let mut agents = self.write();
             let previous = agents.get(&agent_id);
             // The state is the rules' to change (`set_state`), once they hear of this.
@@ -366,9 +381,9 @@ impl Membership {
                     || p.ip != rec.ip
             });
             agents.insert(agent_id.clone(), Arc::new(rec.clone()));
-            self.store.put_agent(&rec)?;
             (rec, changed)
         };
+        self.persist(&agent_id)?;
         self.candidates().remove(addr);
         if changed {
             info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, certificate = ?rec.certificate, "agent alive");

@@ -550,7 +550,7 @@ impl Driver {
 
     fn submit(
         &mut self,
-        record: TaskRecord,
+        mut record: TaskRecord,
         sync: Option<Duration>,
         reply: oneshot::Sender<Result<TaskRecord, GatewayError>>,
     ) {
@@ -571,10 +571,11 @@ impl Driver {
                 }
             },
         };
+        record.sync = sync.is_some();
         let call = Call {
             procedure: record.procedure.clone(),
             requested,
-            sync: sync.is_some(),
+            sync: record.sync,
         };
         self.open.insert(id, record);
         if let Some(limit) = sync {
@@ -762,9 +763,8 @@ impl Driver {
                 };
                 let result = match (result, failed) {
                     (Err(r), _) => {
-                        self.open.remove(&task);
                         self.sync_limits.remove(&task);
-                        let procedure = self.core.task(task).map(|t| t.call.procedure.clone());
+                        let procedure = self.open.remove(&task).map(|t| t.procedure);
                         Err(refusal(r, procedure.unwrap_or_default()))
                     }
                     (Ok(()), Some(e)) => Err(GatewayError::Unavailable(e)),

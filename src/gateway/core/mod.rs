@@ -1339,6 +1339,11 @@ impl Controller {
                     load: 0,
                 },
             );
+            out.push(Effect::AgentState {
+                agent: info.id,
+                state: AgentState::Suspect,
+                misses: 0,
+            });
         }
         for t in tasks {
             let (id, attempt, placed) = (t.id, t.attempt, t.status.is_placed());
