@@ -312,34 +312,27 @@ enum Visible {
     Send(Job),
 }
 
-/// An exchange with an agent, run in its own task.
-enum Job {
+/// An exchange with an agent about one attempt, run in its own task.
+struct Job {
+    agent: Arc<AgentRecord>,
+    task: TaskId,
+    attempt: u32,
+    kind: Kind,
+}
+
+enum Kind {
     Atask {
-        agent: Arc<AgentRecord>,
-        task: TaskId,
-        attempt: u32,
         epoch: u64,
         procedure: String,
         args: crate::arpcp::Args,
     },
     Task {
-        agent: Arc<AgentRecord>,
-        task: TaskId,
-        attempt: u32,
         procedure: String,
         args: crate::arpcp::Args,
         timeout: Duration,
     },
-    Get {
-        agent: Arc<AgentRecord>,
-        task: TaskId,
-        attempt: u32,
-    },
-    Terminate {
-        agent: Arc<AgentRecord>,
-        task: TaskId,
-        attempt: u32,
-    },
+    Get,
+    Terminate,
 }
 
 /// Owns the rules and carries out what they say.
@@ -632,27 +625,13 @@ impl Driver {
                     attempt,
                     epoch,
                 } => {
-                    let Some(rec) = self.open.get(&task) else {
-                        continue;
-                    };
-                    let (procedure, args) = (rec.procedure.clone(), rec.args.clone());
-                    match self.agent(agent) {
-                        Some(agent) => self.emit(
-                            task,
-                            Visible::Send(Job::Atask {
-                                agent,
-                                task,
-                                attempt,
-                                epoch,
-                                procedure,
-                                args,
-                            }),
-                        ),
-                        None => self.later(Event::AtaskFailed {
-                            task,
-                            attempt,
-                            unreachable: true,
-                        }),
+                    if let Some((procedure, args)) = self.call_of(task) {
+                        let kind = Kind::Atask {
+                            epoch,
+                            procedure,
+                            args,
+                        };
+                        self.send(agent, task, attempt, kind);
                     }
                 }
                 Effect::SendTask {
@@ -660,66 +639,29 @@ impl Driver {
                     task,
                     attempt,
                 } => {
-                    let Some(rec) = self.open.get(&task) else {
-                        continue;
-                    };
-                    let (procedure, args) = (rec.procedure.clone(), rec.args.clone());
                     let timeout = self
                         .sync_limits
                         .remove(&task)
                         .unwrap_or(DEFAULT_SYNC_TIMEOUT);
-                    match self.agent(agent) {
-                        Some(agent) => self.emit(
-                            task,
-                            Visible::Send(Job::Task {
-                                agent,
-                                task,
-                                attempt,
-                                procedure,
-                                args,
-                                timeout,
-                            }),
-                        ),
-                        None => self.later(Event::TaskAnswered {
-                            task,
-                            attempt,
-                            outcome: Outcome::Interrupted(format!(
-                                "agent {} is not known here",
-                                agent_name(agent)
-                            )),
-                            unreachable: false,
-                        }),
+                    if let Some((procedure, args)) = self.call_of(task) {
+                        let kind = Kind::Task {
+                            procedure,
+                            args,
+                            timeout,
+                        };
+                        self.send(agent, task, attempt, kind);
                     }
                 }
                 Effect::SendGet {
                     agent,
                     task,
                     attempt,
-                } => match self.agent(agent) {
-                    Some(agent) => self.emit(
-                        task,
-                        Visible::Send(Job::Get {
-                            agent,
-                            task,
-                            attempt,
-                        }),
-                    ),
-                    None => self.later(Event::GetFailed { task, attempt }),
-                },
+                } => self.send(agent, task, attempt, Kind::Get),
                 Effect::SendTerminate {
                     agent,
                     task,
                     attempt,
-                } => {
-                    if let Some(agent) = self.agent(agent) {
-                        let job = Job::Terminate {
-                            agent,
-                            task,
-                            attempt,
-                        };
-                        self.emit(task, Visible::Send(job));
-                    }
-                }
+                } => self.send(agent, task, attempt, Kind::Terminate),
             }
         }
         for id in std::mem::take(&mut self.ended) {
@@ -730,8 +672,42 @@ impl Driver {
         waiting
     }
 
-    fn agent(&self, agent: AgentId) -> Option<Arc<AgentRecord>> {
-        self.membership.get(&agent_name(agent))
+    fn call_of(&self, task: TaskId) -> Option<(String, crate::arpcp::Args)> {
+        let rec = self.open.get(&task)?;
+        Some((rec.procedure.clone(), rec.args.clone()))
+    }
+
+    /// An exchange with an agent, once what it follows is durable. An agent not
+    /// known here is as unreachable as one that refuses connections.
+    fn send(&mut self, agent: AgentId, task: TaskId, attempt: u32, kind: Kind) {
+        let Some(record) = self.membership.get(&agent_name(agent)) else {
+            let failed = match kind {
+                Kind::Atask { .. } => Event::AtaskFailed {
+                    task,
+                    attempt,
+                    unreachable: true,
+                },
+                Kind::Task { .. } => Event::TaskAnswered {
+                    task,
+                    attempt,
+                    outcome: Outcome::Interrupted(format!(
+                        "agent {} is not known here",
+                        agent_name(agent)
+                    )),
+                    unreachable: false,
+                },
+                Kind::Get => Event::GetFailed { task, attempt },
+                Kind::Terminate => return,
+            };
+            return self.later(failed);
+        };
+        let job = Job {
+            agent: record,
+            task,
+            attempt,
+            kind,
+        };
+        self.emit(task, Visible::Send(job));
     }
 
     /// An event that follows from an effect that cannot be carried out (an agent
@@ -940,11 +916,14 @@ impl Exchanges {
 
     async fn run(&self, job: Job) -> Option<Event> {
         let timeout = self.client.request_timeout();
-        match job {
-            Job::Atask {
-                agent,
-                task,
-                attempt,
+        let Job {
+            agent,
+            task,
+            attempt,
+            kind,
+        } = job;
+        match kind {
+            Kind::Atask {
                 epoch,
                 procedure,
                 args,
@@ -977,10 +956,7 @@ impl Exchanges {
                     }
                 })
             }
-            Job::Task {
-                agent,
-                task,
-                attempt,
+            Kind::Task {
                 procedure,
                 args,
                 timeout,
@@ -1020,11 +996,7 @@ impl Exchanges {
                     unreachable,
                 })
             }
-            Job::Get {
-                agent,
-                task,
-                attempt,
-            } => {
+            Kind::Get => {
                 let req = Request::Get {
                     atask_id: format!("{}.{attempt}", task_name(task)),
                 };
@@ -1054,11 +1026,7 @@ impl Exchanges {
                 }
                 Some(Event::GetFailed { task, attempt })
             }
-            Job::Terminate {
-                agent,
-                task,
-                attempt,
-            } => {
+            Kind::Terminate => {
                 let atask_id = format!("{}.{attempt}", task_name(task));
                 let req = Request::Signal(SignalRequest {
                     atask_id: atask_id.clone(),
