@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod limits;
 pub mod metrics;
 pub mod opal;
+pub mod retry;
 pub mod tls;
 
 /// Code generated from `proto/arpcp/v1/gateway.proto`.

@@ -23,6 +23,7 @@ use crate::arpcp::{
     ArpcpClient, AtaskStatus, CatalogEntry, IdData, ProtocolError, Request, Response,
     SignalRequest, VERSION,
 };
+use crate::retry::{Backoff, Policy};
 use crate::tls::Role;
 pub use config::{AgentConfig, AgentFlags};
 use identity::Identity;
@@ -391,6 +392,11 @@ async fn drop_unclaimed(store: AgentStore, keep: Duration, stop: CancellationTok
     }
 }
 
+/// An announcement the controller did not answer 100 (unreachable, or too busy
+/// probing other announcers) is repeated like a SIGNAL, jittered so that the
+/// agents of a restarted gateway do not announce in step.
+pub const ANNOUNCE_RETRY: Policy = signals::SIGNAL_RETRY;
+
 /// Tells the controller this agent exists (ARPCP ID with our port), retrying with
 /// backoff until it answers; the controller then probes us and registers us.
 async fn announce(
@@ -401,7 +407,7 @@ async fn announce(
     stop: CancellationToken,
 ) {
     let client = ArpcpClient::default().with_tls(tls);
-    let mut delay = signals::SIGNAL_BACKOFF_START;
+    let mut backoff = Backoff::new(ANNOUNCE_RETRY);
     loop {
         let req = Request::Id {
             agent_id: signals.agent_id(),
@@ -418,10 +424,8 @@ async fn announce(
             Ok(r) => warn!(%controller, code = %r.code, "announcement refused: {}", r.description),
             Err(e) => warn!(%controller, "cannot announce: {e}"),
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(&stop).await {
+            return;
         }
-        delay = (delay * 2).min(signals::SIGNAL_BACKOFF_CAP);
     }
 }

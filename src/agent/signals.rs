@@ -1,5 +1,5 @@
 //! SIGNALs from the agent to its controller. A final SIGNAL (`done`, `interrupted`,
-//! `client_error`) is retried with capped exponential backoff until the controller
+//! `client_error`) is retried with capped exponential backoff and jitter (`SIGNAL_RETRY`) until the controller
 //! answers, and is sent again after a restart if it never was answered; the result
 //! stays in the store meanwhile. `accepted` is retried until the task ends; progress
 //! reports are best effort (a newer one supersedes a lost one).
@@ -22,11 +22,13 @@ use super::store::{AgentStore, TaskRecord};
 use crate::arpcp::{
     ArpcpClient, AtaskStatus, Code, LeaseGrant, Progress, Request, Response, SignalRequest,
 };
+use crate::retry::{Backoff, Policy};
 
-/// First retry delay of an unanswered SIGNAL.
-pub const SIGNAL_BACKOFF_START: Duration = Duration::from_millis(100);
-/// Retry delays double up to this cap.
-pub const SIGNAL_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// An unanswered SIGNAL (final, `accepted`, or asking to start) is sent again after
+/// 100 ms, doubling up to 5 s, jittered so that the agents of a restarted gateway
+/// do not all come back at once; until answered or the agent stops.
+pub const SIGNAL_RETRY: Policy =
+    Policy::doubling(Duration::from_millis(100), Duration::from_secs(5));
 
 /// The controller's answer to an attempt that asked to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,7 +294,7 @@ impl SignalSender {
         if let Request::Signal(sig) = &mut req {
             sig.start = true;
         }
-        let mut pause = SIGNAL_BACKOFF_START;
+        let mut backoff = Backoff::new(SIGNAL_RETRY);
         loop {
             let code = self
                 .deliver(&dest, &req, || self.begin_interim(&rec.atask_id))
@@ -304,11 +306,9 @@ impl SignalSender {
                     warn!(atask_id = %rec.atask_id, controller = %dest, code = %other, "the controller did not confirm the start; asking again");
                 }
             }
-            tokio::select! {
-                _ = self.inner.stop.cancelled() => return None,
-                _ = tokio::time::sleep(pause) => {}
+            if !backoff.wait(&self.inner.stop).await {
+                return None;
             }
-            pause = (pause * 2).min(SIGNAL_BACKOFF_CAP);
         }
     }
 
@@ -355,7 +355,7 @@ impl SignalSender {
         req: &Request,
         still_wanted: impl Fn() -> Option<G>,
     ) -> Option<Code> {
-        let mut delay = SIGNAL_BACKOFF_START;
+        let mut backoff = Backoff::new(SIGNAL_RETRY);
         let first = dest;
         let mut dest = dest.to_string();
         loop {
@@ -373,7 +373,7 @@ impl SignalSender {
                     return Some(resp.code);
                 }
                 Err(e) => {
-                    debug!(controller = %dest, "SIGNAL not delivered, retrying in {delay:?}: {e}");
+                    debug!(controller = %dest, "SIGNAL not delivered, retrying: {e}");
                     self.inner.client.forget(&dest);
                     // The controller may have moved (restarted on another address,
                     // which its echoes told us): try there too, in turns.
@@ -384,11 +384,9 @@ impl SignalSender {
                 }
             }
             drop(attempt);
-            tokio::select! {
-                _ = self.inner.stop.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(&self.inner.stop).await {
+                return None;
             }
-            delay = (delay * 2).min(SIGNAL_BACKOFF_CAP);
         }
     }
 
