@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use error::GatewayError;
+pub use listener::MAX_ANNOUNCE_PROBES;
 
 /// A gRPC `TaskStatus` number as a status (`None` for unspecified or unknown).
 pub(crate) fn convert_status(n: i32) -> Option<model::TaskStatus> {
@@ -231,6 +232,7 @@ impl Gateway {
             Arc::new(listener::ControllerService {
                 scheduler: scheduler.clone(),
                 membership: membership.clone(),
+                announcements: listener::AnnounceProbes::default(),
             }),
             config.tls.as_ref().map(|t| t.serving()),
             shutdown.clone(),
