@@ -17,6 +17,7 @@ pub mod tls;
 pub mod pb {
     tonic::include_proto!("arpcp.v1");
 
+    pub mod api;
     pub mod codec;
     pub mod json;
 

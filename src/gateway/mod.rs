@@ -35,14 +35,9 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::tls::Role;
 pub use error::GatewayError;
 pub use listener::MAX_ANNOUNCE_PROBES;
-
-/// A gRPC `TaskStatus` number as a status (`None` for unspecified or unknown).
-pub(crate) fn convert_status(n: i32) -> Option<model::TaskStatus> {
-    convert::status_from_pb(n).ok().flatten()
-}
-use crate::tls::Role;
 use membership::{Membership, MembershipConfig};
 use scheduler::Scheduler;
 use store::GatewayStore;
