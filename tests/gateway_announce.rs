@@ -6,61 +6,15 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use arpcp::gateway::MAX_ANNOUNCE_PROBES;
-use common::{code, wait_for, wait_until, Conn, Daemon, WAIT};
+use common::{code, wait_for, wait_until, Conn, Daemon, HoldingListeners, WAIT};
 use serde_json::{json, Value};
-use tokio::io::AsyncReadExt;
 
 /// Addresses announced: several times what the gateway probes at once.
 const ANNOUNCED: usize = 4 * MAX_ANNOUNCE_PROBES;
-
-/// Listeners that count the connections they get, open now and at most at once.
-#[derive(Default)]
-struct Silent {
-    open: AtomicUsize,
-    peak: AtomicUsize,
-    /// Connections received per port.
-    per_port: Mutex<BTreeMap<u16, usize>>,
-}
-
-impl Silent {
-    fn per_port(&self) -> BTreeMap<u16, usize> {
-        self.per_port.lock().unwrap().clone()
-    }
-}
-
-/// `n` loopback listeners that accept and hold every connection, reading (and
-/// ignoring) what comes until the peer closes.
-fn silent_listeners(rt: &tokio::runtime::Runtime, n: usize, seen: &Arc<Silent>) -> Vec<u16> {
-    (0..n)
-        .map(|_| {
-            let l = rt
-                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-                .unwrap();
-            let port = l.local_addr().unwrap().port();
-            let seen = seen.clone();
-            rt.spawn(async move {
-                while let Ok((mut s, _)) = l.accept().await {
-                    *seen.per_port.lock().unwrap().entry(port).or_default() += 1;
-                    let now = seen.open.fetch_add(1, Ordering::SeqCst) + 1;
-                    seen.peak.fetch_max(now, Ordering::SeqCst);
-                    let seen = seen.clone();
-                    tokio::spawn(async move {
-                        let mut buf = [0u8; 4096];
-                        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-                        seen.open.fetch_sub(1, Ordering::SeqCst);
-                    });
-                }
-            });
-            port
-        })
-        .collect()
-}
 
 fn announce(port: u16) -> Value {
     json!({"method": "ID", "version": "1.0", "port": port})
@@ -71,9 +25,8 @@ fn a_flood_of_announcements_probes_a_bounded_number_at_once() {
     // Echo rounds far apart: the probes seen are the announcements' own (the first
     // round runs at the start, before anything is announced).
     let gateway = Daemon::gateway(&["--echo-interval-ms", "60000"]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let seen = Arc::new(Silent::default());
-    let ports = silent_listeners(&rt, ANNOUNCED, &seen);
+    let seen = HoldingListeners::start(ANNOUNCED);
+    let ports = seen.ports.clone();
 
     // Every address twice, pipelined on one connection.
     let mut conn = Conn::connect(&gateway.addr("arpcp"));
@@ -106,7 +59,7 @@ fn a_flood_of_announcements_probes_a_bounded_number_at_once() {
             .iter()
             .all(|p| seen.per_port().get(p).copied().unwrap_or(0) >= 1)
     });
-    let peak = seen.peak.load(Ordering::SeqCst);
+    let peak = seen.peak();
     let per_port = seen.per_port();
     let doubled = per_port.values().filter(|&&n| n > 1).count();
     eprintln!(
@@ -141,5 +94,4 @@ fn a_flood_of_announcements_probes_a_bounded_number_at_once() {
     wait_until(WAIT, "the re-announced address to be probed", || {
         seen.per_port().contains_key(&again)
     });
-    drop(rt);
 }

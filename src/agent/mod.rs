@@ -29,6 +29,7 @@ pub use config::{AgentConfig, AgentFlags};
 use identity::Identity;
 use procedures::Registry;
 use signals::SignalSender;
+pub use signals::MAX_SIGNALS_IN_FLIGHT;
 use store::AgentStore;
 use tasks::TaskRunner;
 

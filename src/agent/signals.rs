@@ -8,7 +8,7 @@
 //! final SIGNAL waits until no `accepted` of the same task is still on the wire, and
 //! none is sent after the final one has started.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,17 @@ use crate::retry::{Backoff, Policy};
 /// do not all come back at once; until answered or the agent stops.
 pub const SIGNAL_RETRY: Policy =
     Policy::doubling(Duration::from_millis(100), Duration::from_secs(5));
+
+/// SIGNAL deliveries (each one task retrying one SIGNAL) under way at once, over
+/// all tasks and controllers. Any ATASK names where its SIGNALs go (`reply_to`),
+/// so without a bound a peer could make the agent hold a delivery, and a
+/// connection, for every task it sent to an address that never answers.
+pub const MAX_SIGNALS_IN_FLIGHT: usize = 256;
+/// Final SIGNALs waiting for a place under `MAX_SIGNALS_IN_FLIGHT` (their task ids).
+/// Beyond it a final SIGNAL waits in the store for the agent's next start, and the
+/// controller, which asks about placed tasks it has not heard of, collects the
+/// result with GET meanwhile.
+pub const MAX_FINAL_SIGNALS_WAITING: usize = 100_000;
 
 /// The controller's answer to an attempt that asked to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +75,26 @@ impl Drop for InterimGuard {
     }
 }
 
+/// Deliveries under way and the final SIGNALs waiting for a place among them, kept
+/// under one lock so that a SIGNAL never waits while a place is free.
+#[derive(Default)]
+struct Places {
+    in_flight: usize,
+    waiting: VecDeque<String>,
+}
+
+/// A delivery's place under `MAX_SIGNALS_IN_FLIGHT`: handed to the next waiting
+/// final SIGNAL when the delivery ends, else given back.
+struct Place {
+    sender: SignalSender,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.sender.release_place();
+    }
+}
+
 #[derive(Clone)]
 pub struct SignalSender {
     inner: Arc<Inner>,
@@ -80,6 +111,7 @@ struct Inner {
     progress_in_flight: Mutex<HashSet<String>>,
     /// Per task: `accepted` SIGNALs on the wire, and whether the final one started.
     lanes: Mutex<HashMap<String, Lane>>,
+    places: Mutex<Places>,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -101,6 +133,7 @@ impl SignalSender {
                 lease: Lease::default(),
                 progress_in_flight: Mutex::new(HashSet::new()),
                 lanes: Mutex::new(HashMap::new()),
+                places: Mutex::new(Places::default()),
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
             }),
@@ -223,10 +256,17 @@ impl SignalSender {
         let Some(dest) = self.destination(rec) else {
             return;
         };
+        let Some(place) = self.take_place() else {
+            // The controller still learns of the task: from its final SIGNAL, or by
+            // asking (GET) about a placed task it has not heard of.
+            debug!(atask_id = %rec.atask_id, "{MAX_SIGNALS_IN_FLIGHT} SIGNALs under way; not sending accepted");
+            return;
+        };
         let req = self.request(rec, AtaskStatus::Accepted, None);
         let this = self.clone();
         let id = rec.atask_id.clone();
         self.inner.tracker.spawn(async move {
+            let _place = place;
             this.deliver(&dest, &req, || {
                 // The place first, then the state: a task that ends meanwhile either
                 // waits for this attempt or is seen as ended here.
@@ -244,16 +284,22 @@ impl SignalSender {
         let Some(dest) = self.destination(rec) else {
             return;
         };
-        {
+        let place = {
             let mut busy = self
                 .inner
                 .progress_in_flight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if !busy.insert(rec.atask_id.clone()) {
+            if busy.contains(&rec.atask_id) {
                 return;
             }
-        }
+            // Best effort like any report: a newer one supersedes it.
+            let Some(place) = self.take_place() else {
+                return;
+            };
+            busy.insert(rec.atask_id.clone());
+            place
+        };
         let req = self.request(rec, AtaskStatus::Accepted, Some(progress));
         let this = self.clone();
         let id = rec.atask_id.clone();
@@ -272,6 +318,7 @@ impl SignalSender {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            drop(place);
         });
     }
 
@@ -313,15 +360,92 @@ impl SignalSender {
     }
 
     /// The final SIGNAL of a finished task: retried until answered, then recorded.
+    /// Waits for a place under `MAX_SIGNALS_IN_FLIGHT` when there is none.
     pub fn finished(&self, rec: &TaskRecord) {
-        let Some(dest) = self.destination(rec) else {
+        if self.destination(rec).is_none() {
             debug!(atask_id = %rec.atask_id, "no controller to signal; the result waits for GET");
             return;
+        }
+        if let Some(place) = self.take_place_or_wait(&rec.atask_id) {
+            self.spawn_final(rec.clone(), place);
+        }
+    }
+
+    /// A place under `MAX_SIGNALS_IN_FLIGHT`, if one is free.
+    fn take_place(&self) -> Option<Place> {
+        let mut places = self.inner.places.lock().unwrap_or_else(|p| p.into_inner());
+        (places.in_flight < MAX_SIGNALS_IN_FLIGHT).then(|| {
+            places.in_flight += 1;
+            Place {
+                sender: self.clone(),
+            }
+        })
+    }
+
+    /// A place for the final SIGNAL of `atask_id`, or its turn in the queue (in
+    /// the same lock, so that no place frees between the two).
+    fn take_place_or_wait(&self, atask_id: &str) -> Option<Place> {
+        let mut places = self.inner.places.lock().unwrap_or_else(|p| p.into_inner());
+        if places.in_flight < MAX_SIGNALS_IN_FLIGHT {
+            places.in_flight += 1;
+            return Some(Place {
+                sender: self.clone(),
+            });
+        }
+        if places.waiting.len() < MAX_FINAL_SIGNALS_WAITING {
+            places.waiting.push_back(atask_id.to_string());
+        } else {
+            debug!(%atask_id, "{MAX_FINAL_SIGNALS_WAITING} final SIGNALs wait already; this one is sent at the next start, or collected by GET");
+        }
+        None
+    }
+
+    /// A delivery ended: its place goes to the oldest waiting final SIGNAL still
+    /// to send, else back.
+    fn release_place(&self) {
+        loop {
+            let next = {
+                let mut places = self.inner.places.lock().unwrap_or_else(|p| p.into_inner());
+                if self.inner.stop.is_cancelled() {
+                    // Stopping: what waits is sent after the restart.
+                    places.waiting.clear();
+                }
+                let next = places.waiting.pop_front();
+                if next.is_none() {
+                    places.in_flight = places.in_flight.saturating_sub(1);
+                }
+                next
+            };
+            let Some(id) = next else {
+                return;
+            };
+            match self.inner.store.get(&id) {
+                Ok(Some(rec))
+                    if rec.state.is_final()
+                        && !rec.final_signal_answered
+                        && self.destination(&rec).is_some() =>
+                {
+                    let place = Place {
+                        sender: self.clone(),
+                    };
+                    self.spawn_final(rec, place);
+                    return;
+                }
+                // Answered, collected or gone meanwhile: the place goes on to the next.
+                _ => {}
+            }
+        }
+    }
+
+    fn spawn_final(&self, rec: TaskRecord, place: Place) {
+        let Some(dest) = self.destination(&rec) else {
+            return;
         };
-        let req = self.request(rec, rec.state.atask_status(), None);
+        let req = self.request(&rec, rec.state.atask_status(), None);
         let this = self.clone();
         let id = rec.atask_id.clone();
         self.inner.tracker.spawn(async move {
+            let _place = place;
             this.close_lane(&id).await;
             let answered = this
                 .deliver(&dest, &req, || {
