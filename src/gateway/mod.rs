@@ -275,8 +275,7 @@ impl Gateway {
             None => {
                 router
                     .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(grpc)
-                            .with_nodelay(Some(true))
+                        grpc_tls::plain_incoming(grpc)
                             .map(|c| c.map(|c| crate::metrics::get().grpc_connection(c))),
                         stopped,
                     )
