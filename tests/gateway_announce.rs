@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use arpcp::gateway::MAX_ANNOUNCE_PROBES;
+use common::gateway::Gw;
 use common::{code, wait_for, wait_until, Conn, Daemon, HoldingListeners, WAIT};
 use serde_json::{json, Value};
 
@@ -53,6 +54,10 @@ fn a_flood_of_announcements_probes_a_bounded_number_at_once() {
         }
     }
 
+    // A real agent announcing now, while the probes are taken, is refused at first
+    // and registered once it asks again.
+    let agent = Daemon::agent(&["--controller", &gateway.addr("arpcp")]);
+
     // Every admitted announcement is probed.
     wait_until(WAIT, "a probe of every admitted announcement", || {
         admitted
@@ -94,4 +99,10 @@ fn a_flood_of_announcements_probes_a_bounded_number_at_once() {
     wait_until(WAIT, "the re-announced address to be probed", || {
         seen.per_port().contains_key(&again)
     });
+    let alive = Gw::connect(&gateway).wait_alive(1, Duration::from_secs(30));
+    assert_eq!(alive[0].address, agent.arpcp(), "{alive:?}");
+    eprintln!(
+        "the agent announcing during the flood was refused {} times first",
+        agent.stderr().matches("announcement refused").count()
+    );
 }

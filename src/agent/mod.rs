@@ -23,7 +23,7 @@ use crate::arpcp::{
     ArpcpClient, AtaskStatus, CatalogEntry, IdData, ProtocolError, Request, Response,
     SignalRequest, VERSION,
 };
-use crate::retry::{Backoff, Policy};
+use crate::retry::{retry, Attempt, Policy};
 use crate::tls::Role;
 pub use config::{AgentConfig, AgentFlags};
 use identity::Identity;
@@ -408,8 +408,7 @@ async fn announce(
     stop: CancellationToken,
 ) {
     let client = ArpcpClient::default().with_tls(tls);
-    let mut backoff = Backoff::new(ANNOUNCE_RETRY);
-    loop {
+    let announced = retry(ANNOUNCE_RETRY, &stop, || {
         let req = Request::Id {
             agent_id: signals.agent_id(),
             controller: None,
@@ -417,16 +416,25 @@ async fn announce(
             lease_ms: None,
             describe: false,
         };
-        match client.call(&controller, &req).await {
-            Ok(r) if r.is_ok() => {
-                info!(%controller, "announced to the controller");
-                return;
+        let (client, controller) = (&client, &controller);
+        async move {
+            // Every failure is worth another try: a refusal is a controller that
+            // is busy or not yet set up for us.
+            match client.call(controller, &req).await {
+                Ok(r) if r.is_ok() => Ok(()),
+                Ok(r) => {
+                    warn!(%controller, code = %r.code, "announcement refused: {}", r.description);
+                    Err(Attempt::Transient(r.description))
+                }
+                Err(e) => {
+                    warn!(%controller, "cannot announce: {e}");
+                    Err(Attempt::Transient(e.to_string()))
+                }
             }
-            Ok(r) => warn!(%controller, code = %r.code, "announcement refused: {}", r.description),
-            Err(e) => warn!(%controller, "cannot announce: {e}"),
         }
-        if !backoff.wait(&stop).await {
-            return;
-        }
+    })
+    .await;
+    if announced.is_ok() {
+        info!(%controller, "announced to the controller");
     }
 }
