@@ -1,8 +1,10 @@
 //! SIGNALs from the agent to its controller. A final SIGNAL (`done`, `interrupted`,
-//! `client_error`) is retried with capped exponential backoff and jitter (`SIGNAL_RETRY`) until the controller
-//! answers, and is sent again after a restart if it never was answered; the result
-//! stays in the store meanwhile. `accepted` is retried until the task ends; progress
-//! reports are best effort (a newer one supersedes a lost one).
+//! `client_error`) is retried with capped exponential backoff and jitter
+//! (`SIGNAL_RETRY`) until the controller answers, and is sent again after a restart
+//! if it never was answered; the result stays in the store meanwhile. `accepted` is
+//! retried until the task ends; progress reports are best effort (a newer one
+//! supersedes a lost one). At most `MAX_SIGNALS_IN_FLIGHT` deliveries run at once:
+//! a final SIGNAL waits for a place, a report without one is skipped.
 //!
 //! The SIGNALs of one task reach the controller in the order of the task's life: the
 //! final SIGNAL waits until no `accepted` of the same task is still on the wire, and
