@@ -311,7 +311,12 @@ impl SignalSender {
                 let sent_at = Instant::now();
                 match this.inner.client.call(&dest, &req).await {
                     Ok(resp) => this.answered(sent_at, &resp),
-                    Err(e) => debug!(atask_id = %id, "progress SIGNAL not delivered: {e}"),
+                    Err(e) => {
+                        debug!(atask_id = %id, "progress SIGNAL not delivered: {e}");
+                        // As for every SIGNAL: a connection left with an unanswered
+                        // request is not kept, or its place would outlive the delivery.
+                        this.inner.client.forget(&dest);
+                    }
                 }
             }
             drop(guard);
