@@ -41,6 +41,7 @@ use crate::arpcp::{
     ArpcpClient, AtaskStatus, ClientError, Code, GetData, Progress, ProtocolError, Request,
     Response, SignalRequest,
 };
+use crate::retry::{retry, Attempt, Policy};
 
 /// Inputs (calls, agents' reports, answers) waiting for the controller's loop.
 pub const CONTROLLER_QUEUE: usize = 4096;
@@ -50,10 +51,12 @@ pub const MAX_CONCURRENT_SENDS: usize = 512;
 pub const TICK_INTERVAL: Duration = Duration::from_millis(500);
 /// A placed task not heard of for this long is asked about (GET).
 pub const RECONCILE_AFTER: Duration = Duration::from_secs(10);
-/// Tries of a `terminate` SIGNAL to an agent.
-pub const TERMINATE_TRIES: u32 = 5;
-/// Tries of a GET before leaving it to reconciliation.
-pub const COLLECT_TRIES: u32 = 3;
+/// Retries of a `terminate` SIGNAL to an agent (five tries over about 1.5 s).
+pub const TERMINATE_RETRY: Policy =
+    Policy::doubling(Duration::from_millis(100), Duration::from_secs(1)).with_max_tries(4);
+/// Retries of a GET before leaving it to reconciliation (three tries).
+pub const COLLECT_RETRY: Policy =
+    Policy::doubling(Duration::from_millis(100), Duration::from_secs(1)).with_max_tries(2);
 /// Default limit of a synchronous call.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Inputs taken from the queue in one turn of the loop before a commit may start.
@@ -374,6 +377,8 @@ struct Exchanges {
     store: GatewayStore,
     slots: Semaphore,
     tracker: TaskTracker,
+    /// Ends the retries of exchanges when the gateway stops.
+    stop: CancellationToken,
 }
 
 pub struct DriverConfig {
@@ -406,6 +411,7 @@ impl Driver {
             store: store.clone(),
             slots: Semaphore::new(MAX_CONCURRENT_SENDS),
             tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
         });
         let mut driver = Driver {
             core: Controller::new(core_config, Rules::default(), 0),
@@ -502,6 +508,9 @@ impl Driver {
         }
         self.watchers.close();
         self.exchanges.tracker.close();
+        // Exchanges under way may end (a GET's answer is lost with the loop; the
+        // result stays on the agent); their retries stop.
+        self.exchanges.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.exchanges.tracker.wait()).await;
         // Status changes not yet on disk (progress, running, ...) survive a clean stop.
         if let Err(e) = self.store.commit().await {
@@ -997,34 +1006,33 @@ impl Exchanges {
                 })
             }
             Kind::Get => {
-                let req = Request::Get {
-                    atask_id: format!("{}.{attempt}", task_name(task)),
-                };
-                let mut delay = Duration::from_millis(100);
-                for _ in 0..COLLECT_TRIES {
-                    match self.call(&agent, &req, timeout).await {
-                        Ok(r) => {
-                            let answer = answer_of_get(r);
-                            if answer.is_none() {
-                                warn!(task_id = %task_name(task), agent = %agent.agent_id, "GET answered without valid data");
-                            }
-                            return Some(match answer {
-                                Some(answer) => Event::GetAnswered {
-                                    task,
-                                    attempt,
-                                    answer,
-                                },
-                                None => Event::GetFailed { task, attempt },
-                            });
-                        }
-                        Err(e) => {
-                            debug!(task_id = %task_name(task), agent = %agent.agent_id, "GET failed: {e}");
-                            tokio::time::sleep(delay).await;
-                            delay *= 2;
-                        }
+                let atask_id = format!("{}.{attempt}", task_name(task));
+                let req = Request::Get { atask_id };
+                let asked = retry(COLLECT_RETRY, &self.stop, || async {
+                    self.call(&agent, &req, timeout)
+                        .await
+                        .map_err(Attempt::Transient)
+                })
+                .await;
+                let answer = match asked {
+                    Ok(r) => answer_of_get(r).or_else(|| {
+                        warn!(task_id = %task_name(task), agent = %agent.agent_id, "GET answered without valid data");
+                        None
+                    }),
+                    Err(e) => {
+                        debug!(task_id = %task_name(task), agent = %agent.agent_id, "GET failed: {e}");
+                        None
                     }
-                }
-                Some(Event::GetFailed { task, attempt })
+                };
+                Some(match answer {
+                    Some(answer) => Event::GetAnswered {
+                        task,
+                        attempt,
+                        answer,
+                    },
+                    // Reconciliation asks again later.
+                    None => Event::GetFailed { task, attempt },
+                })
             }
             Kind::Terminate => {
                 let atask_id = format!("{}.{attempt}", task_name(task));
@@ -1036,18 +1044,15 @@ impl Exchanges {
                     error: None,
                     start: false,
                 });
-                let mut delay = Duration::from_millis(100);
-                for _ in 0..TERMINATE_TRIES {
-                    match self.call(&agent, &req, timeout).await {
-                        Ok(_) => return None,
-                        Err(e) => {
-                            debug!(%atask_id, agent = %agent.agent_id, "terminate not delivered: {e}")
-                        }
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                let told = retry(TERMINATE_RETRY, &self.stop, || async {
+                    self.call(&agent, &req, timeout)
+                        .await
+                        .map_err(Attempt::Transient)
+                })
+                .await;
+                if let Err(e) = told {
+                    warn!(%atask_id, agent = %agent.agent_id, "agent keeps its copy of the task: terminate not delivered: {e}");
                 }
-                warn!(%atask_id, agent = %agent.agent_id, "agent keeps its copy of the task: terminate not delivered");
                 None
             }
         }
