@@ -489,6 +489,12 @@ impl Driver {
                         Err(e) => self.committed(self.written, Err(e.to_string())),
                     }
                 }
+                // Before the inputs, so that a steady stream of them cannot starve it.
+                _ = tick.tick() => {
+                    let now = self.now();
+                    let effects = self.core.tick(now);
+                    self.carry_out(effects, None);
+                }
                 input = inbox.recv() => {
                     let Some(input) = input else { break };
                     self.input(input);
@@ -498,11 +504,6 @@ impl Driver {
                             Err(_) => break,
                         }
                     }
-                }
-                _ = tick.tick() => {
-                    let now = self.now();
-                    let effects = self.core.tick(now);
-                    self.carry_out(effects, None);
                 }
             }
         }
@@ -525,7 +526,7 @@ impl Driver {
                 self.step(event, None);
                 if sync_end {
                     // The caller has its answer; the outcome goes to disk with the
-                    // next group commit, started now, not held for it.
+                    // next group commit, started now, though nothing waits for it.
                     self.written += 1;
                 }
             }
