@@ -18,12 +18,12 @@
 //! one ATASK per open task, `MAX_COLLECTIONS` GETs, one terminate per ended attempt).
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -338,6 +338,9 @@ enum Kind {
     Terminate,
 }
 
+/// The group commit in flight, covering durable writes up to its number.
+type Commit = std::pin::Pin<Box<dyn Future<Output = (u64, Result<(), StoreError>)> + Send>>;
+
 /// Owns the rules and carries out what they say.
 pub struct Driver {
     core: Controller,
@@ -362,7 +365,7 @@ pub struct Driver {
     pending_writes: HashMap<TaskId, u64>,
     /// Held effects, by the durable write they wait for.
     held: BTreeMap<u64, Vec<Visible>>,
-    commit: Option<JoinHandle<(u64, Result<(), StoreError>)>>,
+    commit: Option<Commit>,
     /// A write of this turn failed: its answers carry the error.
     write_failed: Option<String>,
     /// Tasks that ended this turn: their records leave `open` after it.
@@ -484,10 +487,8 @@ impl Driver {
                     }
                 } => {
                     self.commit = None;
-                    match done {
-                        Ok((gen, result)) => self.committed(gen, result.map_err(|e| e.to_string())),
-                        Err(e) => self.committed(self.written, Err(e.to_string())),
-                    }
+                    let (gen, result) = done;
+                    self.committed(gen, result.map_err(|e| e.to_string()));
                 }
                 // Before the inputs, so that a steady stream of them cannot starve it.
                 _ = tick.tick() => {
@@ -623,7 +624,11 @@ impl Driver {
                     misses,
                 } => self.membership.set_state(&agent_name(agent), state, misses),
                 Effect::Publish { task } => {
-                    if let Some(rec) = self.open.get(&task) {
+                    let watched = self
+                        .open
+                        .get(&task)
+                        .filter(|r| self.watchers.is_watched(&r.task_id));
+                    if let Some(rec) = watched {
                         let v = Visible::Publish(Box::new(rec.clone()));
                         self.emit(task, v);
                     }
@@ -850,7 +855,7 @@ impl Driver {
             return;
         }
         let (store, gen) = (self.store.clone(), self.written);
-        self.commit = Some(tokio::spawn(async move { (gen, store.commit().await) }));
+        self.commit = Some(Box::pin(async move { (gen, store.commit().await) }));
     }
 
     /// Writes up to `gen` are on disk (or failed to get there): what waited for

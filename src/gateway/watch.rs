@@ -52,6 +52,13 @@ impl TaskWatchers {
         Some(rx)
     }
 
+    /// Whether anyone watches the task now. A change stored before a watcher comes
+    /// is what that watcher reads first, so a change nobody watched when it was
+    /// stored need not be published.
+    pub fn is_watched(&self, task_id: &str) -> bool {
+        self.channels().contains_key(task_id)
+    }
+
     /// Announces a stored change to the task's watchers, if any.
     pub fn publish(&self, rec: &TaskRecord) {
         let mut channels = self.channels();
