@@ -285,9 +285,22 @@ enum Waiter {
     Sync(u64),
 }
 
+/// Rules a test may break, to show that the property test notices; all kept in
+/// every other build.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Breaks {
+    /// Start once "running" is durable without checking the lease again.
+    pub skip_recheck: bool,
+    /// Treat a withdrawal as a yes.
+    pub start_withdrawn: bool,
+    /// Keep the slot of an attempt that was withdrawn.
+    pub keep_slot_on_withdrawal: bool,
+}
+
 /// The agent's tasks and slots.
 #[derive(Debug, Clone)]
 pub struct Runner {
+    breaks: Breaks,
     capacity: usize,
     lease: LeaseState,
     tasks: HashMap<String, Held>,
@@ -304,6 +317,7 @@ pub struct Runner {
 impl Runner {
     pub fn new(capacity: u32) -> Runner {
         Runner {
+            breaks: Breaks::default(),
             capacity: capacity.max(1) as usize,
             lease: LeaseState::default(),
             tasks: HashMap::new(),
@@ -313,6 +327,12 @@ impl Runner {
             draining: false,
             interrupted: false,
         }
+    }
+
+    #[cfg(test)]
+    pub fn with_breaks(mut self, breaks: Breaks) -> Runner {
+        self.breaks = breaks;
+        self
     }
 
     /// Procedures running now (tasks and synchronous TASKs).
@@ -644,7 +664,7 @@ impl Runner {
             self.end(now, id, Ending::interrupted(INTERRUPTED_BY_SHUTDOWN), out);
             return;
         }
-        if confirmed || self.lease.may_start(under, now) {
+        if confirmed || self.breaks.skip_recheck || self.lease.may_start(under, now) {
             self.set_phase(&id, Phase::Running);
             out.push(Effect::Start { id: id.clone() });
             // `accepted` with progress: the controller learns the task runs.
@@ -707,8 +727,13 @@ impl Runner {
             return;
         };
         match h.phase {
-            Phase::Asking { under, written } => match answer {
-                StartAnswer::Go if written => {
+            Phase::Asking { under, written } => {
+                let go = match answer {
+                    StartAnswer::Go => true,
+                    StartAnswer::Withdrawn => self.breaks.start_withdrawn,
+                    StartAnswer::None => false,
+                };
+                if go && written {
                     self.set_phase(&id, Phase::Running);
                     out.push(Effect::Start { id: id.clone() });
                     out.push(Effect::Signal {
@@ -718,8 +743,7 @@ impl Runner {
                             comment: "started".into(),
                         }),
                     });
-                }
-                StartAnswer::Go => {
+                } else if go {
                     self.set_phase(
                         &id,
                         Phase::Starting {
@@ -732,17 +756,18 @@ impl Runner {
                         write: Write::Running,
                         durable: true,
                     });
-                }
-                StartAnswer::Withdrawn => {
+                } else if answer == StartAnswer::Withdrawn {
                     self.tasks.remove(&id);
                     out.push(Effect::Remove { id });
-                    self.free_slot(now, out);
-                }
-                StartAnswer::None => {
+                    if !self.breaks.keep_slot_on_withdrawal {
+                        self.free_slot(now, out);
+                    }
+                } else {
+                    // No answer: it stays queued in the store for the next start.
                     self.tasks.remove(&id);
                     self.free_slot(now, out);
                 }
-            },
+            }
             // Terminated while asking: the question is over, nothing else is owed.
             Phase::Clearing { reply: false } => {
                 self.tasks.remove(&id);
@@ -836,7 +861,9 @@ impl Runner {
     fn recovered(&mut self, t: Stored, out: &mut Vec<Effect>) {
         match t.state {
             TaskState::Queued => {
-                if self.tasks.contains_key(&t.id) || self.tasks.len() >= MAX_UNFINISHED_TASKS {
+                // Not counted against `MAX_UNFINISHED_TASKS`: each was accepted
+                // under it, and one left out would wait in the store for ever.
+                if self.tasks.contains_key(&t.id) {
                     return;
                 }
                 // Stored by an earlier process: it asks before it starts.
@@ -1486,16 +1513,17 @@ mod tests {
             syncs_running: HashSet<u64>,
             next: u64,
             trace: Vec<String>,
+            failure: Option<String>,
         }
 
         impl Sim {
-            fn new(seed: u64) -> Sim {
+            fn new(seed: u64, breaks: Breaks) -> Sim {
                 let mut rng = Rng(seed);
                 let capacity = 1 + rng.below(3) as usize;
                 let t0 = Instant::now();
                 Sim {
                     rng,
-                    r: Runner::new(capacity as u32),
+                    r: Runner::new(capacity as u32).with_breaks(breaks),
                     capacity,
                     t0,
                     now: t0,
@@ -1512,15 +1540,19 @@ mod tests {
                     syncs_running: HashSet::new(),
                     next: 0,
                     trace: vec![],
+                    failure: None,
                 }
             }
 
-            fn fail(&self, seed: u64, what: String) -> ! {
-                let from = self.trace.len().saturating_sub(60);
-                panic!(
-                    "seed {seed}: {what}\nlast events:\n{}",
-                    self.trace[from..].join("\n")
-                );
+            /// Keeps the first broken invariant, with the events that led to it.
+            fn fail(&mut self, seed: u64, what: String) {
+                if self.failure.is_none() {
+                    let from = self.trace.len().saturating_sub(60);
+                    self.failure = Some(format!(
+                        "seed {seed}: {what}\nlast events:\n{}",
+                        self.trace[from..].join("\n")
+                    ));
+                }
             }
 
             fn step(&mut self, seed: u64, event: Event) {
@@ -1766,8 +1798,9 @@ mod tests {
             }
         }
 
-        fn run(seed: u64) {
-            let mut sim = Sim::new(seed);
+        /// One seeded run; the first broken invariant, with its trace.
+        fn run(seed: u64, breaks: Breaks) -> Result<(), String> {
+            let mut sim = Sim::new(seed, breaks);
             let mut shut = false;
             for _ in 0..200 {
                 sim.random_step(seed, &mut shut);
@@ -1775,7 +1808,8 @@ mod tests {
             // Faults stop: everything in flight reports back and succeeds; every
             // sync ends. Nothing may be left held.
             let mut rounds = 0;
-            while !sim.pending.is_empty() || !sim.syncs_asked.is_empty() {
+            while sim.failure.is_none() && (!sim.pending.is_empty() || !sim.syncs_asked.is_empty())
+            {
                 rounds += 1;
                 if rounds > 100_000 {
                     sim.fail(seed, "no quiescence".into());
@@ -1789,15 +1823,19 @@ mod tests {
                 }
             }
             if sim.r.held() != 0 || sim.r.slots_used() != 0 {
-                sim.fail(
-                    seed,
-                    format!(
-                        "left held: {} tasks, {} slots used, nothing in flight",
-                        sim.r.held(),
-                        sim.r.slots_used()
-                    ),
+                let what = format!(
+                    "left held: {} tasks, {} slots used, nothing in flight",
+                    sim.r.held(),
+                    sim.r.slots_used()
                 );
+                sim.fail(seed, what);
             }
+            sim.failure.map_or(Ok(()), Err)
+        }
+
+        /// The first seed below `seeds` whose run breaks an invariant.
+        fn first_failure(seeds: u64, breaks: Breaks) -> Option<String> {
+            (0..seeds).find_map(|seed| run(seed, breaks).err())
         }
 
         #[test]
@@ -1806,11 +1844,47 @@ mod tests {
                 .ok()
                 .and_then(|s| s.parse().ok())
             {
-                run(seed);
+                if let Err(e) = run(seed, Breaks::default()) {
+                    panic!("{e}");
+                }
                 return;
             }
-            for seed in 0..2_000 {
-                run(seed);
+            if let Some(e) = first_failure(2_000, Breaks::default()) {
+                panic!("{e}");
+            }
+        }
+
+        /// Each rule broken on purpose is found within a few hundred seeds: the
+        /// property test can fail.
+        #[test]
+        fn a_broken_rule_is_found() {
+            let cases = [
+                (
+                    Breaks {
+                        skip_recheck: true,
+                        ..Breaks::default()
+                    },
+                    "started unasked outside its lease",
+                ),
+                (
+                    Breaks {
+                        start_withdrawn: true,
+                        ..Breaks::default()
+                    },
+                    "started after it was withdrawn",
+                ),
+                (
+                    Breaks {
+                        keep_slot_on_withdrawal: true,
+                        ..Breaks::default()
+                    },
+                    "left held",
+                ),
+            ];
+            for (breaks, expected) in cases {
+                let found = first_failure(300, breaks)
+                    .unwrap_or_else(|| panic!("{breaks:?} not found in 300 seeds"));
+                assert!(found.contains(expected), "{breaks:?}: {found}");
             }
         }
     }

@@ -1,6 +1,11 @@
-//! The agent's task runner: accepts tasks into the store, runs them on `capacity`
-//! slots (more wait in FIFO order), follows their progress, and records how each
-//! ended before signalling the controller. Also answers GET, `terminate`, and TASK.
+//! The agent's task runner: the driver of the task core (`core.rs`). It turns ATASK,
+//! GET, `terminate`, TASK, finished sled writes, controller answers and ended
+//! procedures into the core's events, and carries out its effects: stores, SIGNALs,
+//! procedures. Which task runs when, and what a terminate does, the core decides.
+//!
+//! What it keeps beside the core is bounded by the core's limits: one owed answer
+//! per task being admitted, one stop token per task with I/O in flight, one sender
+//! per synchronous TASK waiting (`MAX_WAITING_SYNC`) or running (`capacity`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
