@@ -503,37 +503,29 @@ impl Runner {
         previous: Option<Previous>,
         out: &mut Vec<Effect>,
     ) {
-        // A repeat first: a controller repeating an ATASK it already had answered
-        // is answered the same, whatever the agent is doing now.
-        match previous {
-            Some(Previous::OtherCall) => {
-                out.push(Effect::ReplyAtask {
-                    id,
-                    answer: Err(Refusal::IdReused),
-                });
-                return;
-            }
-            Some(Previous::SameCall { ended }) => {
-                // It may have lost what we told it (it crashed before storing):
-                // tell it again how the task ended.
-                if ended {
-                    out.push(Effect::ResendFinal { id: id.clone() });
-                }
-                out.push(Effect::ReplyAtask { id, answer: Ok(()) });
-                return;
-            }
-            None => {}
-        }
+        // A draining or full agent refuses every ATASK before it looks at the id,
+        // a repeat too.
         let refusal = if self.draining {
             Some(Refusal::ShuttingDown)
-        } else if self.tasks.contains_key(&id) {
-            Some(Refusal::StillClearing)
         } else if self.tasks.len() >= MAX_UNFINISHED_TASKS {
             Some(Refusal::Full {
                 limit: MAX_UNFINISHED_TASKS,
             })
         } else {
-            None
+            match previous {
+                Some(Previous::OtherCall) => Some(Refusal::IdReused),
+                Some(Previous::SameCall { ended }) => {
+                    // It may have lost what we told it (it crashed before
+                    // storing): tell it again how the task ended.
+                    if ended {
+                        out.push(Effect::ResendFinal { id: id.clone() });
+                    }
+                    out.push(Effect::ReplyAtask { id, answer: Ok(()) });
+                    return;
+                }
+                None if self.tasks.contains_key(&id) => Some(Refusal::StillClearing),
+                None => None,
+            }
         };
         if let Some(r) = refusal {
             out.push(Effect::ReplyAtask { id, answer: Err(r) });
