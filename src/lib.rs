@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod limits;
 pub mod metrics;
 pub mod opal;
+pub mod retry;
 pub mod store;
 pub mod tls;
 
@@ -17,6 +18,7 @@ pub mod tls;
 pub mod pb {
     tonic::include_proto!("arpcp.v1");
 
+    pub mod api;
     pub mod codec;
     pub mod json;
 

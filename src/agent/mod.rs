@@ -24,11 +24,13 @@ use crate::arpcp::{
     ArpcpClient, AtaskStatus, CatalogEntry, IdData, ProtocolError, Request, Response,
     SignalRequest, VERSION,
 };
+use crate::retry::{retry, Attempt, Policy};
 use crate::tls::Role;
 pub use config::{AgentConfig, AgentFlags};
 use identity::Identity;
 use procedures::Registry;
 use signals::SignalSender;
+pub use signals::MAX_SIGNALS_IN_FLIGHT;
 use store::AgentStore;
 use tasks::TaskRunner;
 
@@ -392,6 +394,11 @@ async fn drop_unclaimed(store: AgentStore, keep: Duration, stop: CancellationTok
     }
 }
 
+/// An announcement the controller did not answer 100 (unreachable, or too busy
+/// probing other announcers) is repeated like a SIGNAL, jittered so that the
+/// agents of a restarted gateway do not announce in step.
+pub const ANNOUNCE_RETRY: Policy = signals::SIGNAL_RETRY;
+
 /// Tells the controller this agent exists (ARPCP ID with our port), retrying with
 /// backoff until it answers; the controller then probes us and registers us.
 async fn announce(
@@ -402,8 +409,7 @@ async fn announce(
     stop: CancellationToken,
 ) {
     let client = ArpcpClient::default().with_tls(tls);
-    let mut delay = signals::SIGNAL_BACKOFF_START;
-    loop {
+    let announced = retry(ANNOUNCE_RETRY, &stop, || {
         let req = Request::Id {
             agent_id: signals.agent_id(),
             controller: None,
@@ -411,18 +417,25 @@ async fn announce(
             lease_ms: None,
             describe: false,
         };
-        match client.call(&controller, &req).await {
-            Ok(r) if r.is_ok() => {
-                info!(%controller, "announced to the controller");
-                return;
+        let (client, controller) = (&client, &controller);
+        async move {
+            // Every failure is worth another try: a refusal is a controller that
+            // is busy or not yet set up for us.
+            match client.call(controller, &req).await {
+                Ok(r) if r.is_ok() => Ok(()),
+                Ok(r) => {
+                    warn!(%controller, code = %r.code, "announcement refused: {}", r.description);
+                    Err(Attempt::Transient(r.description))
+                }
+                Err(e) => {
+                    warn!(%controller, "cannot announce: {e}");
+                    Err(Attempt::Transient(e.to_string()))
+                }
             }
-            Ok(r) => warn!(%controller, code = %r.code, "announcement refused: {}", r.description),
-            Err(e) => warn!(%controller, "cannot announce: {e}"),
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(signals::SIGNAL_BACKOFF_CAP);
+    })
+    .await;
+    if announced.is_ok() {
+        info!(%controller, "announced to the controller");
     }
 }

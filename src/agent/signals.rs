@@ -1,14 +1,16 @@
 //! SIGNALs from the agent to its controller. A final SIGNAL (`done`, `interrupted`,
-//! `client_error`) is retried with capped exponential backoff until the controller
-//! answers, and is sent again after a restart if it never was answered; the result
-//! stays in the store meanwhile. `accepted` is retried until the task ends; progress
-//! reports are best effort (a newer one supersedes a lost one).
+//! `client_error`) is retried with capped exponential backoff and jitter
+//! (`SIGNAL_RETRY`) until the controller answers, and is sent again after a restart
+//! if it never was answered; the result stays in the store meanwhile. `accepted` is
+//! retried until the task ends; progress reports are best effort (a newer one
+//! supersedes a lost one). At most `MAX_SIGNALS_IN_FLIGHT` deliveries run at once:
+//! a final SIGNAL waits for a place, a report without one is skipped.
 //!
 //! The SIGNALs of one task reach the controller in the order of the task's life: the
 //! final SIGNAL waits until no `accepted` of the same task is still on the wire, and
 //! none is sent after the final one has started.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -22,11 +24,24 @@ use super::store::{AgentStore, TaskRecord};
 use crate::arpcp::{
     ArpcpClient, AtaskStatus, Code, LeaseGrant, Progress, Request, Response, SignalRequest,
 };
+use crate::retry::{Backoff, Policy};
 
-/// First retry delay of an unanswered SIGNAL.
-pub const SIGNAL_BACKOFF_START: Duration = Duration::from_millis(100);
-/// Retry delays double up to this cap.
-pub const SIGNAL_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// An unanswered SIGNAL (final, `accepted`, or asking to start) is sent again after
+/// 100 ms, doubling up to 5 s, jittered so that the agents of a restarted gateway
+/// do not all come back at once; until answered or the agent stops.
+pub const SIGNAL_RETRY: Policy =
+    Policy::doubling(Duration::from_millis(100), Duration::from_secs(5));
+
+/// SIGNAL deliveries (each one task retrying one SIGNAL) under way at once, over
+/// all tasks and controllers. Any ATASK names where its SIGNALs go (`reply_to`),
+/// so without a bound a peer could make the agent hold a delivery, and a
+/// connection, for every task it sent to an address that never answers.
+pub const MAX_SIGNALS_IN_FLIGHT: usize = 256;
+/// Final SIGNALs waiting for a place under `MAX_SIGNALS_IN_FLIGHT` (their task ids).
+/// Beyond it a final SIGNAL waits in the store for the agent's next start, and the
+/// controller, which asks about placed tasks it has not heard of, collects the
+/// result with GET meanwhile.
+pub const MAX_FINAL_SIGNALS_WAITING: usize = 100_000;
 
 /// The controller's answer to an attempt that asked to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +77,26 @@ impl Drop for InterimGuard {
     }
 }
 
+/// Deliveries under way and the final SIGNALs waiting for a place among them, kept
+/// under one lock so that a SIGNAL never waits while a place is free.
+#[derive(Default)]
+struct Places {
+    in_flight: usize,
+    waiting: VecDeque<String>,
+}
+
+/// A delivery's place under `MAX_SIGNALS_IN_FLIGHT`: handed to the next waiting
+/// final SIGNAL when the delivery ends, else given back.
+struct Place {
+    sender: SignalSender,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.sender.release_place();
+    }
+}
+
 #[derive(Clone)]
 pub struct SignalSender {
     inner: Arc<Inner>,
@@ -78,6 +113,7 @@ struct Inner {
     progress_in_flight: Mutex<HashSet<String>>,
     /// Per task: `accepted` SIGNALs on the wire, and whether the final one started.
     lanes: Mutex<HashMap<String, Lane>>,
+    places: Mutex<Places>,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -99,6 +135,7 @@ impl SignalSender {
                 lease: Lease::default(),
                 progress_in_flight: Mutex::new(HashSet::new()),
                 lanes: Mutex::new(HashMap::new()),
+                places: Mutex::new(Places::default()),
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
             }),
@@ -221,10 +258,17 @@ impl SignalSender {
         let Some(dest) = self.destination(rec) else {
             return;
         };
+        let Some(place) = self.take_place() else {
+            // The controller still learns of the task: from its final SIGNAL, or by
+            // asking (GET) about a placed task it has not heard of.
+            debug!(atask_id = %rec.atask_id, "{MAX_SIGNALS_IN_FLIGHT} SIGNALs under way; not sending accepted");
+            return;
+        };
         let req = self.request(rec, AtaskStatus::Accepted, None);
         let this = self.clone();
         let id = rec.atask_id.clone();
         self.inner.tracker.spawn(async move {
+            let _place = place;
             this.deliver(&dest, &req, || {
                 // The place first, then the state: a task that ends meanwhile either
                 // waits for this attempt or is seen as ended here.
@@ -242,16 +286,22 @@ impl SignalSender {
         let Some(dest) = self.destination(rec) else {
             return;
         };
-        {
+        let place = {
             let mut busy = self
                 .inner
                 .progress_in_flight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if !busy.insert(rec.atask_id.clone()) {
+            if busy.contains(&rec.atask_id) {
                 return;
             }
-        }
+            // Best effort like any report: a newer one supersedes it.
+            let Some(place) = self.take_place() else {
+                return;
+            };
+            busy.insert(rec.atask_id.clone());
+            place
+        };
         let req = self.request(rec, AtaskStatus::Accepted, Some(progress));
         let this = self.clone();
         let id = rec.atask_id.clone();
@@ -261,7 +311,12 @@ impl SignalSender {
                 let sent_at = Instant::now();
                 match this.inner.client.call(&dest, &req).await {
                     Ok(resp) => this.answered(sent_at, &resp),
-                    Err(e) => debug!(atask_id = %id, "progress SIGNAL not delivered: {e}"),
+                    Err(e) => {
+                        debug!(atask_id = %id, "progress SIGNAL not delivered: {e}");
+                        // As for every SIGNAL: a connection left with an unanswered
+                        // request is not kept, or its place would outlive the delivery.
+                        this.inner.client.forget(&dest);
+                    }
                 }
             }
             drop(guard);
@@ -270,6 +325,7 @@ impl SignalSender {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            drop(place);
         });
     }
 
@@ -292,7 +348,7 @@ impl SignalSender {
         if let Request::Signal(sig) = &mut req {
             sig.start = true;
         }
-        let mut pause = SIGNAL_BACKOFF_START;
+        let mut backoff = Backoff::new(SIGNAL_RETRY);
         loop {
             let code = self
                 .deliver(&dest, &req, || self.begin_interim(&rec.atask_id))
@@ -304,24 +360,99 @@ impl SignalSender {
                     warn!(atask_id = %rec.atask_id, controller = %dest, code = %other, "the controller did not confirm the start; asking again");
                 }
             }
-            tokio::select! {
-                _ = self.inner.stop.cancelled() => return None,
-                _ = tokio::time::sleep(pause) => {}
+            if !backoff.wait(&self.inner.stop).await {
+                return None;
             }
-            pause = (pause * 2).min(SIGNAL_BACKOFF_CAP);
         }
     }
 
     /// The final SIGNAL of a finished task: retried until answered, then recorded.
+    /// Waits for a place under `MAX_SIGNALS_IN_FLIGHT` when there is none.
     pub fn finished(&self, rec: &TaskRecord) {
-        let Some(dest) = self.destination(rec) else {
+        if self.destination(rec).is_none() {
             debug!(atask_id = %rec.atask_id, "no controller to signal; the result waits for GET");
             return;
+        }
+        if let Some(place) = self.take_place_or_wait(&rec.atask_id) {
+            self.spawn_final(rec.clone(), place);
+        }
+    }
+
+    /// A place under `MAX_SIGNALS_IN_FLIGHT`, if one is free.
+    fn take_place(&self) -> Option<Place> {
+        let mut places = self.inner.places.lock().unwrap_or_else(|p| p.into_inner());
+        (places.in_flight < MAX_SIGNALS_IN_FLIGHT).then(|| {
+            places.in_flight += 1;
+            Place {
+                sender: self.clone(),
+            }
+        })
+    }
+
+    /// A place for the final SIGNAL of `atask_id`, or its turn in the queue (in
+    /// the same lock, so that no place frees between the two).
+    fn take_place_or_wait(&self, atask_id: &str) -> Option<Place> {
+        let mut places = self.inner.places.lock().unwrap_or_else(|p| p.into_inner());
+        if places.in_flight < MAX_SIGNALS_IN_FLIGHT {
+            places.in_flight += 1;
+            return Some(Place {
+                sender: self.clone(),
+            });
+        }
+        if places.waiting.len() < MAX_FINAL_SIGNALS_WAITING {
+            places.waiting.push_back(atask_id.to_string());
+        } else {
+            debug!(%atask_id, "{MAX_FINAL_SIGNALS_WAITING} final SIGNALs wait already; this one is sent at the next start, or collected by GET");
+        }
+        None
+    }
+
+    /// A delivery ended: its place goes to the oldest waiting final SIGNAL still
+    /// to send, else back.
+    fn release_place(&self) {
+        loop {
+            let next = {
+                let mut places = self.inner.places.lock().unwrap_or_else(|p| p.into_inner());
+                if self.inner.stop.is_cancelled() {
+                    // Stopping: what waits is sent after the restart.
+                    places.waiting.clear();
+                }
+                let next = places.waiting.pop_front();
+                if next.is_none() {
+                    places.in_flight = places.in_flight.saturating_sub(1);
+                }
+                next
+            };
+            let Some(id) = next else {
+                return;
+            };
+            match self.inner.store.get(&id) {
+                Ok(Some(rec))
+                    if rec.state.is_final()
+                        && !rec.final_signal_answered
+                        && self.destination(&rec).is_some() =>
+                {
+                    let place = Place {
+                        sender: self.clone(),
+                    };
+                    self.spawn_final(rec, place);
+                    return;
+                }
+                // Answered, collected or gone meanwhile: the place goes on to the next.
+                _ => {}
+            }
+        }
+    }
+
+    fn spawn_final(&self, rec: TaskRecord, place: Place) {
+        let Some(dest) = self.destination(&rec) else {
+            return;
         };
-        let req = self.request(rec, rec.state.atask_status(), None);
+        let req = self.request(&rec, rec.state.atask_status(), None);
         let this = self.clone();
         let id = rec.atask_id.clone();
         self.inner.tracker.spawn(async move {
+            let _place = place;
             this.close_lane(&id).await;
             let answered = this
                 .deliver(&dest, &req, || {
@@ -355,7 +486,7 @@ impl SignalSender {
         req: &Request,
         still_wanted: impl Fn() -> Option<G>,
     ) -> Option<Code> {
-        let mut delay = SIGNAL_BACKOFF_START;
+        let mut backoff = Backoff::new(SIGNAL_RETRY);
         let first = dest;
         let mut dest = dest.to_string();
         loop {
@@ -373,7 +504,7 @@ impl SignalSender {
                     return Some(resp.code);
                 }
                 Err(e) => {
-                    debug!(controller = %dest, "SIGNAL not delivered, retrying in {delay:?}: {e}");
+                    debug!(controller = %dest, "SIGNAL not delivered, retrying: {e}");
                     self.inner.client.forget(&dest);
                     // The controller may have moved (restarted on another address,
                     // which its echoes told us): try there too, in turns.
@@ -384,11 +515,9 @@ impl SignalSender {
                 }
             }
             drop(attempt);
-            tokio::select! {
-                _ = self.inner.stop.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(&self.inner.stop).await {
+                return None;
             }
-            delay = (delay * 2).min(SIGNAL_BACKOFF_CAP);
         }
     }
 

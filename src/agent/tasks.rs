@@ -26,16 +26,17 @@ use super::procedures::{kill_marked_processes, ProgressSink, Registry, RunContex
 use super::signals::{self, SignalSender};
 use super::store::{AgentStore, Inserted, StoreError, TaskRecord, TaskState};
 use crate::arpcp::{Args, GetData, Progress, ProtocolError, Response};
+use crate::retry::{Backoff, Policy};
 
 /// Environment variables that mark a program as started for a task of this agent
 /// (`ARPCP_AGENT_STORE` names the agent's store; `ARPCP_ATASK_ID` the task).
 pub const ENV_STORE: &str = "ARPCP_AGENT_STORE";
 pub const ENV_TASK: &str = "ARPCP_ATASK_ID";
 
-/// First pause before a task's durable write is tried again on a store that cannot
-/// write for now; pauses double up to `STORE_RETRY_CAP`.
-pub const STORE_RETRY_START: Duration = Duration::from_millis(100);
-pub const STORE_RETRY_CAP: Duration = Duration::from_secs(2);
+/// A task's durable write to a store that cannot write for now (a full disk) is
+/// tried again after 100 ms, doubling up to 2 s, until it succeeds or the task stops.
+pub const STORE_RETRY: Policy =
+    Policy::doubling(Duration::from_millis(100), Duration::from_secs(2));
 /// Default limit of a synchronous TASK that names none.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -508,17 +509,20 @@ impl TaskRunner {
         stop: [&CancellationToken; 2],
         change: impl Fn(&mut TaskRecord),
     ) -> Result<Option<TaskRecord>, StoreError> {
-        let mut pause = STORE_RETRY_START;
+        let mut backoff = Backoff::new(STORE_RETRY);
         loop {
             match self.store.update(id, durable, &change).await {
                 Err(e) if e.is_transient() => {
                     debug!(atask_id = %id, "waiting for the store: {e}");
-                    tokio::select! {
-                        _ = stop[0].cancelled() => return Err(e),
-                        _ = stop[1].cancelled() => return Err(e),
-                        _ = tokio::time::sleep(pause) => {}
+                    let stopped = async {
+                        tokio::select! {
+                            _ = stop[0].cancelled() => {}
+                            _ = stop[1].cancelled() => {}
+                        }
+                    };
+                    if !backoff.wait_or(stopped).await {
+                        return Err(e);
                     }
-                    pause = (pause * 2).min(STORE_RETRY_CAP);
                 }
                 other => return other,
             }

@@ -115,6 +115,14 @@ pub enum ProtocolError {
         limit: usize,
         peer: std::net::IpAddr,
     },
+    #[error("{what}: {limit} {work} already under way ({name}); {retry}")]
+    Busy {
+        what: &'static str,
+        work: &'static str,
+        name: &'static str,
+        limit: usize,
+        retry: &'static str,
+    },
     #[error("request is not valid UTF-8 (invalid byte at offset {offset})")]
     NotUtf8 { offset: usize },
     #[error("request is not valid JSON: {0}")]
@@ -193,7 +201,7 @@ impl ProtocolError {
             BadArguments { .. } => Code::BadArguments,
             UnknownTask(_) | TaskIdReused(_) | AttemptWithdrawn { .. } => Code::UnknownTask,
             Version(_) => Code::VersionMismatch,
-            ConnectionLimit { .. } | Internal(_) => Code::Internal,
+            ConnectionLimit { .. } | Busy { .. } | Internal(_) => Code::Internal,
             Execution(_) => Code::Execution,
         }
     }

@@ -11,7 +11,6 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::output::{self, agent_json, kind_name, outln, short, status_name, table, task_json};
-use crate::gateway::model::TaskStatus;
 use crate::pb;
 use crate::pb::gateway_client::GatewayClient;
 
@@ -163,8 +162,7 @@ struct Bearer(Option<MetadataValue<Ascii>>);
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
-            req.metadata_mut()
-                .insert(crate::gateway::auth::AUTHORIZATION, v.clone());
+            req.metadata_mut().insert(pb::api::AUTHORIZATION, v.clone());
         }
         Ok(req)
     }
@@ -345,7 +343,7 @@ fn arg_value(s: &str) -> Value {
 use crate::pb::json::from_json as to_pb;
 
 fn is_final(status: i32) -> bool {
-    crate::gateway::model::TaskStatus::try_from_pb(status).is_some_and(TaskStatus::is_final)
+    pb::TaskStatus::try_from(status).is_ok_and(pb::TaskStatus::is_final)
 }
 
 /// Blocks until the task ends (GetResult waits are bounded, so this asks again).

@@ -18,7 +18,7 @@ use crate::tls::{PeerIdentity, Role};
 
 /// The metadata key of a bearer token (`authorization: Bearer TOKEN`), as every gRPC
 /// client library sends it.
-pub const AUTHORIZATION: &str = "authorization";
+pub use crate::pb::api::AUTHORIZATION;
 
 /// The methods of `arpcp.v1.Gateway`, for the rules below and the messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

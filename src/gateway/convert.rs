@@ -350,6 +350,17 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn clients_and_the_gateway_agree_on_final_statuses() {
+        for n in 0..=16 {
+            let Ok(p) = pb::TaskStatus::try_from(n) else {
+                continue;
+            };
+            let gateway = status_from_pb(n).unwrap().is_some_and(TaskStatus::is_final);
+            assert_eq!(p.is_final(), gateway, "{p:?}");
+        }
+    }
+
+    #[test]
     fn json_round_trips_and_integers_stay_integers() {
         let v = json!({"a": [1, 2.5, "x", null, true], "b": {"c": -3}});
         let back = value_to_json(&json_to_value(&v), "args").unwrap();

@@ -5,6 +5,9 @@
 //!
 //! The handshakes are ours rather than tonic's so that they are bounded in number and
 //! time like ARPCP's, and a refused one is logged with the peer and the reason.
+//!
+//! Without TLS (`plain_incoming`) the same bound on open connections holds: tonic
+//! serves every connection it is handed, each in a task of its own.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,8 +31,8 @@ use crate::arpcp::tls::{HandshakeError, ServerTls, Standing, HANDSHAKE_TIMEOUT};
 /// TLS handshakes of the gRPC listener under way at once; more connections wait in
 /// the kernel's backlog. Each lasts at most `HANDSHAKE_TIMEOUT`.
 pub const MAX_GRPC_HANDSHAKES: usize = 64;
-/// Open TLS connections of the gRPC API, handshaking or served; at this many, new
-/// ones wait in the kernel's backlog until one closes.
+/// Open connections of the gRPC API (TLS ones handshaking or served, or plain
+/// ones); at this many, new ones wait in the kernel's backlog until one closes.
 pub const MAX_GRPC_CONNECTIONS: usize = 1024;
 /// Connections whose handshake finished, waiting for tonic to take them.
 pub const HANDED_OVER: usize = 16;
@@ -180,5 +183,86 @@ async fn handshake_one(
         tls,
         peer: GrpcPeer { addr, certificate },
         _slot: slot,
+    })
+}
+
+/// A plain gRPC connection holding its place under `MAX_GRPC_CONNECTIONS`.
+pub struct PlainConn {
+    tcp: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for PlainConn {
+    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
+impl AsyncRead for PlainConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// The plain connections of `listener`, at most `MAX_GRPC_CONNECTIONS` open at
+/// once: the next is accepted only once a place is free, so tonic is never handed
+/// more.
+pub fn plain_incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = Result<PlainConn, io::Error>> {
+    let slots = Arc::new(Semaphore::new(MAX_GRPC_CONNECTIONS));
+    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
+        // The semaphore is never closed.
+        let slot = slots.clone().acquire_owned().await.ok()?;
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let conn = PlainConn { tcp, _slot: slot };
+                    return Some((Ok(conn), (listener, slots)));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little instead of spinning.
+                    warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     })
 }

@@ -35,13 +35,9 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use error::GatewayError;
-
-/// A gRPC `TaskStatus` number as a status (`None` for unspecified or unknown).
-pub(crate) fn convert_status(n: i32) -> Option<model::TaskStatus> {
-    convert::status_from_pb(n).ok().flatten()
-}
 use crate::tls::Role;
+pub use error::GatewayError;
+pub use listener::MAX_ANNOUNCE_PROBES;
 use membership::{Membership, MembershipConfig};
 use scheduler::Scheduler;
 use store::GatewayStore;
@@ -231,6 +227,7 @@ impl Gateway {
             Arc::new(listener::ControllerService {
                 scheduler: scheduler.clone(),
                 membership: membership.clone(),
+                announcements: listener::AnnounceProbes::default(),
             }),
             config.tls.as_ref().map(|t| t.serving()),
             shutdown.clone(),
@@ -278,8 +275,7 @@ impl Gateway {
             None => {
                 router
                     .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(grpc)
-                            .with_nodelay(Some(true))
+                        grpc_tls::plain_incoming(grpc)
                             .map(|c| c.map(|c| crate::metrics::get().grpc_connection(c))),
                         stopped,
                     )

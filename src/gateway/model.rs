@@ -51,11 +51,6 @@ impl TaskStatus {
         }
     }
 
-    /// The status of a gRPC `TaskStatus` number.
-    pub fn try_from_pb(n: i32) -> Option<TaskStatus> {
-        crate::gateway::convert_status(n)
-    }
-
     /// On an agent now.
     pub fn is_placed(self) -> bool {
         matches!(self, TaskStatus::Dispatched | TaskStatus::Running)

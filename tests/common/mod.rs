@@ -1014,3 +1014,105 @@ pub fn reserve_port() -> String {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     l.local_addr().expect("its address").to_string()
 }
+
+// ---------------------------------------------------------------------------
+// Listeners that hold what they get
+
+#[derive(Default)]
+struct HeldState {
+    open: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    per_port: Mutex<std::collections::BTreeMap<u16, usize>>,
+    received: Mutex<Vec<(u16, Value)>>,
+    answer: Mutex<Option<Value>>,
+}
+
+/// Loopback listeners standing for peers that take a connection and do not answer
+/// (until `answer_with`): each connection stays open until the daemon closes it, so
+/// the connections a daemon holds at once can be counted (`peak`).
+pub struct HoldingListeners {
+    pub ports: Vec<u16>,
+    state: Arc<HeldState>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl HoldingListeners {
+    pub fn start(n: usize) -> HoldingListeners {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the listeners");
+        let state = Arc::new(HeldState::default());
+        let ports = (0..n)
+            .map(|_| {
+                let l = rt
+                    .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                    .expect("bind a loopback listener");
+                let port = l.local_addr().expect("its address").port();
+                let state = state.clone();
+                rt.spawn(async move {
+                    while let Ok((s, _)) = l.accept().await {
+                        *state.per_port.lock().unwrap().entry(port).or_default() += 1;
+                        let now = state.open.fetch_add(1, Ordering::SeqCst) + 1;
+                        state.peak.fetch_max(now, Ordering::SeqCst);
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            let (r, mut w) = s.into_split();
+                            let mut lines = tokio::io::BufReader::new(r).lines();
+                            while let Ok(Some(line)) = lines.next_line().await {
+                                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                                    state.received.lock().unwrap().push((port, v));
+                                }
+                                let answer = state.answer.lock().unwrap().clone();
+                                if let Some(a) = answer {
+                                    let mut out = a.to_string().into_bytes();
+                                    out.extend_from_slice(b"\r\n");
+                                    if w.write_all(&out).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            state.open.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    }
+                });
+                port
+            })
+            .collect();
+        HoldingListeners { ports, state, rt }
+    }
+
+    /// `127.0.0.1:PORT` of each listener.
+    pub fn addrs(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The most connections open at once so far, over all the listeners.
+    pub fn peak(&self) -> usize {
+        self.state.peak.load(Ordering::SeqCst)
+    }
+
+    /// Connections received, per port.
+    pub fn per_port(&self) -> std::collections::BTreeMap<u16, usize> {
+        self.state.per_port.lock().unwrap().clone()
+    }
+
+    /// Every request line received that was JSON, with the port it came to.
+    pub fn received(&self) -> Vec<(u16, Value)> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// From now on, answers every request line with `answer`.
+    pub fn answer_with(&self, answer: Value) {
+        *self.state.answer.lock().unwrap() = Some(answer);
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+}
