@@ -300,6 +300,13 @@ fn agent_disk_full_then_freed() {
         assert_eq!(code(&r), 100, "{r}");
         stored.push((r["data"]["atask_id"].as_str().expect("id").to_string(), i));
     }
+    // Their results are on disk before it fills: an ending still being written when
+    // the disk fills waits for space like any other write, up to a retry pause later.
+    for (id, i) in &stored {
+        wait_until(WAIT, "the tasks before the full disk to be done", || {
+            common::call(&addr, &req::get(id))["data"]["result"] == json!([format!("before-{i}")])
+        });
+    }
     let filler = disk.fill();
     let mut refusal = None;
     for i in 0..MAX_SUBMITS_TO_FILL {

@@ -33,8 +33,11 @@ pub enum AcceptedUnder {
     Ask,
 }
 
-#[derive(Debug, Default)]
-struct State {
+/// The lease as a value: what the controller's answers granted so far. The task
+/// core (`core.rs`) decides with a copy of it; [`Lease`] shares it between the
+/// SIGNAL sender, which renews it, and the driver, which reads it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseState {
     /// A controller said it fences attempts (its echoes carry `lease_ms`).
     fenced: bool,
     epoch: Option<u64>,
@@ -43,42 +46,32 @@ struct State {
     epoch_sent_at: Option<Instant>,
 }
 
-#[derive(Debug, Default)]
-pub struct Lease {
-    state: Mutex<State>,
-}
-
-impl Lease {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
+impl LeaseState {
     /// A controller's echo said it fences attempts with leases.
-    pub fn fenced(&self) {
-        self.state().fenced = true;
+    pub fn fence(&mut self) {
+        self.fenced = true;
     }
 
     /// An answer to a SIGNAL sent at `sent_at` granted `duration` under `epoch`.
-    pub fn renew(&self, sent_at: Instant, duration: Duration, epoch: u64) {
-        let mut s = self.state();
-        s.fenced = true;
+    pub fn renew(&mut self, sent_at: Instant, duration: Duration, epoch: u64) {
+        self.fenced = true;
         let until = sent_at + duration.min(MAX_LEASE);
-        if s.epoch == Some(epoch) {
-            s.valid_until = s.valid_until.max(Some(until));
+        if self.epoch == Some(epoch) {
+            self.valid_until = self.valid_until.max(Some(until));
             return;
         }
         // Another epoch: the controller withdrew attempts (or restarted). An answer
         // to a SIGNAL sent before the one that set the current epoch is stale.
-        if s.epoch_sent_at.is_some_and(|at| sent_at < at) {
+        if self.epoch_sent_at.is_some_and(|at| sent_at < at) {
             return;
         }
-        s.epoch = Some(epoch);
-        s.epoch_sent_at = Some(sent_at);
-        s.valid_until = Some(until);
+        self.epoch = Some(epoch);
+        self.epoch_sent_at = Some(sent_at);
+        self.valid_until = Some(until);
     }
 
-    fn holds(s: &State, now: Instant) -> Option<u64> {
-        match (s.epoch, s.valid_until) {
+    fn holds(&self, now: Instant) -> Option<u64> {
+        match (self.epoch, self.valid_until) {
             (Some(e), Some(until)) if now < until => Some(e),
             _ => None,
         }
@@ -87,11 +80,10 @@ impl Lease {
     /// What a task accepted at `now` is accepted under. `placed_in` is the epoch
     /// the controller placed it in (ATASK `lease_epoch`), if it said.
     pub fn accepting(&self, placed_in: Option<u64>, now: Instant) -> AcceptedUnder {
-        let s = self.state();
-        if !s.fenced && placed_in.is_none() {
+        if !self.fenced && placed_in.is_none() {
             return AcceptedUnder::Unfenced;
         }
-        match Self::holds(&s, now) {
+        match self.holds(now) {
             Some(e) if placed_in.is_none_or(|p| p == e) => AcceptedUnder::Epoch(e),
             _ => AcceptedUnder::Ask,
         }
@@ -100,12 +92,48 @@ impl Lease {
     /// Whether a task accepted under `under` may start at `now` without asking its
     /// controller: only while the lease of the epoch it was accepted in holds.
     pub fn may_start(&self, under: AcceptedUnder, now: Instant) -> bool {
-        let s = self.state();
         match under {
-            AcceptedUnder::Unfenced => !s.fenced,
-            AcceptedUnder::Epoch(e) => Self::holds(&s, now) == Some(e),
+            AcceptedUnder::Unfenced => !self.fenced,
+            AcceptedUnder::Epoch(e) => self.holds(now) == Some(e),
             AcceptedUnder::Ask => false,
         }
+    }
+}
+
+/// The lease shared by the threads that renew and read it.
+#[derive(Debug, Default)]
+pub struct Lease {
+    state: Mutex<LeaseState>,
+}
+
+impl Lease {
+    fn state(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A controller's echo said it fences attempts with leases.
+    pub fn fenced(&self) {
+        self.state().fence();
+    }
+
+    /// An answer to a SIGNAL sent at `sent_at` granted `duration` under `epoch`.
+    pub fn renew(&self, sent_at: Instant, duration: Duration, epoch: u64) {
+        self.state().renew(sent_at, duration, epoch);
+    }
+
+    /// The lease as it is now.
+    pub fn snapshot(&self) -> LeaseState {
+        *self.state()
+    }
+
+    #[cfg(test)]
+    fn accepting(&self, placed_in: Option<u64>, now: Instant) -> AcceptedUnder {
+        self.state().accepting(placed_in, now)
+    }
+
+    #[cfg(test)]
+    fn may_start(&self, under: AcceptedUnder, now: Instant) -> bool {
+        self.state().may_start(under, now)
     }
 }
 

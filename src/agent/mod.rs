@@ -3,6 +3,7 @@
 //! terminates it, and signals the controller as tasks change.
 
 pub mod config;
+mod core;
 mod identity;
 mod lease;
 pub mod procedures;

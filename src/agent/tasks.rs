@@ -1,23 +1,31 @@
-//! The agent's task runner: accepts tasks into the store, runs them on `capacity`
-//! slots (more wait in FIFO order), follows their progress, and records how each
-//! ended before signalling the controller. Also answers GET, `terminate`, and TASK.
+//! The agent's task runner: the driver of the task core (`core.rs`). It turns ATASK,
+//! GET, `terminate`, TASK, finished sled writes, controller answers and ended
+//! procedures into the core's events, and carries out its effects: stores, SIGNALs,
+//! procedures. Which task runs when, and what a terminate does, the core decides.
+//!
+//! What it keeps beside the core is bounded by the core's limits: one owed answer
+//! per task being admitted, one stop token per task with I/O in flight, one sender
+//! per synchronous TASK waiting (`MAX_WAITING_SYNC`) or running (`capacity`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::lease::{AcceptedUnder, Lease};
+use super::core::{
+    Effect, Ending, Event, Previous, Ran, Refusal, Runner, Signal, StartAnswer, Stored, Write,
+    INTERRUPTED_BY_SHUTDOWN,
+};
+use super::lease::Lease;
 use super::procedures::{kill_marked_processes, ProgressSink, Registry, RunContext, RunError};
-use super::signals::{SignalSender, StartAnswer};
+use super::signals::{self, SignalSender};
 use super::store::{AgentStore, Inserted, StoreError, TaskRecord, TaskState};
-use crate::arpcp::{Args, Code, GetData, Progress, ProtocolError, Response, TaskError};
+use crate::arpcp::{Args, GetData, Progress, ProtocolError, Response};
 use crate::retry::{Backoff, Policy};
 
 /// Environment variables that mark a program as started for a task of this agent
@@ -25,11 +33,6 @@ use crate::retry::{Backoff, Policy};
 pub const ENV_STORE: &str = "ARPCP_AGENT_STORE";
 pub const ENV_TASK: &str = "ARPCP_ATASK_ID";
 
-/// Unfinished tasks an agent holds at once; ATASK beyond it is refused (300), so a
-/// flood of requests cannot grow memory without bound.
-pub const MAX_UNFINISHED_TASKS: usize = 100_000;
-/// Progress SIGNALs of one task are sent at most this often.
-pub const PROGRESS_SIGNAL_INTERVAL: Duration = Duration::from_millis(200);
 /// A task's durable write to a store that cannot write for now (a full disk) is
 /// tried again after 100 ms, doubling up to 2 s, until it succeeds or the task stops.
 pub const STORE_RETRY: Policy =
@@ -37,23 +40,19 @@ pub const STORE_RETRY: Policy =
 /// Default limit of a synchronous TASK that names none.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What the runner knows about a task that has not ended.
-struct Live {
-    terminate: CancellationToken,
-    running: bool,
-    progress: Option<Progress>,
-    last_progress_signal: Option<Instant>,
-}
-
-impl Live {
-    fn new(terminate: CancellationToken) -> Live {
-        Live {
-            terminate,
-            running: false,
-            progress: None,
-            last_progress_signal: None,
-        }
-    }
+/// What the driver keeps beside the core, under the same lock.
+struct Driven {
+    core: Runner,
+    /// Answers owed to ATASKs whose record is being made durable.
+    replies: HashMap<String, oneshot::Sender<Result<(), Refusal>>>,
+    /// What is in flight per task (a write, a question, a procedure): at most one
+    /// at a time, cancelled by a `Stop`.
+    stops: HashMap<String, CancellationToken>,
+    /// Synchronous TASKs waiting for a slot.
+    syncs: HashMap<u64, oneshot::Sender<Result<(), ProtocolError>>>,
+    next_ticket: u64,
+    /// Writes `recover` waits for: tried once, their error fails the start-up.
+    recovering: HashMap<String, oneshot::Sender<Result<(), StoreError>>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -64,39 +63,39 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
+/// The driver of the task core: carries out its effects with sled, the SIGNAL
+/// sender, timers and procedures, and turns what comes back into its events. It
+/// decides nothing itself.
 pub struct TaskRunner {
     store: AgentStore,
     registry: Arc<Registry>,
     signals: SignalSender,
-    slots: Arc<Semaphore>,
-    live: Mutex<HashMap<String, Live>>,
-    running: AtomicU32,
+    driven: Mutex<Driven>,
     tracker: TaskTracker,
-    /// Tasks waiting for a slot stop waiting (and stay queued in the store).
+    /// Durable writes of a start stop retrying on a store that cannot write.
     draining: CancellationToken,
-    /// Running tasks stop and are recorded as interrupted.
+    /// The grace period is over: synchronous TASKs stop; durable writes of an
+    /// ending stop retrying.
     hard_stop: CancellationToken,
 }
 
-enum Outcome {
-    Finished(Result<Value, RunError>),
-    Terminated,
-    Interrupted(&'static str),
+/// A synchronous TASK's slot (or place in line) while this lives.
+struct SyncTicket<'a> {
+    runner: &'a Arc<TaskRunner>,
+    ticket: u64,
 }
 
-/// One procedure counted in `TaskRunner::running` while this lives.
-struct RunningGuard<'a>(&'a AtomicU32);
-
-impl<'a> RunningGuard<'a> {
-    fn new(running: &'a AtomicU32) -> Self {
-        running.fetch_add(1, Ordering::Relaxed);
-        RunningGuard(running)
-    }
-}
-
-impl Drop for RunningGuard<'_> {
+impl Drop for SyncTicket<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let mut d = self.runner.driven();
+        d.syncs.remove(&self.ticket);
+        self.runner.step(
+            &mut d,
+            Event::SyncGone {
+                ticket: self.ticket,
+            },
+            None,
+        );
     }
 }
 
@@ -111,9 +110,14 @@ impl TaskRunner {
             store,
             registry,
             signals,
-            slots: Arc::new(Semaphore::new(capacity.max(1) as usize)),
-            live: Mutex::new(HashMap::new()),
-            running: AtomicU32::new(0),
+            driven: Mutex::new(Driven {
+                core: Runner::new(capacity),
+                replies: HashMap::new(),
+                stops: HashMap::new(),
+                syncs: HashMap::new(),
+                next_ticket: 0,
+                recovering: HashMap::new(),
+            }),
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
@@ -126,23 +130,304 @@ impl TaskRunner {
     }
 
     pub fn running(&self) -> u32 {
-        self.running.load(Ordering::Relaxed)
+        u32::try_from(self.driven().core.running()).unwrap_or(u32::MAX)
     }
 
     /// Tasks running (synchronous TASKs included) and tasks waiting for a slot.
     pub fn counts(&self) -> (i64, i64) {
-        let queued = self.live().values().filter(|l| !l.running).count();
-        (i64::from(self.running()), queued as i64)
+        let d = self.driven();
+        (d.core.running() as i64, d.core.waiting() as i64)
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    fn driven(&self) -> std::sync::MutexGuard<'_, Driven> {
+        self.driven.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One event into the core, with the lease as it is now, and its effects
+    /// carried out. `new` is the record an ATASK would store.
+    fn step(
+        self: &Arc<Self>,
+        d: &mut Driven,
+        event: Event,
+        new: Option<&TaskRecord>,
+    ) -> Vec<Effect> {
+        let now = Instant::now();
+        d.core.step(now, Event::Lease(self.lease().snapshot()));
+        let effects = d.core.step(now, event);
+        for e in &effects {
+            self.apply(d, e, new);
+        }
+        effects
+    }
+
+    /// Reports what came of an I/O the core asked for.
+    fn report(self: &Arc<Self>, id: &str, event: Event) {
+        let mut d = self.driven();
+        d.stops.remove(id);
+        self.step(&mut d, event, None);
+    }
+
+    /// A token that a `Stop` of the task cancels, for what is now in flight.
+    fn in_flight(d: &mut Driven, id: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        d.stops.insert(id.to_string(), token.clone());
+        token
+    }
+
+    fn apply(self: &Arc<Self>, d: &mut Driven, effect: &Effect, new: Option<&TaskRecord>) {
+        match effect {
+            Effect::Persist { id, write, durable } => self.persist(d, id, write, *durable, new),
+            Effect::Remove { id } => {
+                if let Err(e) = self.store.remove(id) {
+                    warn!(atask_id = %id, "cannot remove the task: {e}");
+                }
+            }
+            Effect::Start { id } => {
+                let stop = Self::in_flight(d, id);
+                let this = self.clone();
+                let id = id.clone();
+                self.tracker.spawn(async move {
+                    let ran = this.run(&id, stop).await;
+                    this.report(
+                        &id,
+                        Event::Ended {
+                            id: id.clone(),
+                            ran,
+                        },
+                    );
+                });
+            }
+            Effect::Stop { id } => {
+                if let Some(t) = d.stops.get(id) {
+                    t.cancel();
+                }
+            }
+            Effect::KillLeftovers { id } => {
+                let killed = kill_marked_processes(&self.task_marks(id));
+                if killed > 0 {
+                    info!(atask_id = %id, killed, "stopped the processes a crash left running");
+                }
+            }
+            Effect::Signal { id, signal } => {
+                let rec = match self.store.get(id) {
+                    Ok(Some(rec)) => rec,
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!(atask_id = %id, "cannot read the task to signal it: {e}");
+                        return;
+                    }
+                };
+                match signal {
+                    Signal::Accepted => self.signals.accepted(&rec),
+                    Signal::Progress(p) => self.signals.progress(&rec, p.clone()),
+                    Signal::Finished => self.signals.finished(&rec),
+                }
+            }
+            Effect::AskStart { id } => {
+                let stop = Self::in_flight(d, id);
+                let this = self.clone();
+                let id = id.clone();
+                self.tracker.spawn(async move {
+                    let answer = this.ask_start(&id, stop).await;
+                    this.report(
+                        &id,
+                        Event::StartAnswered {
+                            id: id.clone(),
+                            answer,
+                        },
+                    );
+                });
+            }
+            Effect::ResendFinal { id } => {
+                let this = self.clone();
+                let id = id.clone();
+                self.tracker.spawn(async move {
+                    match this
+                        .store
+                        .update(&id, false, |r| r.final_signal_answered = false)
+                        .await
+                    {
+                        Ok(Some(rec)) => this.signals.finished(&rec),
+                        Ok(None) => {}
+                        Err(e) => warn!(atask_id = %id, "cannot send the final SIGNAL again: {e}"),
+                    }
+                });
+            }
+            Effect::ReplyAtask { id, answer } => {
+                if let Some(tx) = d.replies.remove(id) {
+                    let _ = tx.send(answer.clone());
+                }
+            }
+            Effect::RunSync { ticket } => {
+                if let Some(tx) = d.syncs.remove(ticket) {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            Effect::RefuseSync { ticket, limit } => {
+                if let Some(tx) = d.syncs.remove(ticket) {
+                    let _ = tx.send(Err(ProtocolError::Internal(format!(
+                        "agent already has {limit} synchronous TASKs waiting for a slot; try later"
+                    ))));
+                }
+            }
+            // Read by the caller that stepped the request.
+            Effect::AnswerGet { .. } | Effect::AnswerTerminate { .. } => {}
+        }
+    }
+
+    fn persist(
+        self: &Arc<Self>,
+        d: &mut Driven,
+        id: &str,
+        write: &Write,
+        durable: bool,
+        new: Option<&TaskRecord>,
+    ) {
+        let this = self.clone();
+        let id = id.to_string();
+        let stop = Self::in_flight(d, &id);
+        if let Write::New(state) = write {
+            let inserted = match new {
+                Some(rec) => {
+                    let mut rec = rec.clone();
+                    rec.state = *state;
+                    self.store.insert_new(&rec).map_err(|e| e.to_string())
+                }
+                None => Err("no record to store".to_string()),
+            };
+            self.tracker.spawn(async move {
+                let result = match inserted {
+                    Ok(Inserted::New) if durable => this.store.commit().await.map_err(|e| {
+                        error!(atask_id = %id, "cannot make the task durable: {e}");
+                        e.to_string()
+                    }),
+                    Ok(Inserted::New) => Ok(()),
+                    Ok(Inserted::Existing(old)) => Err(format!(
+                        "atask_id {id:?} is stored already (as {:?})",
+                        old.state
+                    )),
+                    Err(e) => Err(e),
+                };
+                this.report(
+                    &id,
+                    Event::Persisted {
+                        id: id.clone(),
+                        result,
+                    },
+                );
+            });
+            return;
+        }
+        let write = write.clone();
+        let recovering = d.recovering.remove(&id);
+        self.tracker.spawn(async move {
+            // Past the grace period of a shutdown an ending is given up: the
+            // restarted agent reports the task interrupted.
+            let stops = match &write {
+                Write::Ended(_) => [&this.hard_stop, &this.hard_stop],
+                _ => [&stop, &this.draining],
+            };
+            let finished_ms = now_ms();
+            let change = |r: &mut TaskRecord| match &write {
+                Write::New(state) => r.state = *state,
+                Write::Running => r.state = TaskState::Running,
+                Write::Ended(e) => {
+                    r.state = e.state;
+                    r.result = e.result.clone();
+                    r.error = e.error.clone();
+                    r.finished_ms = Some(finished_ms);
+                }
+            };
+            let result = match recovering {
+                // At start-up a store that cannot write fails the start, as it
+                // always did, rather than hold the agent unready.
+                Some(tx) => {
+                    let written = this.store.update(&id, durable, change).await;
+                    let result = written.as_ref().map(|_| ()).map_err(|e| e.to_string());
+                    let _ = tx.send(written.map(|_| ()));
+                    result
+                }
+                None => this
+                    .write_through(&id, durable, stops, change)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        error!(atask_id = %id, "task store failed: {e}");
+                        e.to_string()
+                    }),
+            };
+            if durable {
+                this.report(
+                    &id,
+                    Event::Persisted {
+                        id: id.clone(),
+                        result,
+                    },
+                );
+            }
+        });
+    }
+
+    /// Runs the task's procedure until it returns or `stop` is cancelled.
+    async fn run(self: &Arc<Self>, id: &str, stop: CancellationToken) -> Ran {
+        let rec = match self.store.get(id) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Ran::Stopped,
+            Err(e) => {
+                warn!(atask_id = %id, "cannot read the task to start it: {e}");
+                return Ran::Stopped;
+            }
+        };
+        let procedure = match self.registry.get(&rec.procedure) {
+            Ok(p) => p,
+            Err(e) => {
+                return Ran::Returned(ending(
+                    &rec.procedure,
+                    Err(RunError::BadArguments(e.to_string())),
+                ))
+            }
+        };
+        let ctx = RunContext {
+            progress: self.progress_sink(id),
+            env: self.task_marks(id),
+        };
+        let started = Instant::now();
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => Ran::Stopped,
+            r = procedure.run(&rec.args, ctx) => {
+                crate::metrics::get()
+                    .procedure_ran(&rec.procedure, started.elapsed().as_secs_f64());
+                Ran::Returned(ending(&rec.procedure, r))
+            }
+        }
+    }
+
+    /// Asks the controller whether the attempt may still start (its lease ran out).
+    async fn ask_start(&self, id: &str, stop: CancellationToken) -> StartAnswer {
+        let rec = match self.store.get(id) {
+            Ok(Some(rec)) => rec,
+            _ => return StartAnswer::None,
+        };
+        let answer = tokio::select! {
+            a = self.signals.confirm_start(&rec) => a,
+            _ = stop.cancelled() => return StartAnswer::None,
+            _ = self.draining.cancelled() => return StartAnswer::None,
+        };
+        match answer {
+            Some(signals::StartAnswer::Go) => StartAnswer::Go,
+            Some(signals::StartAnswer::Withdrawn) => {
+                info!(atask_id = %id, "the controller withdrew this attempt; not starting it");
+                StartAnswer::Withdrawn
+            }
+            None => StartAnswer::None,
+        }
     }
 
     /// ATASK: validate, store durably, start. Idempotent by `atask_id`.
     ///
-    /// The record, its live entry and the task that makes it durable and runs it
-    /// are set up with no await in between: if this future is dropped (the
+    /// The record is stored, and the write that makes it durable spawned, in one
+    /// synchronous step with the core's decision: if this future is dropped (the
     /// connection broke before the answer), the task still becomes durable and
     /// runs, or fails and is removed — it is never stored and left waiting.
     pub async fn submit(
@@ -154,291 +439,79 @@ impl TaskRunner {
         lease_epoch: Option<u64>,
     ) -> Result<String, ProtocolError> {
         self.registry.get(&procedure)?.validate(&procedure, &args)?;
-        if self.draining.is_cancelled() {
-            return Err(ProtocolError::Internal("agent is shutting down".into()));
-        }
-        if self.live().len() >= MAX_UNFINISHED_TASKS {
-            return Err(ProtocolError::Internal(format!(
-                "agent already holds {MAX_UNFINISHED_TASKS} unfinished tasks; try another agent"
-            )));
-        }
         let atask_id = atask_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let under = self.lease().accepting(lease_epoch, Instant::now());
-        // With a free slot, and nothing to ask the controller first, the task is
-        // stored as running at once: one durable write covers its acceptance and
-        // its start.
-        let slot = match under {
-            AcceptedUnder::Ask => None,
-            _ => self.slots.clone().try_acquire_owned().ok(),
-        };
         let rec = TaskRecord {
             atask_id: atask_id.clone(),
             procedure,
             args,
             reply_to,
-            state: if slot.is_some() {
-                TaskState::Running
-            } else {
-                TaskState::Queued
-            },
+            state: TaskState::Queued,
             result: None,
             error: None,
             final_signal_answered: false,
             finished_ms: None,
         };
-        let terminate = CancellationToken::new();
-        let inserted = {
-            // Under the lock `terminate` takes: it sees the task either not yet
-            // stored or stored with its live entry.
-            let mut live = self.live();
-            let inserted = self.store.insert_new(&rec)?;
-            if let Inserted::New = inserted {
-                live.insert(rec.atask_id.clone(), Live::new(terminate.clone()));
-            }
-            inserted
-        };
-        match inserted {
-            Inserted::New => {
-                let (durable_tx, durable) = oneshot::channel();
-                self.launch(rec, slot, under, terminate, Some(durable_tx));
-                match durable.await {
-                    Ok(Ok(())) => Ok(atask_id),
-                    Ok(Err(e)) => Err(e.into()),
-                    Err(_) => Err(ProtocolError::Internal("agent is shutting down".into())),
-                }
-            }
-            Inserted::Existing(old) if old.same_call(&rec.procedure, &rec.args) => {
-                // A controller repeating an ATASK may have lost what we told it
-                // (it crashed before storing): tell it again how the task ended.
-                if old.state.is_final() {
-                    let again = self
-                        .store
-                        .update(&atask_id, false, |r| r.final_signal_answered = false)
-                        .await?;
-                    if let Some(rec) = again {
-                        self.signals.finished(&rec);
+        let (tx, rx) = oneshot::channel();
+        let now = {
+            let mut d = self.driven();
+            // Read under the lock every insert and delete of a task takes.
+            let previous = self.store.get(&atask_id)?.map(|old| {
+                if old.same_call(&rec.procedure, &rec.args) {
+                    Previous::SameCall {
+                        ended: old.state.is_final(),
                     }
+                } else {
+                    Previous::OtherCall
                 }
-                Ok(atask_id)
+            });
+            let effects = self.step(
+                &mut d,
+                Event::Atask {
+                    id: atask_id.clone(),
+                    placed_in: lease_epoch,
+                    previous,
+                },
+                Some(&rec),
+            );
+            let now = effects.into_iter().find_map(|e| match e {
+                Effect::ReplyAtask { id, answer } if id == atask_id => Some(answer),
+                _ => None,
+            });
+            if now.is_none() {
+                d.replies.insert(atask_id.clone(), tx);
             }
-            Inserted::Existing(_) => Err(ProtocolError::TaskIdReused(atask_id)),
-        }
-    }
-
-    /// A task stored by an earlier process of this agent, waiting to run.
-    fn resume(self: &Arc<Self>, rec: TaskRecord) {
-        let terminate = CancellationToken::new();
-        {
-            // Under the same lock as `terminate`: a task deleted meanwhile stays so.
-            let mut live = self.live();
-            if !matches!(self.store.get(&rec.atask_id), Ok(Some(_))) {
-                return;
-            }
-            live.insert(rec.atask_id.clone(), Live::new(terminate.clone()));
-        }
-        self.launch(rec, None, AcceptedUnder::Ask, terminate, None);
-    }
-
-    /// Runs a stored task with a live entry in a task of its own. With `durable`,
-    /// first waits for its record to reach disk and reports that (a failure
-    /// removes the task: the ATASK is answered with the error and nothing runs).
-    fn launch(
-        self: &Arc<Self>,
-        rec: TaskRecord,
-        slot: Option<OwnedSemaphorePermit>,
-        under: AcceptedUnder,
-        terminate: CancellationToken,
-        durable: Option<oneshot::Sender<Result<(), StoreError>>>,
-    ) {
-        let this = self.clone();
-        self.tracker.spawn(async move {
-            let id = rec.atask_id.clone();
-            if let Some(report) = durable {
-                let stored = this.store.commit().await;
-                if let Err(e) = &stored {
-                    error!(atask_id = %id, "cannot make the task durable: {e}");
-                    this.forget(&id);
-                    let _ = report.send(stored);
-                    return;
-                }
-                let _ = report.send(Ok(()));
-            }
-            if let Err(e) = this.execute(rec, terminate, slot, under).await {
-                error!(atask_id = %id, "task store failed: {e}");
-            }
-            this.live().remove(&id);
-        });
-    }
-
-    /// Removes a task and its live entry.
-    fn forget(&self, id: &str) {
-        let mut live = self.live();
-        live.remove(id);
-        if let Err(e) = self.store.remove(id) {
-            warn!(atask_id = %id, "cannot remove the task: {e}");
-        }
-    }
-
-    /// Asks the controller whether the attempt may still start (its lease ran
-    /// out): `true` to go; `false` when it was withdrawn (then forgotten), or when
-    /// the task is terminated, the agent drains, or no answer comes.
-    async fn confirm_start(&self, rec: &TaskRecord, terminate: &CancellationToken) -> bool {
-        let answer = tokio::select! {
-            a = self.signals.confirm_start(rec) => a,
-            _ = terminate.cancelled() => return false,
-            _ = self.draining.cancelled() => return false,
+            now
         };
-        match answer {
-            Some(StartAnswer::Go) => true,
-            Some(StartAnswer::Withdrawn) => {
-                info!(atask_id = %rec.atask_id, "the controller withdrew this attempt; not starting it");
-                self.forget(&rec.atask_id);
-                false
-            }
-            None => false,
-        }
+        let answer = match now {
+            Some(a) => a,
+            None => rx.await.unwrap_or(Err(Refusal::ShuttingDown)),
+        };
+        answer.map(|()| atask_id.clone()).map_err(|r| match r {
+            Refusal::ShuttingDown => ProtocolError::Internal("agent is shutting down".into()),
+            Refusal::Full { limit } => ProtocolError::Internal(format!(
+                "agent already holds {limit} unfinished tasks; try another agent"
+            )),
+            Refusal::IdReused => ProtocolError::TaskIdReused(atask_id.clone()),
+            Refusal::StillClearing => ProtocolError::Internal(format!(
+                "atask_id {atask_id:?} was just terminated and is still being cleared; try again"
+            )),
+            Refusal::NotDurable(e) => ProtocolError::Internal(e),
+        })
     }
 
-    async fn execute(
-        self: &Arc<Self>,
-        rec: TaskRecord,
-        terminate: CancellationToken,
-        slot: Option<OwnedSemaphorePermit>,
-        under: AcceptedUnder,
-    ) -> Result<(), StoreError> {
-        let permit = match slot.map_or_else(|| self.slots.clone().try_acquire_owned(), Ok) {
-            Ok(p) => p,
-            Err(_) => {
-                self.signals.accepted(&rec);
-                tokio::select! {
-                    p = self.slots.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return Ok(()),
-                    },
-                    _ = terminate.cancelled() => return Ok(()),
-                    _ = self.draining.cancelled() => return Ok(()),
-                }
-            }
-        };
-        let id = rec.atask_id.clone();
-        // The lease it was accepted under ran out (a pause, a partition, a
-        // restart): the controller may have placed it elsewhere meanwhile.
-        let mut confirmed = false;
-        if !self.lease().may_start(under, Instant::now()) {
-            if !self.confirm_start(&rec, &terminate).await {
-                return Ok(());
-            }
-            confirmed = true;
-        }
-        // Durable before the procedure starts: after a crash it is reported
-        // interrupted, never silently run a second time.
-        let rec = if rec.state == TaskState::Running {
-            rec
-        } else {
-            let started = self
-                .write_through(&id, [&terminate, &self.draining], |r| {
-                    r.state = TaskState::Running
-                })
-                .await?;
-            match started {
-                Some(rec) => rec,
-                None => return Ok(()),
-            }
-        };
-        // Again after that write, which may have waited for the disk (or the
-        // process been paused during it): deciding before it and starting after
-        // would start an attempt the controller withdrew once the lease ended.
-        if !confirmed
-            && !self.lease().may_start(under, Instant::now())
-            && !self.confirm_start(&rec, &terminate).await
-        {
-            return Ok(());
-        }
-        if let Some(l) = self.live().get_mut(&id) {
-            l.running = true;
-        }
-        self.running.fetch_add(1, Ordering::Relaxed);
-        let outcome = match self.registry.get(&rec.procedure) {
-            Err(e) => Outcome::Finished(Err(RunError::BadArguments(e.to_string()))),
-            Ok(procedure) => {
-                let ctx = RunContext {
-                    progress: self.progress_sink(&rec),
-                    env: self.task_marks(&rec.atask_id),
-                };
-                // `accepted` with progress: the controller learns the task runs.
-                self.signals.progress(
-                    &rec,
-                    Progress {
-                        percent: 0.0,
-                        comment: "started".into(),
-                    },
-                );
-                let started = Instant::now();
-                tokio::select! {
-                    biased;
-                    _ = terminate.cancelled() => Outcome::Terminated,
-                    _ = self.hard_stop.cancelled() => Outcome::Interrupted("agent shut down before the task finished"),
-                    r = procedure.run(&rec.args, ctx) => {
-                        crate::metrics::get()
-                            .procedure_ran(&rec.procedure, started.elapsed().as_secs_f64());
-                        Outcome::Finished(r)
-                    }
-                }
-            }
-        };
-        self.running.fetch_sub(1, Ordering::Relaxed);
-        drop(permit);
-        let (state, result, error) = match outcome {
-            Outcome::Terminated => return Ok(()),
-            Outcome::Finished(Ok(v)) => (TaskState::Done, Some(v), None),
-            Outcome::Finished(Err(e @ RunError::BadArguments(_))) => (
-                TaskState::ClientError,
-                None,
-                Some(e.to_task_error(&rec.procedure)),
-            ),
-            Outcome::Finished(Err(e)) => (
-                TaskState::Failed,
-                None,
-                Some(e.to_task_error(&rec.procedure)),
-            ),
-            Outcome::Interrupted(why) => (
-                TaskState::Interrupted,
-                None,
-                Some(TaskError {
-                    code: Code::Execution,
-                    description: why.into(),
-                }),
-            ),
-        };
-        let finished_ms = now_ms();
-        // Past the grace period of a shutdown the outcome is given up: the restarted
-        // agent reports the task interrupted.
-        let done = self
-            .write_through(&id, [&self.hard_stop, &self.hard_stop], |r| {
-                r.state = state;
-                r.result = result.clone();
-                r.error = error.clone();
-                r.finished_ms = Some(finished_ms);
-            })
-            .await?;
-        if let Some(rec) = done {
-            self.signals.finished(&rec);
-        }
-        Ok(())
-    }
-
-    /// Changes a stored task durably, waiting out a store that cannot write for now
-    /// (a full disk) until either token is cancelled: a task does not give up its
-    /// start or its outcome because the disk was briefly full.
+    /// Changes a stored task, durably or not, waiting out a store that cannot
+    /// write for now (a full disk) until either token is cancelled: a task does not
+    /// give up its start or its outcome because the disk was briefly full.
     async fn write_through(
         &self,
         id: &str,
+        durable: bool,
         stop: [&CancellationToken; 2],
         change: impl Fn(&mut TaskRecord),
     ) -> Result<Option<TaskRecord>, StoreError> {
         let mut backoff = Backoff::new(STORE_RETRY);
         loop {
-            match self.store.update(id, true, &change).await {
+            match self.store.update(id, durable, &change).await {
                 Err(e) if e.is_transient() => {
                     debug!(atask_id = %id, "waiting for the store: {e}");
                     let stopped = async {
@@ -464,43 +537,44 @@ impl TaskRunner {
         ]
     }
 
-    fn progress_sink(self: &Arc<Self>, rec: &TaskRecord) -> ProgressSink {
+    fn progress_sink(self: &Arc<Self>, id: &str) -> ProgressSink {
         let this = Arc::downgrade(self);
-        let rec = rec.clone();
-        Arc::new(move |p: Progress| {
+        let id = id.to_string();
+        Arc::new(move |progress: Progress| {
             let Some(this) = this.upgrade() else {
                 return;
             };
-            let send = {
-                let mut live = this.live();
-                let Some(l) = live.get_mut(&rec.atask_id) else {
-                    return;
-                };
-                l.progress = Some(p.clone());
-                let due = l
-                    .last_progress_signal
-                    .is_none_or(|t| t.elapsed() >= PROGRESS_SIGNAL_INTERVAL);
-                if due {
-                    l.last_progress_signal = Some(Instant::now());
-                }
-                due
-            };
-            if send {
-                this.signals.progress(&rec, p);
-            }
+            let mut d = this.driven();
+            this.step(
+                &mut d,
+                Event::Progress {
+                    id: id.clone(),
+                    progress,
+                },
+                None,
+            );
         })
     }
 
     /// GET: the task's status, progress and, once ended, its result or error.
-    pub fn get(&self, id: &str) -> Result<Response, ProtocolError> {
+    pub fn get(self: &Arc<Self>, id: &str) -> Result<Response, ProtocolError> {
         let rec = self
             .store
             .get(id)?
             .ok_or_else(|| ProtocolError::UnknownTask(id.to_string()))?;
-        let (running, progress) = match self.live().get(id) {
-            Some(l) => (l.running, l.progress.clone()),
-            None => (false, None),
+        let effects = {
+            let mut d = self.driven();
+            self.step(&mut d, Event::Get { id: id.to_string() }, None)
         };
+        let (running, progress) = effects
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::AnswerGet {
+                    running, progress, ..
+                } => Some((running, progress)),
+                _ => None,
+            })
+            .unwrap_or((false, None));
         let data = GetData {
             atask_id: rec.atask_id.clone(),
             atask_status: rec.state.atask_status(),
@@ -525,15 +599,23 @@ impl TaskRunner {
     }
 
     /// SIGNAL terminate: stop the task if it runs and delete it.
-    pub fn terminate(&self, id: &str) -> Result<(), ProtocolError> {
-        let (live, stored) = {
-            let mut live = self.live();
-            (live.remove(id), self.store.remove(id)?)
+    pub fn terminate(self: &Arc<Self>, id: &str) -> Result<(), ProtocolError> {
+        let effects = {
+            let mut d = self.driven();
+            let stored = self.store.remove(id)?;
+            self.step(
+                &mut d,
+                Event::Terminate {
+                    id: id.to_string(),
+                    stored,
+                },
+                None,
+            )
         };
-        if let Some(l) = &live {
-            l.terminate.cancel();
-        }
-        if live.is_none() && !stored {
+        let known = effects
+            .iter()
+            .any(|e| matches!(e, Effect::AnswerTerminate { known: true, .. }));
+        if !known {
             return Err(ProtocolError::UnknownTask(id.to_string()));
         }
         debug!(atask_id = %id, "terminated");
@@ -542,7 +624,7 @@ impl TaskRunner {
 
     /// TASK: run on a slot now and answer with the result.
     pub async fn run_sync(
-        &self,
+        self: &Arc<Self>,
         procedure: &str,
         args: &Args,
         timeout: Option<Duration>,
@@ -551,16 +633,26 @@ impl TaskRunner {
         p.validate(procedure, args)?;
         let timeout = timeout.unwrap_or(DEFAULT_SYNC_TIMEOUT);
         let work = async {
-            let _permit = self
-                .slots
-                .acquire()
-                .await
-                .map_err(|_| ProtocolError::Internal("agent is shutting down".into()))?;
-            // Counted down on drop too: a timeout or shutdown drops this future.
-            let _running = RunningGuard::new(&self.running);
+            let (tx, rx) = oneshot::channel();
+            // Gives the slot (or the place in line) back however this ends: a
+            // timeout or shutdown drops this future.
+            let ticket = {
+                let mut d = self.driven();
+                let ticket = d.next_ticket;
+                d.next_ticket += 1;
+                d.syncs.insert(ticket, tx);
+                self.step(&mut d, Event::SyncAsked { ticket }, None);
+                SyncTicket {
+                    runner: self,
+                    ticket,
+                }
+            };
+            rx.await
+                .map_err(|_| ProtocolError::Internal("agent is shutting down".into()))??;
             let started = Instant::now();
             let r = p.run(args, RunContext::detached()).await;
             crate::metrics::get().procedure_ran(procedure, started.elapsed().as_secs_f64());
+            drop(ticket);
             r.map_err(|e| match e {
                 RunError::BadArguments(reason) => ProtocolError::bad_args(procedure, reason),
                 other => ProtocolError::Execution(other.to_string()),
@@ -570,56 +662,52 @@ impl TaskRunner {
             r = tokio::time::timeout(timeout, work) => r.map_err(|_| {
                 ProtocolError::Execution(format!("timed out after {timeout:?}"))
             })?,
-            _ = self.hard_stop.cancelled() => Err(ProtocolError::Execution("agent shut down before the task finished".into())),
+            _ = self.hard_stop.cancelled() => Err(ProtocolError::Execution(INTERRUPTED_BY_SHUTDOWN.into())),
         }
     }
 
     /// After a restart: queued tasks run, tasks that were running are interrupted,
     /// final SIGNALs never answered are sent again.
     pub async fn recover(self: &Arc<Self>) -> Result<(), StoreError> {
-        let (mut queued, mut interrupted, mut resent) = (0, 0, 0);
+        let mut tasks = Vec::new();
         for rec in self.store.all() {
-            let rec = match rec {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!("{e}");
-                    continue;
-                }
-            };
-            match rec.state {
-                TaskState::Queued => {
-                    queued += 1;
-                    self.resume(rec);
-                }
-                TaskState::Running => {
-                    interrupted += 1;
-                    // Its program may have outlived the agent's crash: a task
-                    // reported interrupted must not go on running.
-                    let killed = kill_marked_processes(&self.task_marks(&rec.atask_id));
-                    if killed > 0 {
-                        info!(atask_id = %rec.atask_id, killed, "stopped the processes a crash left running");
-                    }
-                    let err = TaskError {
-                        code: Code::Execution,
-                        description: "agent stopped while the task was running".into(),
-                    };
-                    if let Some(rec) = self
-                        .store
-                        .update(&rec.atask_id, true, |r| {
-                            r.state = TaskState::Interrupted;
-                            r.error = Some(err.clone());
-                            r.finished_ms = Some(now_ms());
-                        })
-                        .await?
-                    {
-                        self.signals.finished(&rec);
-                    }
-                }
-                _ if !rec.final_signal_answered => {
-                    resent += 1;
-                    self.signals.finished(&rec);
-                }
-                _ => {}
+            match rec {
+                Ok(r) => tasks.push(Stored {
+                    id: r.atask_id,
+                    state: r.state,
+                    final_signal_answered: r.final_signal_answered,
+                }),
+                Err(e) => warn!("{e}"),
+            }
+        }
+        let queued = tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Queued)
+            .count();
+        let interrupted = tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Running)
+            .count();
+        let resent = tasks
+            .iter()
+            .filter(|t| t.state.is_final() && !t.final_signal_answered)
+            .count();
+        let mut written = Vec::new();
+        {
+            let mut d = self.driven();
+            for t in tasks.iter().filter(|t| t.state == TaskState::Running) {
+                let (tx, rx) = oneshot::channel();
+                d.recovering.insert(t.id.clone(), tx);
+                written.push(rx);
+            }
+            self.step(&mut d, Event::Recovered { tasks }, None);
+            d.recovering.clear();
+        }
+        // Recorded interrupted before the agent answers anyone: a GET finds the
+        // task ended, not running.
+        for rx in written {
+            if let Ok(r) = rx.await {
+                r?;
             }
         }
         if queued + interrupted + resent > 0 {
@@ -633,20 +721,26 @@ impl TaskRunner {
 
     /// Stops every running task (and synchronous TASK) now; each is recorded as
     /// interrupted.
-    pub fn interrupt(&self) {
+    pub fn interrupt(self: &Arc<Self>) {
         if !self.hard_stop.is_cancelled() {
             warn!(
                 running = self.running(),
                 "grace period over; interrupting running tasks"
             );
             self.hard_stop.cancel();
+            let mut d = self.driven();
+            self.step(&mut d, Event::Interrupt, None);
         }
     }
 
     /// Lets running tasks finish for up to `grace`, then interrupts the rest.
     /// Tasks still waiting for a slot stay queued in the store for the next start.
-    pub async fn shutdown(&self, grace: Duration) {
+    pub async fn shutdown(self: &Arc<Self>, grace: Duration) {
         self.draining.cancel();
+        {
+            let mut d = self.driven();
+            self.step(&mut d, Event::Shutdown, None);
+        }
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
             .await
@@ -655,6 +749,27 @@ impl TaskRunner {
             self.interrupt();
             self.tracker.wait().await;
         }
+    }
+}
+
+/// How a procedure's return is stored.
+fn ending(procedure: &str, r: Result<Value, RunError>) -> Ending {
+    match r {
+        Ok(v) => Ending {
+            state: TaskState::Done,
+            result: Some(v),
+            error: None,
+        },
+        Err(e @ RunError::BadArguments(_)) => Ending {
+            state: TaskState::ClientError,
+            result: None,
+            error: Some(e.to_task_error(procedure)),
+        },
+        Err(e) => Ending {
+            state: TaskState::Failed,
+            result: None,
+            error: Some(e.to_task_error(procedure)),
+        },
     }
 }
 
