@@ -9,6 +9,9 @@
 //! * p50/p99 latency of a synchronous call (Submit with `sync`: ARPCP TASK);
 //! * p50/p99 latency of an ARPCP TASK straight to an agent (the transport alone);
 //!
+//! * peak RSS of each cluster's gateway and agents over the rounds (sampled from
+//!   `/proc` every 50 ms), and an agent's RSS when idle, before any work;
+//!
 //! and once, on the plaintext cluster:
 //! * baselines: a bare tonic unary call (grpc.health Check on a server that serves
 //!   nothing else) and a bare TCP JSON-line echo, both in this process;
@@ -279,6 +282,66 @@ struct Cluster {
 
 const AGENTS: usize = 2;
 
+/// The resident set of a process, in KiB (`/proc/PID/status`, Linux).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Peak RSS of some processes, sampled every 50 ms on a thread of its own until
+/// dropped (`peaks` then reads the last).
+struct PeakRss {
+    peaks: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeakRss {
+    fn start(pids: Vec<u32>) -> PeakRss {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let peaks: Arc<Vec<AtomicU64>> = Arc::new(pids.iter().map(|_| AtomicU64::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peaks.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                for (i, pid) in pids.iter().enumerate() {
+                    if let Some(kib) = rss_kib(*pid) {
+                        p[i].fetch_max(kib, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        PeakRss {
+            peaks,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Peaks in MiB, in the order of the pids given.
+    fn stop(mut self) -> Vec<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peaks
+            .iter()
+            .map(|p| p.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0)
+            .collect()
+    }
+}
+
+impl Cluster {
+    /// The gateway's pid, then the agents'.
+    fn pids(&self) -> Vec<u32> {
+        std::iter::once(self._gateway.child.id())
+            .chain(self._agents.iter().map(|a| a.child.id()))
+            .collect()
+    }
+}
+
 async fn start_cluster(
     name: &'static str,
     arpcp_tls: bool,
@@ -523,6 +586,8 @@ async fn main() -> anyhow::Result<()> {
         start_cluster("plaintext", false, &config).await?,
         start_cluster("mutual TLS", true, &config).await?,
     ];
+    let idle_agent = rss_kib(clusters[0]._agents[0].child.id()).unwrap_or(0) as f64 / 1024.0;
+    let rss: Vec<PeakRss> = clusters.iter().map(|c| PeakRss::start(c.pids())).collect();
     for c in &clusters {
         throughput(c, tasks / 10, concurrency).await?; // warm-up
     }
@@ -540,6 +605,7 @@ async fn main() -> anyhow::Result<()> {
                 .extend(arpcp_task_calls(&clusters[i], samples).await?);
         }
     }
+    let peaks: Vec<Vec<f64>> = rss.into_iter().map(PeakRss::stop).collect();
     for f in &mut figures {
         f.sync_all.sort();
         f.task_all.sort();
@@ -637,6 +703,17 @@ async fn main() -> anyhow::Result<()> {
         "  TLS − plaintext (p50)  : {:+.0} µs",
         micros(percentile(st, 0.5)) - micros(percentile(sp, 0.5))
     );
+    for (c, p) in clusters.iter().zip(&peaks) {
+        let agents: Vec<String> = p[1..].iter().map(|m| format!("{m:.1}")).collect();
+        println!(
+            "peak RSS, {:<10}     : gateway {:.1} MiB, agents {} MiB; total {:.1} MiB",
+            c.name,
+            p[0],
+            agents.join(" + "),
+            p.iter().sum::<f64>()
+        );
+    }
+    println!("idle agent RSS           : {idle_agent:.1} MiB (before any work)");
     let (ap, at) = (&figures[0].task_all, &figures[1].task_all);
     println!(
         "ARPCP TASK to an agent   : plaintext p50 {:.0} µs p99 {:.0} µs; mutual TLS p50 {:.0} µs p99 {:.0} µs (no gateway; TLS − plaintext p50 {:+.0} µs)",
