@@ -19,7 +19,8 @@
 //!   typed table back) against the same program run by hand, p50 and p99.
 //!
 //! `cargo bench --bench cluster` (env: BENCH_TASKS, BENCH_CONCURRENCY, BENCH_SAMPLES,
-//! BENCH_ROUNDS, BENCH_OPAL_SAMPLES).
+//! BENCH_ROUNDS, BENCH_OPAL_SAMPLES). `BENCH_FILL=N` (and `BENCH_FILL_STEP`) runs
+//! the fill instead: one cluster's store filled with N tasks, figures every step.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -433,6 +434,15 @@ async fn grpc_channel(cluster: &Cluster) -> anyhow::Result<Channel> {
 /// Async throughput of `tasks` `add` tasks: `concurrency` clients over a few
 /// HTTP/2 connections, each submitting and fetching results; tasks per second.
 async fn throughput(cluster: &Cluster, tasks: usize, concurrency: usize) -> anyhow::Result<f64> {
+    Ok(async_run(cluster, tasks, concurrency).await?.0)
+}
+
+/// [`throughput`], with every Submit's latency (sorted).
+async fn async_run(
+    cluster: &Cluster,
+    tasks: usize,
+    concurrency: usize,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(GatewayClient::new(grpc_channel(cluster).await?));
@@ -444,12 +454,13 @@ async fn throughput(cluster: &Cluster, tasks: usize, concurrency: usize) -> anyh
         let mut c = clients[w % clients.len()].clone();
         let next = next.clone();
         workers.spawn(async move {
-            let mut done = 0usize;
+            let mut submits = Vec::new();
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= tasks {
-                    return Ok::<usize, anyhow::Error>(done);
+                    return Ok::<_, anyhow::Error>(submits);
                 }
+                let sent = Instant::now();
                 let id = c
                     .submit(pb::SubmitRequest {
                         procedure: "add".into(),
@@ -459,6 +470,7 @@ async fn throughput(cluster: &Cluster, tasks: usize, concurrency: usize) -> anyh
                     .await?
                     .into_inner()
                     .task_id;
+                submits.push(sent.elapsed());
                 let t = c
                     .get_result(pb::GetResultRequest {
                         task_id: id,
@@ -475,21 +487,67 @@ async fn throughput(cluster: &Cluster, tasks: usize, concurrency: usize) -> anyh
                     other => anyhow::bail!("task {i}: status {} result {other:?}", t.status),
                 };
                 anyhow::ensure!(got == want, "task {i}: add gave {got}, expected {want}");
-                done += 1;
             }
         });
     }
-    let mut done = 0;
+    let mut submits = Vec::with_capacity(tasks);
     while let Some(r) = workers.join_next().await {
-        done += r??;
+        submits.extend(r??);
     }
     let elapsed = start.elapsed();
+    let done = submits.len();
     anyhow::ensure!(
         done == tasks,
         "{}: {done} of {tasks} tasks finished",
         cluster.name
     );
-    Ok(tasks as f64 / elapsed.as_secs_f64())
+    submits.sort();
+    Ok((tasks as f64 / elapsed.as_secs_f64(), submits))
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `BENCH_FILL=N`: fills a plaintext cluster's store with N `add` tasks (every
+/// Submit durable, every result fetched) and prints, every `BENCH_FILL_STEP`
+/// tasks, that step's throughput and Submit p50/p99, the gateway's RSS and the
+/// store's size on disk: how the gateway fares as its store grows.
+async fn fill(total: usize, step: usize, concurrency: usize, config: &str) -> anyhow::Result<()> {
+    let cluster = start_cluster("plaintext", false, config).await?;
+    let gateway = cluster._gateway.child.id();
+    let data = cluster._gateway._dir.path().join("data");
+    println!(
+        "fill: gateway + {AGENTS} agents on loopback, {} CPUs; {total} add tasks, {concurrency} concurrent clients, figures every {step}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let mut stored = 0;
+    while stored < total {
+        let n = step.min(total - stored);
+        let (per_sec, submits) = async_run(&cluster, n, concurrency).await?;
+        stored += n;
+        let bytes = dir_bytes(&data);
+        println!(
+            "{stored:>9} stored: {per_sec:>6.0} tasks/s, Submit p50 {:>5.0} µs p99 {:>6.0} µs, gateway RSS {:>6.1} MiB, store {:>7.1} MiB ({:.0} B a task)",
+            micros(percentile(&submits, 0.5)),
+            micros(percentile(&submits, 0.99)),
+            rss_kib(gateway).unwrap_or(0) as f64 / 1024.0,
+            bytes as f64 / (1024.0 * 1024.0),
+            bytes as f64 / stored as f64
+        );
+    }
+    Ok(())
 }
 
 /// Latencies of `samples` sequential sync calls (Submit with `sync`: ARPCP TASK).
@@ -579,6 +637,13 @@ async fn main() -> anyhow::Result<()> {
         format!("[[procedure]]\nname = \"instant\"\nkind = \"opal\"\ncommand = [\"python3\", \"{model}\"]\npoll_ms = 10\n"),
     )?;
     let config = config.to_string_lossy().into_owned();
+    if let Some(total) = std::env::var("BENCH_FILL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        let step = env_usize("BENCH_FILL_STEP", 100_000).max(1);
+        return fill(total, step, concurrency, &config).await;
+    }
     // Both clusters run side by side; rounds alternate which is measured first, so
     // that drift of the machine (other load, CPU frequency, the stores growing)
     // falls on both alike.
