@@ -161,7 +161,7 @@ impl Gateway {
                 tls: agents_tls,
             },
         )?;
-        let scheduler = Scheduler::new(controller);
+        let scheduler = Scheduler::new(controller, store.clone());
         Ok(Gateway {
             config,
             grpc,

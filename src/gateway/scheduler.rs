@@ -159,6 +159,9 @@ fn task_name(id: TaskId) -> String {
 /// What the gRPC service and the ARPCP listener call.
 pub struct Scheduler {
     handle: ControllerHandle,
+    /// Read to say why a refused start is refused, for a task the rules no
+    /// longer keep.
+    store: GatewayStore,
 }
 
 fn stopping() -> GatewayError {
@@ -166,8 +169,8 @@ fn stopping() -> GatewayError {
 }
 
 impl Scheduler {
-    pub fn new(handle: ControllerHandle) -> Arc<Scheduler> {
-        Arc::new(Scheduler { handle })
+    pub fn new(handle: ControllerHandle, store: GatewayStore) -> Arc<Scheduler> {
+        Arc::new(Scheduler { handle, store })
     }
 
     async fn submit_input(
@@ -222,6 +225,23 @@ impl Scheduler {
             return Err(stopping());
         }
         answer.await.map_err(|_| stopping())?
+    }
+
+    /// Why an attempt the rules do not know may not start, when the store says it
+    /// belonged to a task that ended (the rules forget most ended tasks).
+    fn ended(&self, task_id: &str, attempt: u32, signal: Signal) -> Option<String> {
+        if signal != Signal::AskStart {
+            return None;
+        }
+        let t = self.store.get_task(task_id).ok().flatten()?;
+        if attempt > t.attempt || !t.status.is_final() {
+            return None;
+        }
+        Some(if attempt < t.attempt {
+            format!("the task was placed again as attempt {}", t.attempt)
+        } else {
+            format!("the task is {}", t.status.as_str())
+        })
     }
 
     /// A SIGNAL from an agent. The answer grants the agent holding the attempt
@@ -287,7 +307,13 @@ impl Scheduler {
             Ok(Ok(g)) => Ok(Response::ok(
                 json!({"lease_ms": g.lease_ms, "lease_epoch": g.epoch}),
             )),
-            Ok(Err(SignalRefusal::Unknown)) => Err(unknown()),
+            Ok(Err(SignalRefusal::Unknown)) => match self.ended(task_id, attempt, signal) {
+                Some(why) => Err(ProtocolError::AttemptWithdrawn {
+                    atask_id: sig.atask_id.clone(),
+                    why,
+                }),
+                None => Err(unknown()),
+            },
             Ok(Err(SignalRefusal::NotYours)) => {
                 let name = match sender {
                     SignalSender::Certified { name, .. } => name,

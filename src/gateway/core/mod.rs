@@ -32,7 +32,8 @@ pub const MAX_OPEN_TASKS: usize = 100_000;
 pub const MAX_AGENTS: usize = 4096;
 /// GETs in flight at once (one per attempt at most); more wait for a later tick.
 pub const MAX_COLLECTIONS: usize = 1024;
-/// Ended tasks kept to answer late results and cancels; the oldest go first.
+/// Interrupted and cancelled tasks kept to take a late result or stop a late copy;
+/// the oldest go first. Tasks that ended otherwise are forgotten as they end.
 pub const MAX_FINISHED_KEPT: usize = 100_000;
 /// Added to every lease's end: covers clock-rate differences between hosts.
 pub const LEASE_MARGIN_MS: Millis = 50;
@@ -856,12 +857,12 @@ impl Controller {
         let Some(Some(superseded)) = ended else {
             return false;
         };
-        self.ended(id);
         self.persist(id, durable, out);
         // The record has it now; memory keeps only what the rules need.
         if let Some(t) = self.tasks.get_mut(&id) {
             t.result = None;
         }
+        self.ended(id);
         out.push(Effect::Publish { task: id });
         // The first result is kept; the copy placed later is not needed.
         if let Some((Some(agent), current)) = superseded {
@@ -1137,20 +1138,30 @@ impl Controller {
         if changed != Some(true) {
             return;
         }
-        self.ended(id);
         self.persist(id, true, out);
         out.push(Effect::Publish { task: id });
+        self.ended(id);
     }
 
-    /// No longer open; the oldest ended tasks are forgotten past the limit.
+    /// No longer open. Only an interrupted task (its attempt's result may still
+    /// come) and a cancelled one (its ATASK may still be answered, and the copy
+    /// then stopped) are kept, the oldest forgotten past the limit; a late word
+    /// about any other ended task finds nothing and changes nothing.
     fn ended(&mut self, id: TaskId) {
-        if self.live.remove(&id).is_none() {
-            return; // Ended before (a late result of an interrupted task).
-        }
+        self.live.remove(&id);
+        self.collecting.retain(|(t, _), _| *t != id);
         self.remember_ended(id);
     }
 
     fn remember_ended(&mut self, id: TaskId) {
+        let keep = self
+            .tasks
+            .get(&id)
+            .is_some_and(|t| matches!(t.status, TaskStatus::Interrupted | TaskStatus::Cancelled));
+        if !keep {
+            self.tasks.remove(&id);
+            return;
+        }
         self.finished.push_back(id);
         while self.finished.len() > MAX_FINISHED_KEPT {
             if let Some(old) = self.finished.pop_front() {
@@ -1298,8 +1309,8 @@ impl Controller {
             t.error = Some((None, "cancelled by a client".into()));
             t.reason = None;
         });
-        self.ended(id);
         self.persist(id, true, out);
+        self.ended(id);
         out.push(Effect::Publish { task: id });
         out.push(answer(true, true));
         if let Some(agent) = placed {

@@ -481,6 +481,13 @@ impl Sim {
                 (!t.status.is_final())
                     .then(|| format!("task {id} {:?} attempt {}", t.status, t.attempt))
             })
+            .chain(
+                self.acked
+                    .iter()
+                    .filter(|id| self.gw.as_ref().is_some_and(|gw| gw.task(**id).is_none()))
+                    .filter(|id| !self.stored(**id).is_some_and(|t| t.status.is_final()))
+                    .map(|id| format!("task {id} forgotten before it ended")),
+            )
             .collect();
         Err(self.violation(
             1,
@@ -488,13 +495,25 @@ impl Sim {
         ))
     }
 
+    /// The task as last written: a write not yet flushed, else the disk's.
+    fn stored(&self, id: TaskId) -> Option<&Task> {
+        self.unflushed
+            .iter()
+            .rev()
+            .find(|t| t.id == id)
+            .or_else(|| self.disk.get(&id))
+    }
+
+    /// Every acknowledged task ended: final in the controller, or forgotten by it
+    /// (it keeps few ended tasks) and final as last written.
     fn all_acked_final(&self) -> bool {
         let Some(gw) = &self.gw else {
             return false;
         };
-        self.acked
-            .iter()
-            .all(|id| gw.task(*id).is_some_and(|t| t.status.is_final()))
+        self.acked.iter().all(|id| match gw.task(*id) {
+            Some(t) => t.status.is_final(),
+            None => self.stored(*id).is_some_and(|t| t.status.is_final()),
+        })
     }
 
     fn handle(&mut self, ev: Ev) -> Result<(), Violation> {
