@@ -657,26 +657,30 @@ impl Runner {
             return;
         }
         if confirmed || self.breaks.skip_recheck || self.lease.may_start(under, now) {
-            self.set_phase(&id, Phase::Running);
-            out.push(Effect::Start { id: id.clone() });
-            // `accepted` with progress: the controller learns the task runs.
-            out.push(Effect::Signal {
-                id,
-                signal: Signal::Progress(Progress {
-                    percent: 0.0,
-                    comment: "started".into(),
-                }),
-            });
+            self.start(id, out);
         } else {
-            self.set_phase(
-                &id,
-                Phase::Asking {
-                    under,
-                    written: true,
-                },
-            );
-            out.push(Effect::AskStart { id });
+            self.ask(id, under, true, out);
         }
+    }
+
+    /// Starts the procedure; `accepted` with progress tells the controller it runs.
+    fn start(&mut self, id: String, out: &mut Vec<Effect>) {
+        self.set_phase(&id, Phase::Running);
+        out.push(Effect::Start { id: id.clone() });
+        out.push(Effect::Signal {
+            id,
+            signal: Signal::Progress(Progress {
+                percent: 0.0,
+                comment: "started".into(),
+            }),
+        });
+    }
+
+    /// Asks the controller whether the task may start; `written`: it is already
+    /// stored as running.
+    fn ask(&mut self, id: String, under: AcceptedUnder, written: bool, out: &mut Vec<Effect>) {
+        self.set_phase(&id, Phase::Asking { under, written });
+        out.push(Effect::AskStart { id });
     }
 
     /// A waiting task got a slot (already counted).
@@ -697,14 +701,7 @@ impl Runner {
                 durable: true,
             });
         } else {
-            self.set_phase(
-                &id,
-                Phase::Asking {
-                    under,
-                    written: false,
-                },
-            );
-            out.push(Effect::AskStart { id });
+            self.ask(id, under, false, out);
         }
     }
 
@@ -726,15 +723,7 @@ impl Runner {
                     StartAnswer::None => false,
                 };
                 if go && written {
-                    self.set_phase(&id, Phase::Running);
-                    out.push(Effect::Start { id: id.clone() });
-                    out.push(Effect::Signal {
-                        id,
-                        signal: Signal::Progress(Progress {
-                            percent: 0.0,
-                            comment: "started".into(),
-                        }),
-                    });
+                    self.start(id, out);
                 } else if go {
                     self.set_phase(
                         &id,
@@ -871,14 +860,7 @@ impl Runner {
                 );
                 if self.fifo.is_empty() && self.slots_used < self.capacity {
                     self.slots_used += 1;
-                    out.push(Effect::AskStart { id: t.id.clone() });
-                    self.set_phase(
-                        &t.id,
-                        Phase::Asking {
-                            under,
-                            written: false,
-                        },
-                    );
+                    self.ask(t.id, under, false, out);
                 } else {
                     out.push(Effect::Signal {
                         id: t.id.clone(),
