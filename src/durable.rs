@@ -48,6 +48,11 @@ pub const RECOVERY_PROBE_BYTES: usize = 1024 * 1024;
 pub const SEQ_RECORD_INTERVAL: Duration = Duration::from_secs(1);
 /// Attempts to open a store again while the dropped handle's threads let go of it.
 pub const REOPEN_ATTEMPTS: u32 = 40;
+/// The smallest page cache a store may be given (`--store-cache`): below it sled
+/// would read every page from disk again for each access.
+pub const MIN_CACHE_BYTES: u64 = 1024 * 1024;
+/// The largest: a mistyped unit should not ask for more than any machine has.
+pub const MAX_CACHE_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 /// sled's page cache while a store is opened only to accept its damage.
 const ACCEPT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// Pause between those attempts.
@@ -115,6 +120,18 @@ pub enum DamagePolicy {
     Refuse,
     /// Open what is readable and log what was lost.
     Accept,
+}
+
+/// A `--store-cache` value (`32MiB`, `1GiB`, bytes), within the bounds above.
+pub fn parse_cache_bytes(text: &str) -> Result<u64, String> {
+    crate::size::parse(text, MIN_CACHE_BYTES, MAX_CACHE_BYTES)
+}
+
+/// A `store_cache` key of a configuration file, as [`parse_cache_bytes`] reads it.
+pub fn deserialize_cache_bytes<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    crate::size::deserialize_opt(d, MIN_CACHE_BYTES, MAX_CACHE_BYTES)
 }
 
 /// Which store, where, and how it is made.

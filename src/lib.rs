@@ -11,6 +11,7 @@ pub mod limits;
 pub mod metrics;
 pub mod opal;
 pub mod retry;
+pub mod size;
 pub mod store;
 pub mod tls;
 

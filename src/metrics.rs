@@ -151,6 +151,7 @@ pub struct Metrics {
     submit_seconds: HistogramFamily<ModeLabels>,
     task_seconds: HistogramFamily<ProcedureLabels>,
     agents: Family<StateLabels, Gauge>,
+    watched_tasks: Gauge,
     // Both.
     client_requests: Family<CallLabels, Counter>,
     client_errors: Family<CallLabels, Counter>,
@@ -184,6 +185,7 @@ impl Metrics {
             submit_seconds: Family::new_with_constructor(latency_seconds),
             task_seconds: Family::new_with_constructor(long_seconds),
             agents: Family::default(),
+            watched_tasks: Gauge::default(),
             client_requests: Family::default(),
             client_errors: Family::default(),
             client_seconds: Family::new_with_constructor(latency_seconds),
@@ -220,6 +222,11 @@ impl Metrics {
             "arpcp_agents",
             "Known agents by state (gateway)",
             m.agents.clone(),
+        );
+        r.register(
+            "arpcp_watched_tasks",
+            "Tasks clients are waiting on now (GetResult with a wait, WatchTask) (gateway)",
+            m.watched_tasks.clone(),
         );
         r.register(
             "arpcp_client_requests",
@@ -345,6 +352,11 @@ impl Metrics {
                 })
                 .set(*n);
         }
+    }
+
+    /// How many tasks clients wait on now.
+    pub fn set_watched_tasks(&self, n: usize) {
+        self.watched_tasks.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// One ARPCP request sent to `peer`; `ok`: an answer came back.

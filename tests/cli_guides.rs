@@ -527,3 +527,58 @@ fn human_durations_and_the_gateway_config_file() {
     assert!(!status.success());
     assert!(err.contains("--echo-interval"), "{err}");
 }
+
+/// sled's page cache is the daemons' to size: `--store-cache` and `store_cache` in
+/// either file, in human units, with the bounds named when passed.
+#[test]
+fn store_cache_sizes() {
+    let agent = Daemon::agent(&["--store-cache", "4MiB"]);
+    let from_file = common::gateway::agent_with_config("store_cache = \"16 MiB\"\n", &[]);
+    let c = common::gateway::Cluster::start(vec![agent, from_file], &["--store-cache", "2MiB"]);
+    let id = c.gw.submit_ok("add", json!([2, 2]));
+    assert_task_status(&c.gw.wait_final(&id, WAIT), pb::TaskStatus::Done);
+
+    let dir = tempdir();
+    let gateway = |extra: &[&str]| {
+        let mut args = vec![
+            "gateway",
+            "--grpc",
+            "127.0.0.1:0",
+            "--arpcp",
+            "127.0.0.1:0",
+            "--data-dir",
+            "{dir}/x",
+        ];
+        args.extend_from_slice(extra);
+        let (status, _, err) = run_to_exit(dir.path(), &args, CLI_TIMEOUT);
+        assert!(!status.success(), "{extra:?} is refused");
+        err
+    };
+    let err = gateway(&["--store-cache", "10"]);
+    assert!(
+        err.contains("--store-cache") && err.contains("minimum of 1MiB"),
+        "{err}"
+    );
+    let err = gateway(&["--store-cache", "lots"]);
+    assert!(
+        err.contains("--store-cache") && err.contains("e.g. 64MiB"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("big.toml"), "store_cache = \"1PiB\"\n").expect("write");
+    let err = gateway(&["--config", "{dir}/big.toml"]);
+    assert!(
+        err.contains("store_cache") && err.contains("big.toml") && err.contains("limit of 64GiB"),
+        "{err}"
+    );
+    let refused = Daemon::run_until_ready_or_exit(
+        common::dir_with_agent_config("store_cache = 12\n"),
+        &common::agent_args(&["--config", "{dir}/agent.toml"]),
+    )
+    .err()
+    .expect("an agent file with a 12-byte cache is refused");
+    assert!(
+        refused.stderr.contains("store_cache") && refused.stderr.contains("minimum of 1MiB"),
+        "{}",
+        refused.stderr
+    );
+}

@@ -138,6 +138,42 @@ fn scraped_counts_match_known_work() {
     assert!(at(r#"arpcp_server_connections{server="agent"}"#) >= 1.0);
 }
 
+/// A client waiting on a task (GetResult with a wait, WatchTask) holds a channel in
+/// the gateway with a copy of the task; once the wait ends nothing of it stays. (Such
+/// channels used to stay until a sweep every 30 s: under load, tens of thousands of
+/// task copies, the most of the gateway's memory.)
+#[test]
+fn nothing_stays_of_a_finished_wait() {
+    let c = Cluster::start(vec![Daemon::agent(&[])], &["--metrics", "127.0.0.1:0"]);
+    let ids: Vec<String> = (0..20)
+        .map(|i| c.gw.submit_ok("add", json!([i, 1])))
+        .collect();
+    for id in &ids {
+        assert_task_status(&c.gw.wait_final(id, WAIT), pb::TaskStatus::Done);
+    }
+    // A wait on a task that has ended, and a watch that saw the end.
+    assert_task_status(&c.gw.wait_final(&ids[0], WAIT), pb::TaskStatus::Done);
+    let seen = c.gw.watch(&ids[1], WAIT).expect("watch an ended task");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let text = scrape(&c.gateway);
+    assert_eq!(
+        series(&text, "arpcp_watched_tasks"),
+        Some(0.0),
+        "no task is waited on any more:\n{text}"
+    );
+    // A wait in progress is counted while it lasts.
+    let slow = c.gw.submit_ok("sleep", json!([30]));
+    let gw = Gw::connect(&c.gateway);
+    let waiting = std::thread::spawn(move || gw.get_wait(&slow, std::time::Duration::from_secs(3)));
+    wait_series(&c.gateway, "arpcp_watched_tasks", 1.0);
+    let t = waiting
+        .join()
+        .expect("the waiting thread")
+        .expect("GetResult");
+    assert!(!common::gateway::is_final(t.status), "{t:?}");
+    wait_series(&c.gateway, "arpcp_watched_tasks", 0.0);
+}
+
 #[test]
 fn the_metrics_endpoint_serves_only_get_metrics() {
     let agent = Daemon::agent(&["--metrics", "127.0.0.1:0"]);

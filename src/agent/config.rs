@@ -31,6 +31,9 @@ pub struct ConfigFile {
     #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
     pub keep_finished: Option<Duration>,
     pub keep_finished_secs: Option<f64>,
+    /// `store_cache = "8MiB"`: sled's page cache.
+    #[serde(default, deserialize_with = "crate::durable::deserialize_cache_bytes")]
+    pub store_cache: Option<u64>,
     #[serde(default, rename = "procedure")]
     pub procedures: Vec<CommandSpec>,
 }
@@ -74,6 +77,8 @@ pub struct AgentConfig {
     pub grace: Duration,
     /// Finished tasks nobody claimed are dropped this long after they ended.
     pub keep_finished: Duration,
+    /// sled's page cache for the task store.
+    pub store_cache_bytes: u64,
     pub procedures: Vec<CommandSpec>,
     /// ARPCP over mutual TLS (`--tls-dir`): served to the gateway's certificate only,
     /// and SIGNALs and announcements sent with the agent's.
@@ -90,6 +95,8 @@ pub struct AgentFlags {
     pub capacity: Option<u32>,
     pub grace_secs: Option<f64>,
     pub keep_finished_secs: Option<f64>,
+    /// `--store-cache`, already checked against its bounds.
+    pub store_cache_bytes: Option<u64>,
 }
 
 /// A non-negative, finite number of seconds from a flag or the file.
@@ -172,6 +179,10 @@ impl AgentConfig {
             capacity,
             grace,
             keep_finished,
+            store_cache_bytes: flags
+                .store_cache_bytes
+                .or(file.store_cache)
+                .unwrap_or(super::store::DEFAULT_CACHE_BYTES),
             procedures: file.procedures,
             tls: None,
         })

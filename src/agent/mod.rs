@@ -207,7 +207,7 @@ impl Agent {
                 })
             })??;
         let registry = Arc::new(registry);
-        let store = AgentStore::open(&config.data_dir)?;
+        let store = AgentStore::open(&config.data_dir, config.store_cache_bytes)?;
         let port = listener.local_addr().map_err(AgentError::Listener)?.port();
         let controller = config.controller.clone().or(store.meta(META_CONTROLLER)?);
         let controller_tls = config.tls.as_ref().map(|t| t.calling(Role::Gateway));

@@ -13,8 +13,10 @@ use crate::durable::{DamagePolicy, Spec, Store, AGENT_STORE};
 pub use crate::store::StoreError;
 use crate::store::{Edit, Json, Records, Text};
 
-/// sled's page cache for the agent's store.
-pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// sled's page cache for the agent's store unless `--store-cache` says otherwise: it
+/// holds the records of the tasks on the agent (a few per slot) and those waiting to
+/// be collected.
+pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Where a task is in its life on the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,12 +106,13 @@ pub enum Inserted {
 impl AgentStore {
     /// Opens the store, refusing a damaged one (lost durable writes; see
     /// `durable::accept_damage` for starting anyway).
-    pub fn open(dir: &Path) -> Result<AgentStore, StoreError> {
+    /// `cache_bytes` is sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<AgentStore, StoreError> {
         let opened = Store::open(
             Spec {
                 label: "task store",
                 path: dir.join(AGENT_STORE),
-                cache_bytes: CACHE_BYTES,
+                cache_bytes,
                 trees,
             },
             DamagePolicy::Refuse,

@@ -49,6 +49,9 @@ pub struct AgentCmd {
     /// The older spelling of --keep-finished, in seconds.
     #[arg(long, hide = true, conflicts_with = "keep_finished")]
     keep_finished_secs: Option<f64>,
+    /// sled's page cache for the task store (8MiB, 64MiB, 1GiB) [default: 8MiB]
+    #[arg(long, value_name = "SIZE", value_parser = durable::parse_cache_bytes)]
+    store_cache: Option<u64>,
     /// Start even on a damaged store, with what is readable; what was lost is logged.
     /// Without it, a store found damaged at start (durable writes lost, records
     /// unreadable) stops the start with an error.
@@ -121,6 +124,9 @@ pub struct GatewayCmd {
     /// Finished tasks kept at most (the oldest go first) [default: 1000000]
     #[arg(long)]
     retention_count: Option<usize>,
+    /// sled's page cache for the task store (32MiB, 256MiB, 1GiB) [default: 32MiB]
+    #[arg(long, value_name = "SIZE", value_parser = durable::parse_cache_bytes)]
+    store_cache: Option<u64>,
     /// Start even on a damaged store, with what is readable; what was lost is logged.
     /// Without it, a store found damaged at start (durable writes lost, records
     /// unreadable) stops the start with an error.
@@ -294,6 +300,7 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
             .keep_finished
             .map(|d| d.as_secs_f64())
             .or(a.keep_finished_secs),
+        store_cache_bytes: a.store_cache,
     })?;
     let mut config = config;
     if let Some(dir) = &a.tls_dir {
@@ -390,6 +397,10 @@ fn gateway_config(g: GatewayCmd) -> anyhow::Result<GatewaySettings> {
             .retention_count
             .or(file.retention_count)
             .unwrap_or(DEFAULT_RETENTION_COUNT),
+        store_cache_bytes: g
+            .store_cache
+            .or(file.store_cache)
+            .unwrap_or(gateway::DEFAULT_CACHE_BYTES),
         accept_damaged_store: g.accept_damaged_store,
         grpc_tls: match (&tls, tls_dir.as_deref()) {
             (Some(tls), Some(dir)) => Some(
@@ -489,6 +500,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         capacity: u.capacity,
         grace_secs: None,
         keep_finished_secs: None,
+        store_cache_bytes: None,
     })?;
     let mut agent_config = agent_config;
     let with_model = offer_example_model(&u.data_dir, &mut agent_config.procedures);
@@ -502,6 +514,7 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         max_misses: 3,
         retention: DEFAULT_RETENTION,
         retention_count: DEFAULT_RETENTION_COUNT,
+        store_cache_bytes: gateway::DEFAULT_CACHE_BYTES,
         accept_damaged_store: u.accept_damaged_store,
         tls: None,
         grpc_tls: None,

@@ -30,6 +30,8 @@ pub struct GatewayFile {
     #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
     pub retention: Option<Duration>,
     pub retention_count: Option<usize>,
+    #[serde(default, deserialize_with = "crate::durable::deserialize_cache_bytes")]
+    pub store_cache: Option<u64>,
     pub tls_dir: Option<PathBuf>,
 }
 

@@ -39,6 +39,7 @@ pub use listener::MAX_ANNOUNCE_PROBES;
 use membership::{Membership, MembershipConfig};
 use scheduler::Scheduler;
 use store::GatewayStore;
+pub use store::DEFAULT_CACHE_BYTES;
 use watch::TaskWatchers;
 
 /// How often retention runs.
@@ -58,6 +59,8 @@ pub struct GatewayConfig {
     pub retention: Duration,
     /// ...and at most this many.
     pub retention_count: usize,
+    /// sled's page cache for the store (`--store-cache`).
+    pub store_cache_bytes: u64,
     /// Start on a damaged store with what is readable (what was lost is logged)
     /// instead of refusing to start.
     pub accept_damaged_store: bool,
@@ -128,7 +131,7 @@ impl Gateway {
         } else {
             crate::durable::DamagePolicy::Refuse
         };
-        let store = GatewayStore::open_with(&config.data_dir, policy)?;
+        let store = GatewayStore::open_with(&config.data_dir, policy, config.store_cache_bytes)?;
         let advertise = advertised(&config, arpcp.local_addr().map_err(StartError::Listener)?);
         let (controller, inbox) = scheduler::ControllerHandle::new();
         // An agent that stops answering leaves after `max_misses` echoes: its lease
@@ -208,6 +211,12 @@ impl Gateway {
         crate::metrics::get().before_scrape("gateway agents", move || {
             if let Some(m) = known.upgrade() {
                 crate::metrics::get().set_agents(&m.count_by_state());
+            }
+        });
+        let watched = Arc::downgrade(&watchers);
+        crate::metrics::get().before_scrape("gateway watched tasks", move || {
+            if let Some(w) = watched.upgrade() {
+                crate::metrics::get().set_watched_tasks(w.watched());
             }
         });
         background.spawn(driver.run(inbox, shutdown.clone()));

@@ -16,8 +16,11 @@ use crate::durable::{count_up, DamagePolicy, Spec, Store, GATEWAY_STORE};
 pub use crate::store::StoreError;
 use crate::store::{Edit, Json, Records, Text};
 
-/// sled's page cache for the gateway's store.
-const CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// sled's page cache for the gateway's store unless `--store-cache` says otherwise:
+/// it holds the unfinished tasks' records and the newest pages of the listings; the
+/// rest of a big store is read through the kernel's page cache, which the machine
+/// shares with everything else.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Which tasks a listing wants.
 #[derive(Debug, Default, Clone)]
@@ -66,18 +69,23 @@ pub struct GatewayStore {
 impl GatewayStore {
     /// Opens the store, refusing a damaged one.
     pub fn open(dir: &Path) -> Result<GatewayStore, StoreError> {
-        GatewayStore::open_with(dir, DamagePolicy::Refuse)
+        GatewayStore::open_with(dir, DamagePolicy::Refuse, DEFAULT_CACHE_BYTES)
     }
 
     /// Opens the store; damage (lost durable writes, records that do not decode)
     /// is refused or, with [`DamagePolicy::Accept`], logged and the unreadable
     /// records dropped.
-    pub fn open_with(dir: &Path, policy: DamagePolicy) -> Result<GatewayStore, StoreError> {
+    /// `cache_bytes` is sled's page cache.
+    pub fn open_with(
+        dir: &Path,
+        policy: DamagePolicy,
+        cache_bytes: u64,
+    ) -> Result<GatewayStore, StoreError> {
         let opened = Store::open(
             Spec {
                 label: "task store",
                 path: dir.join(GATEWAY_STORE),
-                cache_bytes: CACHE_BYTES,
+                cache_bytes,
                 trees,
             },
             policy,
