@@ -19,7 +19,8 @@
 //!   typed table back) against the same program run by hand, p50 and p99.
 //!
 //! `cargo bench --bench cluster` (env: BENCH_TASKS, BENCH_CONCURRENCY, BENCH_SAMPLES,
-//! BENCH_ROUNDS, BENCH_OPAL_SAMPLES). `BENCH_FILL=N` (and `BENCH_FILL_STEP`) runs
+//! BENCH_ROUNDS, BENCH_OPAL_SAMPLES; BENCH_ARPCP: another `arpcp` binary to run, for
+//! comparing builds in alternation). `BENCH_FILL=N` (and `BENCH_FILL_STEP`) runs
 //! the fill instead: one cluster's store filled with N tasks, figures every step.
 
 use std::io::{BufRead, BufReader};
@@ -50,10 +51,16 @@ impl Drop for Daemon {
     }
 }
 
+/// The `arpcp` binary the clusters run: `BENCH_ARPCP`, else the one cargo built, so
+/// that two builds can be measured in alternation by the same bench.
+fn arpcp_bin() -> String {
+    std::env::var("BENCH_ARPCP").unwrap_or_else(|_| env!("CARGO_BIN_EXE_arpcp").to_string())
+}
+
 fn spawn(args: &[&str]) -> anyhow::Result<Daemon> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_arpcp"))
+    let mut child = Command::new(arpcp_bin())
         .args(args)
         .arg("--data-dir")
         .arg(&data)
@@ -219,7 +226,7 @@ async fn wait_for_agents(client: &mut GatewayClient<Channel>, n: usize) -> anyho
 
 /// Runs `arpcp ARGS` to its end, as an operator would (the `ca` commands).
 fn run_arpcp(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(env!("CARGO_BIN_EXE_arpcp"))
+    let out = Command::new(arpcp_bin())
         .args(args)
         .stdin(Stdio::null())
         .output()?;
@@ -433,8 +440,30 @@ async fn grpc_channel(cluster: &Cluster) -> anyhow::Result<Channel> {
 
 /// Async throughput of `tasks` `add` tasks: `concurrency` clients over a few
 /// HTTP/2 connections, each submitting and fetching results; tasks per second.
+///
+/// The clients run on a single-threaded runtime of their own (one OS thread, no
+/// wake-ups across threads), so that the bench takes as little of the machine it
+/// shares with the cluster as 256 concurrent gRPC clients can; `BENCH_CLIENT_RUNTIME=multi`
+/// runs them on the bench's multi-threaded runtime instead, as before.
 async fn throughput(cluster: &Cluster, tasks: usize, concurrency: usize) -> anyhow::Result<f64> {
-    Ok(async_run(cluster, tasks, concurrency).await?.0)
+    if std::env::var("BENCH_CLIENT_RUNTIME").is_ok_and(|v| v == "multi") {
+        return Ok(async_run(cluster, tasks, concurrency).await?.0);
+    }
+    // Nothing else runs on the bench's own runtime meanwhile: blocking it is fine.
+    // The runtime is made and dropped on its thread (not in an async context).
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async_run(cluster, tasks, concurrency))
+        })
+        .join()
+    });
+    match out {
+        Ok(r) => Ok(r?.0),
+        Err(_) => anyhow::bail!("{}: the client thread panicked", cluster.name),
+    }
 }
 
 /// [`throughput`], with every Submit's latency (sorted).

@@ -195,13 +195,25 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-/// Worker threads of a daemon's runtime: at least `MIN_DAEMON_WORKERS`, more on
-/// machines with more CPUs.
+/// Worker threads of a daemon's runtime: `ARPCP_WORKER_THREADS` when set (1 to
+/// `MAX_DAEMON_WORKERS`; for measuring and for hosts shared with other work), else at
+/// least `MIN_DAEMON_WORKERS`, more on machines with more CPUs.
 fn daemon_workers() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .max(MIN_DAEMON_WORKERS)
+    let set = std::env::var(WORKERS_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=MAX_DAEMON_WORKERS).contains(n));
+    set.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .max(MIN_DAEMON_WORKERS)
+    })
 }
+
+/// Overrides the number of a daemon's runtime workers.
+pub const WORKERS_ENV: &str = "ARPCP_WORKER_THREADS";
+/// The most workers `ARPCP_WORKER_THREADS` may ask for.
+pub const MAX_DAEMON_WORKERS: usize = 256;
 
 /// The stores' sled calls are synchronous and at times wait for sled's I/O buffers:
 /// with one worker per CPU on a small machine, such a wait stalls a large share of

@@ -332,7 +332,8 @@ impl Scheduler {
 
 /// An effect the rules put after a write that must be durable first.
 enum Visible {
-    Publish(Box<TaskRecord>),
+    /// Shared with every watcher as it is: one copy of the record per change.
+    Publish(Arc<TaskRecord>),
     Task(
         oneshot::Sender<Result<TaskRecord, GatewayError>>,
         Result<Box<TaskRecord>, GatewayError>,
@@ -655,7 +656,7 @@ impl Driver {
                         .get(&task)
                         .filter(|r| self.watchers.is_watched(&r.task_id));
                     if let Some(rec) = watched {
-                        let v = Visible::Publish(Box::new(rec.clone()));
+                        let v = Visible::Publish(Arc::new(rec.clone()));
                         self.emit(task, v);
                     }
                 }
@@ -903,7 +904,7 @@ impl Driver {
     /// `failed`: the durable write this waited for did not reach disk.
     fn execute(&self, v: Visible, failed: Option<&String>) {
         match (v, failed) {
-            (Visible::Publish(rec), None) => self.watchers.publish(&rec),
+            (Visible::Publish(rec), None) => self.watchers.publish(rec),
             (Visible::Task(reply, result), None) => {
                 let _ = reply.send(result.map(|r| *r));
             }

@@ -74,14 +74,15 @@ impl TaskWatchers {
         self.channels().contains_key(task_id)
     }
 
-    /// Announces a stored change to the task's watchers, if any.
-    pub fn publish(&self, rec: &TaskRecord) {
+    /// Announces a stored change to the task's watchers, if any (the record as
+    /// given, not a copy of it).
+    pub fn publish(&self, rec: Arc<TaskRecord>) {
         let mut channels = self.channels();
         if let Some(tx) = channels.get(&rec.task_id) {
             if tx.receiver_count() == 0 {
                 channels.remove(&rec.task_id);
             } else {
-                tx.send_replace(Arc::new(rec.clone()));
+                tx.send_replace(rec);
             }
         }
     }
