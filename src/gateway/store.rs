@@ -20,7 +20,7 @@ use crate::store::{Edit, Json, Records, Text};
 /// it holds the unfinished tasks' records and the newest pages of the listings; the
 /// rest of a big store is read through the kernel's page cache, which the machine
 /// shares with everything else.
-pub const DEFAULT_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Which tasks a listing wants.
 #[derive(Debug, Default, Clone)]
