@@ -21,7 +21,8 @@
 //! `cargo bench --bench cluster` (env: BENCH_TASKS, BENCH_CONCURRENCY, BENCH_SAMPLES,
 //! BENCH_ROUNDS, BENCH_OPAL_SAMPLES; BENCH_ARPCP: another `arpcp` binary to run, for
 //! comparing builds in alternation). `BENCH_FILL=N` (and `BENCH_FILL_STEP`) runs
-//! the fill instead: one cluster's store filled with N tasks, figures every step.
+//! the fill instead: one cluster's store filled with N tasks, figures every step
+//! (`BENCH_FILL_MAX_BYTES_PER_TASK` fails the run on a store larger than that).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -574,6 +575,17 @@ async fn fill(total: usize, step: usize, concurrency: usize, config: &str) -> an
             rss_kib(gateway).unwrap_or(0) as f64 / 1024.0,
             bytes as f64 / (1024.0 * 1024.0),
             bytes as f64 / stored as f64
+        );
+    }
+    // `BENCH_FILL_MAX_BYTES_PER_TASK`: fail on a store grown past this (CI).
+    if let Some(max) = std::env::var("BENCH_FILL_MAX_BYTES_PER_TASK")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        let per_task = dir_bytes(&data) as f64 / stored.max(1) as f64;
+        anyhow::ensure!(
+            per_task <= max,
+            "the store takes {per_task:.0} B a task after {stored} tasks, above BENCH_FILL_MAX_BYTES_PER_TASK = {max:.0}"
         );
     }
     Ok(())

@@ -38,6 +38,15 @@ cargo build --all-targets
 section "cargo test"
 cargo test
 
+section "short benchmarks (dev profile): fill and many agents"
+# Each prints its figures and fails only on a gross regression that cannot be
+# noise: bytes per task on disk, placement evenness, idle membership CPU, echo
+# connections not reused, agents dropping out. Speed is never checked.
+BENCH_FILL=20000 BENCH_FILL_STEP=10000 BENCH_FILL_MAX_BYTES_PER_TASK=4096 \
+    cargo test --bench cluster
+BENCH_CHECK=1 BENCH_AGENTS=200 BENCH_IDLE_SECS=10 BENCH_TASKS=2000 BENCH_MAX_CPU_PERCENT=50 \
+    cargo test --bench agents
+
 section "pytest tests/python"
 ARPCP_BIN=$ROOT/target/debug/arpcp "$PY" -m pytest tests/python
 

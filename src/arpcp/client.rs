@@ -55,6 +55,11 @@ pub enum ClientError {
     },
     #[error("{addr} sent an invalid response: {error}")]
     BadResponse { addr: String, error: ProtocolError },
+    #[error(
+        "no connection opened to {addr}: this client holds connections to {limit} peers \
+         (MAX_PEERS) and none of them is idle; the request was not sent"
+    )]
+    TooManyPeers { addr: String, limit: usize },
 }
 
 impl ClientError {
@@ -62,7 +67,10 @@ impl ClientError {
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            ClientError::Connect { .. } | ClientError::Tls { .. } | ClientError::WrongPeer { .. }
+            ClientError::Connect { .. }
+                | ClientError::Tls { .. }
+                | ClientError::WrongPeer { .. }
+                | ClientError::TooManyPeers { .. }
         )
     }
 }
@@ -76,6 +84,15 @@ pub const IDLE_REUSE: Duration = Duration::from_secs(20);
 pub const MAX_PIPELINED_PER_PEER: usize = 128;
 /// Requests queued for a peer's connection writer.
 const PIPELINE_QUEUE: usize = 1024;
+/// Peers (destination addresses) one client keeps pipelined connections to, and
+/// peers it keeps idle TASK connections for, at most: the gateway's bound on
+/// agents (`gateway::core::MAX_AGENTS`), so each agent keeps its connection. A
+/// new peer beyond it closes the connection of the peer least recently used that
+/// has nothing in flight; when every one is busy the request fails with
+/// `TooManyPeers` (logged at most every `REFUSAL_LOG_INTERVAL`) without being sent.
+pub const MAX_PEERS: usize = 4096;
+/// At most one warning per this interval about requests refused at `MAX_PEERS`.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Sends requests to peers. Requests to one peer share one connection, pipelined:
 /// concurrent requests are written together (one write for many) and their answers
@@ -83,6 +100,12 @@ const PIPELINE_QUEUE: usize = 1024;
 /// holds up nothing else.
 pub struct ArpcpClient {
     peers: Mutex<HashMap<String, Arc<Pipeline>>>,
+    /// `MAX_PEERS`, smaller in tests.
+    max_peers: usize,
+    /// When this client was made: pipelines' last use counts from it.
+    born: Instant,
+    /// Requests refused at `max_peers` since the last warning, and when that was.
+    refusals: Mutex<(u64, Option<Instant>)>,
     /// Idle connections for TASKs, with the time each went idle.
     idle: Mutex<HashMap<String, Vec<(Opened, Instant)>>>,
     connect_timeout: Duration,
@@ -128,9 +151,16 @@ struct Pipeline {
     dead: CancellationToken,
     peer: Option<PeerIdentity>,
     generation: u64,
+    /// Milliseconds after the client's `born` when a request last took it.
+    last_used: std::sync::atomic::AtomicU64,
 }
 
 impl Pipeline {
+    /// Nothing written to it waits for an answer, nor is about to be written.
+    fn is_idle(&self) -> bool {
+        self.slots.available_permits() == MAX_PIPELINED_PER_PEER
+    }
+
     fn open(addr: &str, opened: Opened) -> Pipeline {
         let Opened {
             conn,
@@ -232,6 +262,7 @@ impl Pipeline {
             dead,
             peer,
             generation,
+            last_used: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -240,12 +271,22 @@ impl ArpcpClient {
     pub fn new(connect_timeout: Duration, request_timeout: Duration) -> Self {
         ArpcpClient {
             peers: Mutex::new(HashMap::new()),
+            max_peers: MAX_PEERS,
+            born: Instant::now(),
+            refusals: Mutex::new((0, None)),
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
             request_timeout,
             budget: InputBudget::new("MAX_BUFFERED_RESPONSES", MAX_BUFFERED_RESPONSES),
             tls: None,
         }
+    }
+
+    /// The same client keeping connections to at most `n` peers (tests of the bound).
+    #[doc(hidden)]
+    pub fn with_max_peers(mut self, n: usize) -> Self {
+        self.max_peers = n.max(1);
+        self
     }
 
     /// How long `call` waits for an answer.
@@ -380,15 +421,68 @@ impl ArpcpClient {
                 peers.remove(addr);
             }
         }
+        // Checked before connecting too, so a client at its bound opens nothing.
+        self.make_room(
+            &mut self.peers.lock().unwrap_or_else(|p| p.into_inner()),
+            addr,
+        )?;
         let conn = self.connect(addr).await?;
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         // Another caller may have connected meanwhile: use one connection.
         if let Some(p) = peers.get(addr).filter(|p| usable(p)) {
             return Ok(p.clone());
         }
+        self.make_room(&mut peers, addr)?;
         let p = Arc::new(Pipeline::open(addr, conn));
         peers.insert(addr.to_string(), p.clone());
         Ok(p)
+    }
+
+    /// Room in `peers` for a connection to `addr`: below `max_peers` after dropping
+    /// dead connections, else by closing the idle one used least recently, else
+    /// `TooManyPeers`.
+    fn make_room(
+        &self,
+        peers: &mut HashMap<String, Arc<Pipeline>>,
+        addr: &str,
+    ) -> Result<(), ClientError> {
+        if peers.len() < self.max_peers || peers.contains_key(addr) {
+            return Ok(());
+        }
+        peers.retain(|_, p| !p.dead.is_cancelled());
+        if peers.len() < self.max_peers {
+            return Ok(());
+        }
+        let oldest = peers
+            .iter()
+            .filter(|(_, p)| p.is_idle())
+            .min_by_key(|(_, p)| p.last_used.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|(a, _)| a.clone());
+        if let Some(old) = oldest {
+            if let Some(p) = peers.remove(&old) {
+                p.dead.cancel();
+            }
+            tracing::debug!(%addr, closed = %old, "connections to MAX_PEERS peers: closed the least recently used idle one");
+            return Ok(());
+        }
+        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        refusals.0 += 1;
+        if refusals
+            .1
+            .is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                %addr,
+                refused = refusals.0,
+                "requests refused: connections to {} peers (MAX_PEERS) are open and all are busy",
+                self.max_peers
+            );
+            *refusals = (0, Some(Instant::now()));
+        }
+        Err(ClientError::TooManyPeers {
+            addr: addr.to_string(),
+            limit: self.max_peers,
+        })
     }
 
     async fn call_pipelined(
@@ -405,6 +499,10 @@ impl ArpcpClient {
         };
         let exchange = async {
             let p = self.pipeline(addr).await?;
+            p.last_used.store(
+                u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             check_peer(addr, expect, p.peer.as_ref())?;
             let slot = p
                 .slots
@@ -479,10 +577,20 @@ impl ArpcpClient {
                 timeout,
             })??;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = idle.entry(addr.to_string()).or_default();
         let peer = opened.peer.clone();
-        if conns.len() < MAX_IDLE_PER_PEER {
-            conns.push((opened, Instant::now()));
+        // Kept for at most `max_peers` peers; beyond, connections too old to be
+        // reused go first, and then this one closes.
+        if idle.len() >= self.max_peers && !idle.contains_key(addr) {
+            idle.retain(|_, conns| {
+                conns.retain(|(_, since)| since.elapsed() < IDLE_REUSE);
+                !conns.is_empty()
+            });
+        }
+        if idle.len() < self.max_peers || idle.contains_key(addr) {
+            let conns = idle.entry(addr.to_string()).or_default();
+            if conns.len() < MAX_IDLE_PER_PEER {
+                conns.push((opened, Instant::now()));
+            }
         }
         Ok(Identified {
             response: answer,
@@ -495,15 +603,21 @@ impl ArpcpClient {
         let generation = self.generation();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let conns = idle.get_mut(addr)?;
+        let mut found = None;
         while let Some((mut opened, since)) = conns.pop() {
             // Nothing may be waiting on an idle connection: anything readable is
             // the peer closing it (or breaking the protocol).
             let closed = opened.conn.read_line().now_or_never().is_some();
             if since.elapsed() < IDLE_REUSE && !closed && opened.generation == generation {
-                return Some(opened);
+                found = Some(opened);
+                break;
             }
         }
-        None
+        if conns.is_empty() {
+            // An empty entry would count against `max_peers`.
+            idle.remove(addr);
+        }
+        found
     }
 
     async fn connect(&self, addr: &str) -> Result<Opened, ClientError> {
@@ -575,5 +689,125 @@ fn check_peer(
             got: who.name.clone(),
         }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A peer on a loopback port: answers every line with 100 when `answers`,
+    /// else reads and never answers (a request to it stays in flight).
+    async fn peer(answers: bool) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address").to_string();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(_)) = lines.next_line().await {
+                        if answers {
+                            let ok = b"{\"code\": 100, \"description\": \"OK\"}\r\n";
+                            if write.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn id() -> Request {
+        Request::Id {
+            agent_id: None,
+            controller: None,
+            port: None,
+            lease_ms: None,
+            describe: false,
+        }
+    }
+
+    fn connected(client: &ArpcpClient) -> Vec<String> {
+        let mut v: Vec<String> = client
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| !p.dead.is_cancelled())
+            .map(|(a, _)| a.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_peer_beyond_the_bound_closes_the_least_recently_used_idle_connection() {
+        let client =
+            ArpcpClient::new(Duration::from_secs(3), Duration::from_secs(3)).with_max_peers(2);
+        let (a, b, c) = (peer(true).await, peer(true).await, peer(true).await);
+        for addr in [&a, &b, &a] {
+            assert!(client.call(addr, &id()).await.expect("an answer").is_ok());
+        }
+        // `b` was used less recently than `a`: its connection makes room for `c`.
+        assert!(client.call(&c, &id()).await.expect("an answer").is_ok());
+        let mut want = vec![a.clone(), c.clone()];
+        want.sort();
+        assert_eq!(connected(&client), want);
+        // And `b` is reached again, in place of `a` now.
+        assert!(client.call(&b, &id()).await.expect("an answer").is_ok());
+        assert_eq!(connected(&client).len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_peer_beyond_the_bound_is_refused_when_every_connection_is_busy() {
+        let client = Arc::new(
+            ArpcpClient::new(Duration::from_secs(3), Duration::from_secs(30)).with_max_peers(2),
+        );
+        let (silent1, silent2, other) = (peer(false).await, peer(false).await, peer(true).await);
+        let mut waiting = Vec::new();
+        for addr in [silent1, silent2] {
+            let client = client.clone();
+            waiting.push(tokio::spawn(async move { client.call(&addr, &id()).await }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let busy = {
+                let peers = client.peers.lock().unwrap();
+                peers.len() == 2 && peers.values().all(|p| !p.is_idle())
+            };
+            if busy {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "two requests in flight within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let err = client
+            .call(&other, &id())
+            .await
+            .expect_err("no room for a third peer");
+        assert!(
+            matches!(err, ClientError::TooManyPeers { limit: 2, .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&other) && text.contains("MAX_PEERS") && text.contains("not sent"),
+            "{text}"
+        );
+        assert!(err.is_unreachable(), "the request was not sent: {err:?}");
+        for w in waiting {
+            w.abort();
+        }
     }
 }

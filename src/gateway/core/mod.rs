@@ -397,6 +397,10 @@ pub struct Controller {
     next_epoch: u64,
     /// Leases granted by an earlier process end by then.
     restart_lease_end: Millis,
+    /// The agent placed on last: among equally loaded agents the next one after
+    /// it is chosen, so quick tasks go round all agents rather than to the few
+    /// with the lowest ids.
+    last_placed: AgentId,
 }
 
 impl Controller {
@@ -412,6 +416,7 @@ impl Controller {
             agents: BTreeMap::new(),
             collecting: BTreeMap::new(),
             restart_lease_end,
+            last_placed: 0,
         }
     }
 
@@ -600,7 +605,7 @@ impl Controller {
             .filter(|(_, a)| a.can_take_tasks() && a.offers(&call.procedure))
             .min_by_key(|(id, a)| {
                 let per_slot = u64::from(a.load) * 1_000_000 / u64::from(a.capacity.max(1));
-                (per_slot, **id)
+                (per_slot, id.wrapping_sub(self.last_placed.wrapping_add(1)))
             })
             .map(|(id, _)| *id)
             .ok_or_else(|| Refusal::NotOffered {
@@ -706,6 +711,7 @@ impl Controller {
     }
 
     fn dispatch(&mut self, now: Millis, id: TaskId, agent: AgentId) {
+        self.last_placed = agent;
         self.update(id, |t| {
             t.attempt += 1;
             t.holders.push(agent);
