@@ -615,3 +615,41 @@ fn stored_values_over_the_limits_are_shown_as_placeholders() {
     let mine: Vec<_> = listed.iter().filter(|t| t.task_id == normal).collect();
     assert_eq!(mine[0].result.as_ref().map(jv), Some(json!([7])));
 }
+
+/// The open-files limit of a daemon's process, soft and hard (`/proc/PID/limits`).
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let soft = fields.next().expect("soft").to_string();
+    let hard = fields.next().expect("hard").to_string();
+    (soft, hard)
+}
+
+/// A thousand agents need two thousand descriptors on the gateway: the daemons raise
+/// their soft open-files limit to the hard one the administrator set, instead of
+/// stopping at a low default.
+#[test]
+fn daemons_raise_their_open_files_limit_to_the_hard_one() {
+    let hard = open_files_limit(std::process::id()).1;
+    let hard: u64 = hard.parse().unwrap_or(4096).min(4096);
+    let nofile = format!("--nofile=256:{hard}");
+    let mut agent_args = vec![nofile.as_str(), common::ARPCP];
+    agent_args.extend(common::agent_args(&[]));
+    let agent = Daemon::spawn_cmd("prlimit", &agent_args);
+    let mut gateway_args = vec![nofile.as_str(), common::ARPCP];
+    let agent_addr = agent.arpcp();
+    gateway_args.extend(common::gateway::gateway_args(&["--agent", &agent_addr]));
+    let gateway = Daemon::spawn_cmd("prlimit", &gateway_args);
+    for d in [&agent, &gateway] {
+        assert_eq!(
+            open_files_limit(d.pid()),
+            (hard.to_string(), hard.to_string())
+        );
+    }
+    let gw = Gw::connect(&gateway);
+    gw.wait_alive(1, WAIT);
+}

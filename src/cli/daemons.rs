@@ -284,7 +284,38 @@ const AGENT_EXPOSES: &str = "run this agent's procedures, read and stop its task
 const GRPC_EXPOSES: &str = "submit, read and cancel tasks and blacklist agents";
 const CONTROLLER_EXPOSES: &str = "register agents and report tasks' progress and results";
 
+/// Raises the soft limit on open files to the hard one. A gateway holds two
+/// descriptors per agent (echoes, exchanges) besides its clients, and an agent one
+/// per connection and task: a common soft limit of 1,024 would stop a gateway near
+/// 500 agents, while the hard limit is the administrator's actual choice.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let was = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::debug!(from = was, to = lim.rlim_max, "raised the open files limit");
+    } else {
+        tracing::warn!(
+            limit = was,
+            "cannot raise the open files limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let listen_source = match (&a.listen, &a.config) {
         (None, Some(file)) => format!("listen in {}", file.display()),
         _ => "--listen".to_string(),
@@ -433,6 +464,7 @@ const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_RETENTION_COUNT: usize = 1_000_000;
 
 pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let insecure = g.insecure;
     let metrics_addr = g.metrics.clone();
     let GatewaySettings {
@@ -478,6 +510,7 @@ fn gateway_listeners(grpc: SocketAddr, arpcp: SocketAddr) -> Vec<Listening> {
 }
 
 pub async fn up(u: UpCmd) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let grpc = bind(&u.grpc, "--grpc").await?;
     let arpcp = bind(&u.arpcp, "--arpcp").await?;
     let agent_listener = bind(&u.agent_listen, "--agent-listen").await?;
