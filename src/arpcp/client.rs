@@ -102,8 +102,9 @@ pub struct ArpcpClient {
     peers: Mutex<HashMap<String, Arc<Pipeline>>>,
     /// `MAX_PEERS`, smaller in tests.
     max_peers: usize,
-    /// When this client was made: pipelines' last use counts from it.
-    born: Instant,
+    /// Requests taken so far: a pipeline's last use is the count when a request last
+    /// took it (a clock would tie the requests of one millisecond).
+    uses: std::sync::atomic::AtomicU64,
     /// Requests refused at `max_peers` since the last warning, and when that was.
     refusals: Mutex<(u64, Option<Instant>)>,
     /// Idle connections for TASKs, with the time each went idle.
@@ -151,7 +152,7 @@ struct Pipeline {
     dead: CancellationToken,
     peer: Option<PeerIdentity>,
     generation: u64,
-    /// Milliseconds after the client's `born` when a request last took it.
+    /// The client's `uses` when a request last took it.
     last_used: std::sync::atomic::AtomicU64,
 }
 
@@ -242,7 +243,10 @@ impl Pipeline {
                         .pop_front();
                     let fatal = answer.is_err();
                     match next {
-                        Some((reply, _slot)) => {
+                        Some((reply, slot)) => {
+                            // Free before the caller wakes: a caller that has its
+                            // answer finds the connection idle.
+                            drop(slot);
                             let _ = reply.send(answer);
                         }
                         // An answer nobody asked for: the peer is confused.
@@ -272,7 +276,7 @@ impl ArpcpClient {
         ArpcpClient {
             peers: Mutex::new(HashMap::new()),
             max_peers: MAX_PEERS,
-            born: Instant::now(),
+            uses: std::sync::atomic::AtomicU64::new(0),
             refusals: Mutex::new((0, None)),
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
@@ -499,10 +503,9 @@ impl ArpcpClient {
         };
         let exchange = async {
             let p = self.pipeline(addr).await?;
-            p.last_used.store(
-                u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX),
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            let used = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            p.last_used
+                .store(used, std::sync::atomic::Ordering::Relaxed);
             check_peer(addr, expect, p.peer.as_ref())?;
             let slot = p
                 .slots
