@@ -456,6 +456,14 @@ impl Runner {
                     }
                 }
                 self.fifo = kept;
+                // A task asking whether it may start goes on asking: the controller
+                // may have said yes already and shows it running, so a yes starts it
+                // within the grace period like the tasks already running.
+            }
+            Event::Interrupt => {
+                self.interrupted = true;
+                // The grace period is over: questions still open end unanswered
+                // (the task stays in the store for the next start).
                 let asking: Vec<String> = self
                     .tasks
                     .iter()
@@ -469,9 +477,6 @@ impl Runner {
                     out.push(Effect::Stop { id });
                     self.free_slot(now, &mut out);
                 }
-            }
-            Event::Interrupt => {
-                self.interrupted = true;
                 let mut running: Vec<String> = Vec::new();
                 for (id, h) in self.tasks.iter_mut() {
                     if h.phase == Phase::Running {
@@ -1398,6 +1403,42 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_task_asking_at_shutdown_starts_on_a_yes_and_is_dropped_at_the_interrupt() {
+        let t0 = Instant::now();
+        let mut r = leased(2, t0, SECOND);
+        // Both stored as running after the lease ran out: both ask.
+        for name in ["yes", "late"] {
+            r.step(t0, atask(name, Some(1)));
+            let out = r.step(t0 + 2 * SECOND, persisted(name));
+            assert!(has(&out, &Effect::AskStart { id: id(name) }), "{out:?}");
+        }
+        // The controller may have said yes already and shows the task running: the
+        // shutdown does not drop the question.
+        let out = r.step(t0 + 2 * SECOND, Event::Shutdown);
+        assert!(out.is_empty(), "{out:?}");
+        let out = r.step(
+            t0 + 2 * SECOND,
+            Event::StartAnswered {
+                id: id("yes"),
+                answer: StartAnswer::Go,
+            },
+        );
+        assert_eq!(started(&out), vec![id("yes")]);
+        // At the end of the grace period an open question ends unanswered.
+        let out = r.step(t0 + 12 * SECOND, Event::Interrupt);
+        assert!(has(&out, &Effect::Stop { id: id("late") }), "{out:?}");
+        assert!(has(&out, &Effect::Stop { id: id("yes") }), "{out:?}");
+        let out = r.step(
+            t0 + 12 * SECOND,
+            Event::StartAnswered {
+                id: id("late"),
+                answer: StartAnswer::Go,
+            },
+        );
+        assert!(started(&out).is_empty(), "{out:?}");
     }
 
     #[test]
