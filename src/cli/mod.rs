@@ -215,11 +215,12 @@ pub const WORKERS_ENV: &str = "ARPCP_WORKER_THREADS";
 /// The most workers `ARPCP_WORKER_THREADS` may ask for.
 pub const MAX_DAEMON_WORKERS: usize = 256;
 
-/// The stores' sled calls are synchronous and at times wait for sled's I/O buffers:
-/// with one worker per CPU on a small machine, such a wait stalls a large share of
-/// the runtime. A few more workers than CPUs keep requests moving (measured on 2
-/// CPUs: end-to-end throughput about +10–20%, `docs/benchmarks.md`).
-const MIN_DAEMON_WORKERS: usize = 4;
+/// The stores' sled calls are synchronous and at times wait for sled's I/O buffers,
+/// so a daemon never runs on one worker alone. Four workers on 2 CPUs once measured
+/// 10–20% more throughput than two; since echoes, waits and allocations got cheaper
+/// two measure the same or better (3 alternating pairs: 4,532 against 4,416 tasks/s,
+/// sync p50 802 against 813 µs) with 4 MiB less per process (`docs/benchmarks.md`).
+const MIN_DAEMON_WORKERS: usize = 2;
 
 /// Daemons log at info; client commands only warn, so their output stays clean.
 fn default_log(c: &Command) -> &'static str {
