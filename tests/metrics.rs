@@ -364,6 +364,33 @@ fn piped_stderr_has_no_colour_codes() {
     );
 }
 
+/// A worker count the daemon cannot use is named in a warning, not silently replaced.
+#[test]
+fn a_bad_worker_count_is_named() {
+    let dir = tempdir();
+    let args: Vec<String> = [
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &dir.path().join("agent-data").to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let agent = Piped::spawn(&args, &[("ARPCP_WORKER_THREADS", "0")]);
+    wait_until(WAIT, "the agent's ready log line", || {
+        agent.stderr().contains("agent ready")
+    });
+    let text = strip_colour(&agent.stderr());
+    assert!(
+        text.contains(
+            "ARPCP_WORKER_THREADS=\"0\" ignored: expected a number of threads from 1 to 256"
+        ),
+        "{text}"
+    );
+}
+
 /// `text` without terminal escape sequences (`ESC [ … m`).
 fn strip_colour(text: &str) -> String {
     let mut out = String::new();

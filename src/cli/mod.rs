@@ -199,15 +199,22 @@ fn error_chain(e: &anyhow::Error) -> String {
 /// `MAX_DAEMON_WORKERS`; for measuring and for hosts shared with other work), else at
 /// least `MIN_DAEMON_WORKERS`, more on machines with more CPUs.
 fn daemon_workers() -> usize {
-    let set = std::env::var(WORKERS_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| (1..=MAX_DAEMON_WORKERS).contains(n));
-    set.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .max(MIN_DAEMON_WORKERS)
-    })
+    let default = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .max(MIN_DAEMON_WORKERS);
+    let Ok(text) = std::env::var(WORKERS_ENV) else {
+        return default;
+    };
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_DAEMON_WORKERS).contains(&n) => n,
+        _ => {
+            tracing::warn!(
+                "{WORKERS_ENV}={text:?} ignored: expected a number of threads from 1 to \
+                 {MAX_DAEMON_WORKERS}; running {default}"
+            );
+            default
+        }
+    }
 }
 
 /// Overrides the number of a daemon's runtime workers.
