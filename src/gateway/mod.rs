@@ -42,8 +42,11 @@ use store::GatewayStore;
 pub use store::DEFAULT_CACHE_BYTES;
 use watch::TaskWatchers;
 
-/// How often retention runs.
+/// How often retention runs at most.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
+/// A retention pass is followed by a pause of at least this many times its length,
+/// so that passes over a big store take at most about a tenth of a core.
+const RETENTION_PAUSE_FACTOR: u32 = 10;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -350,18 +353,33 @@ async fn retention_loop(
     config: GatewayConfig,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+    let mut pause = Duration::ZERO;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         let max_age = config.retention.as_millis() as u64;
-        match store.apply_retention(model::now_ms(), max_age, config.retention_count) {
-            Ok(0) => {}
-            Ok(n) => info!(removed = n, "retention dropped finished tasks"),
-            Err(e) => warn!("retention: {e}"),
+        let (count, store) = (config.retention_count, store.clone());
+        let started = std::time::Instant::now();
+        // A pass reads the whole store: off the runtime's workers, which a store of
+        // a million tasks would hold for seconds.
+        let pass = tokio::task::spawn_blocking(move || {
+            store.apply_retention(model::now_ms(), max_age, count)
+        })
+        .await;
+        let took = started.elapsed();
+        match pass {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(
+                removed = n,
+                ms = took.as_millis() as u64,
+                "retention dropped finished tasks"
+            ),
+            Ok(Err(e)) => warn!("retention: {e}"),
+            Err(e) => warn!("retention: the pass failed: {e}"),
         }
         watchers.prune();
+        pause = RETENTION_INTERVAL.max(took * RETENTION_PAUSE_FACTOR);
     }
 }

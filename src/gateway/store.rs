@@ -22,6 +22,9 @@ use crate::store::{Edit, Json, Records, Text};
 /// shares with everything else.
 pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Tasks one retention pass removes at most; more wait for the next pass.
+pub const MAX_RETENTION_BATCH: usize = 10_000;
+
 /// Which tasks a listing wants.
 #[derive(Debug, Default, Clone)]
 pub struct TaskFilter {
@@ -211,37 +214,53 @@ impl GatewayStore {
     }
 
     /// Drops finished tasks older than `max_age_ms`, then the oldest finished ones
-    /// beyond `max_count`. Unfinished tasks are never dropped. Returns how many went.
+    /// beyond `max_count`, at most `MAX_RETENTION_BATCH` a call (the rest go at the
+    /// next). Unfinished tasks are never dropped. Returns how many went.
     pub fn apply_retention(
         &self,
         now_ms: u64,
         max_age_ms: u64,
         max_count: usize,
     ) -> Result<usize, StoreError> {
-        let mut finished: Vec<(String, u64)> = Vec::new();
-        self.tasks.scan(|k, t| {
-            if let Ok(t) = t {
-                if let Some(at) = t.finished_ms.filter(|_| t.status.is_final()) {
-                    finished.push((k.to_string(), at));
-                }
+        // Two passes, so that what is held is the batch, not a list of every finished
+        // task: count the finished, then pick the oldest beyond the count and the
+        // expired, in key (creation) order.
+        let mut finished = 0usize;
+        self.tasks.scan(|_, t| {
+            if t.is_ok_and(|t| t.finished_ms.is_some() && t.status.is_final()) {
+                finished += 1;
             }
             ControlFlow::<()>::Continue(())
         })?;
-        let excess = finished.len().saturating_sub(max_count);
-        let mut removed = 0;
-        for (i, (k, finished_ms)) in finished.iter().enumerate() {
-            if i < excess || now_ms.saturating_sub(*finished_ms) > max_age_ms {
-                // A final status is never left, so the check only guards the rule.
-                let gone = self.tasks.edit(k, |t| {
-                    if t.status.is_final() {
-                        Edit::Remove
-                    } else {
-                        Edit::Keep
+        let excess = finished.saturating_sub(max_count);
+        let mut seen = 0usize;
+        let mut doomed: Vec<String> = Vec::new();
+        self.tasks.scan(|k, t| {
+            if doomed.len() >= MAX_RETENTION_BATCH {
+                return ControlFlow::Break(());
+            }
+            if let Ok(t) = t {
+                if let Some(at) = t.finished_ms.filter(|_| t.status.is_final()) {
+                    if seen < excess || now_ms.saturating_sub(at) > max_age_ms {
+                        doomed.push(k.to_string());
                     }
-                })?;
-                if matches!(gone, Some((_, Edit::Remove))) {
-                    removed += 1;
+                    seen += 1;
                 }
+            }
+            ControlFlow::Continue(())
+        })?;
+        let mut removed = 0;
+        for k in &doomed {
+            // A final status is never left, so the check only guards the rule.
+            let gone = self.tasks.edit(k, |t| {
+                if t.status.is_final() {
+                    Edit::Remove
+                } else {
+                    Edit::Keep
+                }
+            })?;
+            if matches!(gone, Some((_, Edit::Remove))) {
+                removed += 1;
             }
         }
         Ok(removed)
@@ -283,5 +302,50 @@ impl GatewayStore {
             // Registered concurrently: keep the first id.
             Some(first) => Ok(first),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_drops_the_oldest_in_batches() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = GatewayStore::open(dir.path()).expect("a store");
+        let total = MAX_RETENTION_BATCH * 2 + 500;
+        let mut ids = Vec::new();
+        for i in 0..total {
+            // Time-ordered ids, as the gateway makes them: key order is age.
+            let id = format!("{i:08}");
+            let mut t = TaskRecord::new(id.clone(), "add".into(), Default::default(), None);
+            t.set_status(TaskStatus::Done, None, 1);
+            store.put_task(&t).expect("put");
+            ids.push(id);
+        }
+        let mut open = TaskRecord::new("00000000x".into(), "add".into(), Default::default(), None);
+        open.status = TaskStatus::Running;
+        store.put_task(&open).expect("put");
+        let keep = 100;
+        let mut removed = Vec::new();
+        for _ in 0..4 {
+            removed.push(store.apply_retention(2, u64::MAX, keep).expect("retention"));
+        }
+        assert_eq!(
+            removed,
+            vec![
+                MAX_RETENTION_BATCH,
+                MAX_RETENTION_BATCH,
+                total - keep - 2 * MAX_RETENTION_BATCH,
+                0
+            ]
+        );
+        // The newest finished stay, and the unfinished one whatever its age.
+        assert!(store.get_task(&ids[total - keep]).expect("get").is_some());
+        assert!(store
+            .get_task(&ids[total - keep - 1])
+            .expect("get")
+            .is_none());
+        assert!(store.get_task("00000000x").expect("get").is_some());
     }
 }
