@@ -340,9 +340,8 @@ fn json_logs_carry_one_task_end_line_per_task() {
     }
 }
 
-#[test]
-fn piped_stderr_has_no_colour_codes() {
-    let dir = tempdir();
+/// An agent with piped stderr and `env`, once it logged that it is ready.
+fn piped_agent(dir: &tempfile::TempDir, env: &[(&str, &str)]) -> Piped {
     let args: Vec<String> = [
         "agent",
         "--listen",
@@ -353,10 +352,17 @@ fn piped_stderr_has_no_colour_codes() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let agent = Piped::spawn(&args, &[]);
+    let agent = Piped::spawn(&args, env);
     wait_until(WAIT, "the agent's ready log line", || {
         agent.stderr().contains("agent ready")
     });
+    agent
+}
+
+#[test]
+fn piped_stderr_has_no_colour_codes() {
+    let dir = tempdir();
+    let agent = piped_agent(&dir, &[]);
     let text = agent.stderr();
     assert!(
         !text.contains("\x1b["),
@@ -368,20 +374,7 @@ fn piped_stderr_has_no_colour_codes() {
 #[test]
 fn a_bad_worker_count_is_named() {
     let dir = tempdir();
-    let args: Vec<String> = [
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &dir.path().join("agent-data").to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let agent = Piped::spawn(&args, &[("ARPCP_WORKER_THREADS", "0")]);
-    wait_until(WAIT, "the agent's ready log line", || {
-        agent.stderr().contains("agent ready")
-    });
+    let agent = piped_agent(&dir, &[("ARPCP_WORKER_THREADS", "0")]);
     let text = strip_colour(&agent.stderr());
     assert!(
         text.contains(
