@@ -22,7 +22,9 @@
 //! BENCH_ROUNDS, BENCH_OPAL_SAMPLES; BENCH_ARPCP: another `arpcp` binary to run, for
 //! comparing builds in alternation). `BENCH_FILL=N` (and `BENCH_FILL_STEP`) runs
 //! the fill instead: one cluster's store filled with N tasks, figures every step
-//! (`BENCH_FILL_MAX_BYTES_PER_TASK` fails the run on a store larger than that).
+//! (throughput, Submit latency, RSS, bytes on disk, ListTasks latency per filter),
+//! then one retention pass timed on a restart (`BENCH_FILL_MAX_BYTES_PER_TASK`
+//! fails the run on a store larger than that).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -552,14 +554,17 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// `BENCH_FILL=N`: fills a plaintext cluster's store with N `add` tasks (every
 /// Submit durable, every result fetched) and prints, every `BENCH_FILL_STEP`
-/// tasks, that step's throughput and Submit p50/p99, the gateway's RSS and the
-/// store's size on disk: how the gateway fares as its store grows.
+/// tasks, that step's throughput and Submit p50/p99, the gateway's RSS, the
+/// store's size on disk, and ListTasks p50/p99 per filter: how the gateway fares
+/// as its store grows. At the end the gateway is restarted with a retention count
+/// `BENCH_RETENTION_DROP` (10,000) below what it holds, and the pass is timed.
 async fn fill(total: usize, step: usize, concurrency: usize, config: &str) -> anyhow::Result<()> {
-    let cluster = start_cluster("plaintext", false, config).await?;
+    let mut cluster = start_cluster("plaintext", false, config).await?;
     let gateway = cluster._gateway.child.id();
     let data = cluster._gateway._dir.path().join("data");
+    let samples = env_usize("BENCH_LIST_SAMPLES", 200);
     println!(
-        "fill: gateway + {AGENTS} agents on loopback, {} CPUs; {total} add tasks, {concurrency} concurrent clients, figures every {step}",
+        "fill: gateway + {AGENTS} agents on loopback, {} CPUs; {total} add tasks, {concurrency} concurrent clients, figures every {step}; ListTasks: {samples} calls a filter, default page size",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut stored = 0;
@@ -576,6 +581,7 @@ async fn fill(total: usize, step: usize, concurrency: usize, config: &str) -> an
             bytes as f64 / (1024.0 * 1024.0),
             bytes as f64 / stored as f64
         );
+        list_figures(&cluster, samples).await?;
     }
     // `BENCH_FILL_MAX_BYTES_PER_TASK`: fail on a store grown past this (CI).
     if let Some(max) = std::env::var("BENCH_FILL_MAX_BYTES_PER_TASK")
@@ -588,6 +594,120 @@ async fn fill(total: usize, step: usize, concurrency: usize, config: &str) -> an
             "the store takes {per_task:.0} B a task after {stored} tasks, above BENCH_FILL_MAX_BYTES_PER_TASK = {max:.0}"
         );
     }
+    let drop = env_usize("BENCH_RETENTION_DROP", 10_000).min(stored);
+    retention_pass(&mut cluster, stored - drop).await
+}
+
+/// ListTasks p50/p99 for each filter a user would give, and the unfiltered
+/// first page.
+async fn list_figures(cluster: &Cluster, samples: usize) -> anyhow::Result<()> {
+    let mut client = GatewayClient::new(grpc_channel(cluster).await?);
+    let agent = client
+        .list_agents(pb::ListAgentsRequest {})
+        .await?
+        .into_inner()
+        .agents
+        .first()
+        .map(|a| a.agent_id.clone())
+        .unwrap_or_default();
+    let filters = [
+        (
+            "status done",
+            pb::ListTasksRequest {
+                status: pb::TaskStatus::Done as i32,
+                ..Default::default()
+            },
+        ),
+        (
+            "procedure add",
+            pb::ListTasksRequest {
+                procedure: "add".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "agent",
+            pb::ListTasksRequest {
+                agent_id: agent,
+                ..Default::default()
+            },
+        ),
+        (
+            "status failed (none)",
+            pb::ListTasksRequest {
+                status: pb::TaskStatus::Failed as i32,
+                ..Default::default()
+            },
+        ),
+        ("no filter", pb::ListTasksRequest::default()),
+    ];
+    let mut line = String::from("          ListTasks p50/p99 µs:");
+    for (name, req) in filters {
+        let took = latencies(samples, || {
+            let (mut c, req) = (client.clone(), req.clone());
+            async move {
+                c.list_tasks(req).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        line.push_str(&format!(
+            " {name} {:.0}/{:.0};",
+            micros(percentile(&took, 0.5)),
+            micros(percentile(&took, 0.99))
+        ));
+    }
+    println!("{line}");
+    Ok(())
+}
+
+/// Stops the gateway, starts it again on its data with `--retention-count keep`
+/// and times the retention pass it runs at start: from the process's start to its
+/// log line, and the pass alone as the line says (`ms=`, where the binary logs it).
+async fn retention_pass(cluster: &mut Cluster, keep: usize) -> anyhow::Result<()> {
+    let pid = cluster._gateway.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status()?;
+    cluster._gateway.child.wait()?;
+    let data = cluster._gateway._dir.path().join("data");
+    let keep = keep.to_string();
+    let started = Instant::now();
+    let mut child = Command::new(arpcp_bin())
+        .args(["gateway", "--grpc", "127.0.0.1:0", "--arpcp", "127.0.0.1:0"])
+        .args(["--retention-count", &keep, "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let mut found = None;
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        if line.contains("retention dropped finished tasks") {
+            found = Some(line);
+            break;
+        }
+    }
+    let to_line = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line =
+        found.ok_or_else(|| anyhow::anyhow!("the gateway ended without a retention pass"))?;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_string)
+    };
+    println!(
+        "retention (restart with --retention-count {keep}): removed {}, the pass {} ms, start to its log line {:.0} ms",
+        field("removed=").unwrap_or_default(),
+        field("ms=").unwrap_or_else(|| "(not logged)".into()),
+        to_line.as_secs_f64() * 1e3
+    );
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 pub mod auth;
 mod convert;
 pub mod core;
+mod encoding;
 mod error;
 pub mod grpc_tls;
 mod listener;
@@ -42,10 +43,11 @@ use store::GatewayStore;
 pub use store::DEFAULT_CACHE_BYTES;
 use watch::TaskWatchers;
 
-/// How often retention runs at most.
+/// How often retention runs while it finds less than a full batch to drop.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
 /// A retention pass is followed by a pause of at least this many times its length,
-/// so that passes over a big store take at most about a tenth of a core.
+/// so that retention takes at most about a tenth of a core, also while it catches
+/// up (a full batch is followed by that pause only).
 const RETENTION_PAUSE_FACTOR: u32 = 10;
 
 #[derive(Debug, Clone)]
@@ -362,13 +364,14 @@ async fn retention_loop(
         let max_age = config.retention.as_millis() as u64;
         let (count, store) = (config.retention_count, store.clone());
         let started = std::time::Instant::now();
-        // A pass reads the whole store: off the runtime's workers, which a store of
-        // a million tasks would hold for seconds.
+        // A pass that drops a batch reads and writes thousands of records: off the
+        // runtime's workers.
         let pass = tokio::task::spawn_blocking(move || {
             store.apply_retention(model::now_ms(), max_age, count)
         })
         .await;
         let took = started.elapsed();
+        let full = matches!(pass, Ok(Ok(n)) if n >= store::MAX_RETENTION_BATCH);
         match pass {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => info!(
@@ -380,6 +383,9 @@ async fn retention_loop(
             Err(e) => warn!("retention: the pass failed: {e}"),
         }
         watchers.prune();
-        pause = RETENTION_INTERVAL.max(took * RETENTION_PAUSE_FACTOR);
+        pause = took * RETENTION_PAUSE_FACTOR;
+        if !full {
+            pause = pause.max(RETENTION_INTERVAL);
+        }
     }
 }

@@ -474,7 +474,7 @@ impl Driver {
             })
             .collect();
         let mut tasks = Vec::new();
-        for rec in store.scan_tasks(|t| !t.status.is_final()) {
+        for rec in store.unfinished_tasks()? {
             let Some(t) = core_task(&rec) else {
                 warn!(task_id = %rec.task_id, "a stored task with an id this gateway does not make; left as it is");
                 continue;
