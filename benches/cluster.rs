@@ -300,10 +300,20 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Peak RSS of some processes, sampled every 50 ms on a thread of its own until
-/// dropped (`peaks` then reads the last).
+/// The proportional set of a process in KiB (`/proc/PID/smaps_rollup`, Linux): its
+/// resident pages, each shared one divided among the processes that map it, so
+/// that the sum over processes counts the binary's pages once.
+fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Peak RSS of some processes, and the peak of their summed PSS, sampled every
+/// 50 ms on a thread of its own until dropped (`peaks` then reads the last).
 struct PeakRss {
     peaks: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    pss: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -313,34 +323,44 @@ impl PeakRss {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let peaks: Arc<Vec<AtomicU64>> = Arc::new(pids.iter().map(|_| AtomicU64::new(0)).collect());
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (peaks.clone(), stop.clone());
+        let pss = Arc::new(AtomicU64::new(0));
+        let (p, s, together) = (peaks.clone(), stop.clone(), pss.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
+                let mut sum = 0;
                 for (i, pid) in pids.iter().enumerate() {
                     if let Some(kib) = rss_kib(*pid) {
                         p[i].fetch_max(kib, Ordering::Relaxed);
                     }
+                    sum += pss_kib(*pid).unwrap_or(0);
                 }
+                together.fetch_max(sum, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
         PeakRss {
             peaks,
+            pss,
             stop,
             thread: Some(thread),
         }
     }
 
-    /// Peaks in MiB, in the order of the pids given.
-    fn stop(mut self) -> Vec<f64> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// Peaks in MiB, in the order of the pids given, then the peak of the summed
+    /// PSS.
+    fn stop(mut self) -> (Vec<f64>, f64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.peaks
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let peaks = self
+            .peaks
             .iter()
-            .map(|p| p.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0)
-            .collect()
+            .map(|p| mib(p.load(Ordering::Relaxed)))
+            .collect();
+        (peaks, mib(self.pss.load(Ordering::Relaxed)))
     }
 }
 
@@ -831,7 +851,7 @@ async fn main() -> anyhow::Result<()> {
                 .extend(arpcp_task_calls(&clusters[i], samples).await?);
         }
     }
-    let peaks: Vec<Vec<f64>> = rss.into_iter().map(PeakRss::stop).collect();
+    let peaks: Vec<(Vec<f64>, f64)> = rss.into_iter().map(PeakRss::stop).collect();
     for f in &mut figures {
         f.sync_all.sort();
         f.task_all.sort();
@@ -929,14 +949,15 @@ async fn main() -> anyhow::Result<()> {
         "  TLS − plaintext (p50)  : {:+.0} µs",
         micros(percentile(st, 0.5)) - micros(percentile(sp, 0.5))
     );
-    for (c, p) in clusters.iter().zip(&peaks) {
+    for (c, (p, pss)) in clusters.iter().zip(&peaks) {
         let agents: Vec<String> = p[1..].iter().map(|m| format!("{m:.1}")).collect();
         println!(
-            "peak RSS, {:<10}     : gateway {:.1} MiB, agents {} MiB; total {:.1} MiB",
+            "peak RSS, {:<10}     : gateway {:.1} MiB, agents {} MiB; total {:.1} MiB; together {:.1} MiB (summed PSS: shared pages once)",
             c.name,
             p[0],
             agents.join(" + "),
-            p.iter().sum::<f64>()
+            p.iter().sum::<f64>(),
+            pss
         );
     }
     println!("idle agent RSS           : {idle_agent:.1} MiB (before any work)");
