@@ -264,14 +264,11 @@ impl pb::gateway_server::Gateway for GatewayService {
             let len = task.encoded_len();
             (task, 1 + prost::length_delimiter_len(len) + len)
         };
-        let (tasks, more) = self
+        let (tasks, next) = self
             .store
             .list_tasks(&filter, after, limit, MAX_PAGE_BYTES, measure)
             .map_err(GatewayError::from)?;
-        let next_page_token = match (more, tasks.last()) {
-            (true, Some(t)) => t.task_id.clone(),
-            _ => String::new(),
-        };
+        let next_page_token = next.unwrap_or_default();
         Ok(Response::new(pb::ListTasksResponse {
             tasks,
             next_page_token,

@@ -47,6 +47,9 @@ pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Tasks one retention pass removes at most; more wait for the next pass.
 pub const MAX_RETENTION_BATCH: usize = 10_000;
+/// Records one listing call reads at most (filters that match few tasks
+/// without an index: `done` in a store of failures); the page then ends early.
+pub const MAX_LISTING_READS: usize = 50_000;
 /// Tasks retention reads before removing them: what it holds at once.
 const RETENTION_CHUNK: usize = 1_000;
 
@@ -77,33 +80,41 @@ impl TaskFilter {
             && self.procedure.as_ref().is_none_or(|p| &t.procedure == p)
     }
 
-    fn is_empty(&self) -> bool {
-        self.status.is_none() && self.agent_id.is_none() && self.procedure.is_none()
-    }
-
-    /// The index ranges whose common tasks are the finished ones that match;
-    /// `None` when no finished task can (a status of unfinished tasks).
-    fn finished_ranges(&self) -> Option<Vec<Vec<u8>>> {
+    /// How the finished tasks that match are found: no filter, or only the status
+    /// `done`, reads the records; a status of unfinished tasks finds none; else
+    /// the index ranges whose common tasks they are.
+    fn finished_walk(&self) -> FinishedWalk {
         if self.status.is_some_and(|s| !s.is_final()) {
-            return None;
+            return FinishedWalk::None;
         }
         let mut p = Vec::new();
         if let Some(a) = &self.agent_id {
             p.push(encoding::agent_prefix(a));
         }
-        if let Some(s) = self.status {
+        if let Some(s) = self.status.filter(|s| encoding::status_indexed(*s)) {
             p.push(encoding::status_prefix(s));
         }
         if let Some(n) = &self.procedure {
             p.push(encoding::procedure_prefix(n));
         }
-        Some(p)
+        if p.is_empty() {
+            FinishedWalk::Records
+        } else {
+            FinishedWalk::Index(p)
+        }
     }
 
-    /// Whether an unfinished task can match.
-    fn wants_unfinished(&self) -> bool {
-        self.status.is_none_or(|s| !s.is_final())
+    /// Whether unfinished tasks must be looked for apart from the finished walk.
+    fn wants_unfinished(&self, walk: &FinishedWalk) -> bool {
+        !matches!(walk, FinishedWalk::Records) && self.status.is_none_or(|s| !s.is_final())
     }
+}
+
+enum FinishedWalk {
+    /// Every record, newest first (it holds the unfinished tasks too).
+    Records,
+    Index(Vec<Vec<u8>>),
+    None,
 }
 
 /// What the store keeps in memory of its tasks: the unfinished ones, with what
@@ -500,17 +511,19 @@ impl GatewayStore {
         self.live.finished.load(Ordering::Relaxed)
     }
 
-    /// Newest first, from before `after` (a previous page's last id): at most
-    /// `limit` tasks, each made an item by `convert`, which also says its size in
-    /// bytes; the page ends before the sizes pass `max_bytes`, but holds at least
-    /// one task. Returns the page and whether more tasks follow. A record that
-    /// does not decode is left out (and logged), so that no stored task can make
-    /// the listing fail.
+    /// Newest first, from before `after` (a previous page's token): at most `limit`
+    /// tasks, each made an item by `convert`, which also says its size in bytes;
+    /// the page ends before the sizes pass `max_bytes`, but holds at least one
+    /// task. Returns the page and the token of the next one, `None` at the end. A
+    /// listing reads at most `MAX_LISTING_READS` records; a page cut short by that
+    /// (even an empty one) has a token too. A record that does not decode is left
+    /// out (and logged), so that no stored task can make the listing fail.
     ///
     /// A filtered listing merges two walks back from `after`: the finished tasks
     /// held by every index range of the filter (each range stepped to the newest
     /// id not newer than the others'), and the unfinished ones in memory. Its cost
-    /// follows the page, not the store; a value no task has costs a lookup.
+    /// follows the page, not the store; a value no task has costs a lookup. Only
+    /// `done`, which has no index, reads the records until it has a page.
     pub fn list_tasks<T>(
         &self,
         filter: &TaskFilter,
@@ -518,33 +531,27 @@ impl GatewayStore {
         limit: usize,
         max_bytes: usize,
         mut convert: impl FnMut(&TaskRecord) -> (T, usize),
-    ) -> Result<(Vec<T>, bool), StoreError> {
+    ) -> Result<(Vec<T>, Option<String>), StoreError> {
         let mut upper: Option<IdKey> = match after {
             Some(a) => match uuid::Uuid::try_parse(a) {
                 Ok(u) => Some(*u.as_bytes()),
-                Err(_) => return Ok((Vec::new(), false)),
+                Err(_) => return Ok((Vec::new(), None)),
             },
             None => None,
         };
-        // No filter walks the records; a filter, the index of the finished tasks
-        // (`None`: none can match) and the unfinished ones in memory.
-        let everything = filter.is_empty();
-        let ranges = if everything {
-            None
-        } else {
-            filter.finished_ranges()
-        };
+        let walk = filter.finished_walk();
         // The next candidate of each walk, refilled once taken.
         let (mut finished, mut open): (Option<IdKey>, Option<IdKey>) = (None, None);
-        let mut finished_done = !everything && ranges.is_none();
-        let mut open_done = everything || !filter.wants_unfinished();
+        let mut finished_done = matches!(walk, FinishedWalk::None);
+        let mut open_done = !filter.wants_unfinished(&walk);
         let mut page = Vec::new();
-        let mut bytes = 0usize;
+        let (mut bytes, mut reads) = (0usize, 0usize);
         let more = self.db.with(|t| loop {
             if finished.is_none() && !finished_done {
-                finished = match &ranges {
-                    Some(r) => newest_common_before(&t.index, r, upper.as_ref())?,
-                    None => newest_record_before(&t.records, upper.as_ref())?,
+                finished = match &walk {
+                    FinishedWalk::Index(r) => newest_common_before(&t.index, r, upper.as_ref())?,
+                    FinishedWalk::Records => newest_record_before(&t.records, upper.as_ref())?,
+                    FinishedWalk::None => None,
                 };
                 finished_done = finished.is_none();
             }
@@ -557,6 +564,10 @@ impl GatewayStore {
                 (Some(f), Some(o)) => f.max(o),
                 (Some(k), None) | (None, Some(k)) => k,
             };
+            if reads == MAX_LISTING_READS {
+                return Ok(true);
+            }
+            reads += 1;
             // Both walks may hold the same task (one finishing now): taken once.
             if finished == Some(key) {
                 finished = None;
@@ -564,10 +575,14 @@ impl GatewayStore {
             if open == Some(key) {
                 open = None;
             }
-            upper = Some(key);
+            let last = upper.replace(key);
             let Some(value) = t.records.get(key)? else {
                 continue; // An entry whose record is gone.
             };
+            let matches = encoding::peek(&value).is_ok_and(|f| filter.matches(&f));
+            if !matches {
+                continue;
+            }
             let task = match self.decode(&key, &value) {
                 Ok(task) => task,
                 Err(e) => {
@@ -575,20 +590,21 @@ impl GatewayStore {
                     continue;
                 }
             };
-            if !filter.matches(&Indexed::of(&task)) {
-                continue;
-            }
+            // A task not taken is where the next page starts.
             if page.len() == limit {
+                upper = last;
                 return Ok(true);
             }
             let (item, size) = convert(&task);
             if !page.is_empty() && bytes.saturating_add(size) > max_bytes {
+                upper = last;
                 return Ok(true);
             }
             bytes = bytes.saturating_add(size);
             page.push(item);
         })?;
-        Ok((page, more))
+        let next = upper.filter(|_| more).and_then(|k| encoding::id_text(&k));
+        Ok((page, next))
     }
 
     /// The newest unfinished task below `upper` that the filter matches, as last
@@ -816,8 +832,9 @@ mod tests {
 
     /// A task id as the gateway makes them (UUID v7), created at `ms`.
     fn id_at(ms: u64, n: u32) -> String {
+        // The last bytes: none of their bits is the version's or the variant's.
         let mut rest = [0u8; 10];
-        rest[..4].copy_from_slice(&n.to_be_bytes());
+        rest[6..].copy_from_slice(&n.to_be_bytes());
         uuid::Builder::from_unix_timestamp_millis(ms, &rest)
             .into_uuid()
             .to_string()
@@ -881,9 +898,10 @@ mod tests {
         let (page, more) = store
             .list_tasks(&done, None, 1_000, usize::MAX, |t| (t.task_id.clone(), 1))
             .expect("a listing");
-        assert_eq!((page.len(), more), (keep, false));
+        assert_eq!((page.len(), more), (keep, None));
+        // `done` has no status entry: procedure and agent.
         let entries = store.db.with(|t| Ok(t.index.len())).expect("the index");
-        assert_eq!(entries, keep * 3);
+        assert_eq!(entries, keep * 2);
     }
 
     #[test]
@@ -932,10 +950,10 @@ mod tests {
                 .0
         };
         assert_eq!(list(&by_agent), vec![TaskStatus::Running]);
-        t.set_status(TaskStatus::Done, None, 1_002);
+        t.set_status(TaskStatus::Failed, None, 1_002);
         store.put_task(&t).expect("put");
         assert_eq!(entries(), 3);
-        assert_eq!(list(&by_agent), vec![TaskStatus::Done]);
+        assert_eq!(list(&by_agent), vec![TaskStatus::Failed]);
         assert_eq!(store.finished_count(), 1);
         assert!(store.unfinished_tasks().expect("unfinished").is_empty());
         // The same again changes nothing.
@@ -945,5 +963,41 @@ mod tests {
         drop(store);
         let store = GatewayStore::open(dir.path()).expect("a store");
         assert_eq!(store.finished_count(), 1);
+    }
+
+    #[test]
+    fn a_listing_reads_a_bounded_number_of_records() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = GatewayStore::open(dir.path()).expect("a store");
+        // The oldest task is done; every later one failed: `done` has no index, so
+        // its listing reads the records back to the oldest.
+        let failures = MAX_LISTING_READS + MAX_LISTING_READS / 2;
+        let done = finished(id_at(1_000, 0), 1_000);
+        store.put_task(&done).expect("put");
+        for i in 0..failures {
+            let mut t = TaskRecord::new(
+                id_at(2_000, i as u32),
+                "add".into(),
+                Default::default(),
+                None,
+            );
+            t.set_status(TaskStatus::Failed, None, 2_000);
+            store.put_task(&t).expect("put");
+        }
+        let filter = TaskFilter {
+            status: Some(TaskStatus::Done),
+            ..TaskFilter::default()
+        };
+        let list = |after: Option<&str>| {
+            store
+                .list_tasks(&filter, after, 10, usize::MAX, |t| (t.task_id.clone(), 1))
+                .expect("a listing")
+        };
+        // The first page ends empty after the budget, with a token to go on.
+        let (page, next) = list(None);
+        assert!(page.is_empty());
+        let next = next.expect("a token after a page cut short");
+        let (page, next) = list(Some(&next));
+        assert_eq!((page, next), (vec![done.task_id.clone()], None));
     }
 }
