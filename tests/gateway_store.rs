@@ -106,17 +106,11 @@ fn ids(tasks: &[pb::Task]) -> Vec<String> {
     tasks.iter().map(|t| t.task_id.clone()).collect()
 }
 
+/// The API's status of a stored one, by name (`client_error` is
+/// `TASK_STATUS_CLIENT_ERROR`).
 fn pb_status(s: TaskStatus) -> pb::TaskStatus {
-    match s {
-        TaskStatus::Queued => pb::TaskStatus::Queued,
-        TaskStatus::Dispatched => pb::TaskStatus::Dispatched,
-        TaskStatus::Running => pb::TaskStatus::Running,
-        TaskStatus::Done => pb::TaskStatus::Done,
-        TaskStatus::Failed => pb::TaskStatus::Failed,
-        TaskStatus::ClientError => pb::TaskStatus::ClientError,
-        TaskStatus::Interrupted => pb::TaskStatus::Interrupted,
-        TaskStatus::Cancelled => pb::TaskStatus::Cancelled,
-    }
+    let name = format!("TASK_STATUS_{}", s.as_str().to_uppercase());
+    pb::TaskStatus::from_str_name(&name).unwrap_or_else(|| panic!("no API status {name}"))
 }
 
 /// Ids of `tasks` matching, newest first (as a listing gives them).
