@@ -713,6 +713,9 @@ async fn retention_pass(cluster: &mut Cluster, keep: usize) -> anyhow::Result<()
         }
     }
     let to_line = started.elapsed();
+    // A gateway that opened the full store and nothing else: what the store alone
+    // holds in memory, without the fill's history.
+    let rss = rss_kib(child.id()).unwrap_or(0) as f64 / 1024.0;
     let _ = child.kill();
     let _ = child.wait();
     let line =
@@ -723,7 +726,7 @@ async fn retention_pass(cluster: &mut Cluster, keep: usize) -> anyhow::Result<()
             .map(str::to_string)
     };
     println!(
-        "retention (restart with --retention-count {keep}): removed {}, the pass {} ms, start to its log line {:.0} ms",
+        "retention (restart with --retention-count {keep}): removed {}, the pass {} ms, start to its log line {:.0} ms, gateway RSS then {rss:.1} MiB",
         field("removed=").unwrap_or_default(),
         field("ms=").unwrap_or_else(|| "(not logged)".into()),
         to_line.as_secs_f64() * 1e3
