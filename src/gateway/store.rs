@@ -365,10 +365,11 @@ impl GatewayStore {
                     }
                 }
             }
-            self.db.with(|t| {
+            let fresh = self.db.with(|t| {
                 let mut fresh = Vec::with_capacity(moves.len());
                 for (_, id, fields, _) in &moves {
-                    // A copy already in format 2 is the newer one, with its entries.
+                    // A copy already in format 2 is the newer one, with its entries
+                    // (and was noted when the store opened).
                     let there = t.records.contains_key(id)?;
                     if !there {
                         for k in encoding::index_keys(id, fields) {
@@ -385,11 +386,10 @@ impl GatewayStore {
                 for (old_key, ..) in &moves {
                     t.legacy.remove(old_key)?;
                 }
-                Ok(())
+                Ok(fresh)
             })?;
-            for (_, id, fields, _) in &moves {
-                // Already noted when the format-2 copy was there at the open.
-                if !self.live.open().contains_key(id) {
+            for ((_, id, fields, _), fresh) in moves.iter().zip(&fresh) {
+                if *fresh {
                     self.live.note(*id, None, Some(fields));
                 }
             }
@@ -999,5 +999,42 @@ mod tests {
         let next = next.expect("a token after a page cut short");
         let (page, next) = list(Some(&next));
         assert_eq!((page, next), (vec![done.task_id.clone()], None));
+    }
+
+    #[test]
+    fn a_migration_that_meets_copies_already_moved_counts_each_task_once() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let tasks: Vec<TaskRecord> = (0..15u32)
+            .map(|i| finished(id_at(1_000, i), 1_000))
+            .collect();
+        {
+            // As a migration cut short leaves it: ten tasks in both formats, five
+            // not moved yet.
+            let store = GatewayStore::open(dir.path()).expect("a store");
+            for t in &tasks[..10] {
+                store.put_task(t).expect("put");
+            }
+            store
+                .db
+                .with(|tr| {
+                    for t in &tasks {
+                        let json = serde_json::to_vec(t).expect("JSON");
+                        tr.legacy.insert(t.task_id.as_bytes(), json)?;
+                    }
+                    Ok(())
+                })
+                .expect("format-1 copies");
+            store.close();
+        }
+        let store = GatewayStore::open(dir.path()).expect("the store again");
+        assert_eq!(store.finished_count(), 15);
+        let legacy = store.db.with(|tr| Ok(tr.legacy.len())).expect("legacy");
+        assert_eq!(legacy, 0);
+        let (page, _) = store
+            .list_tasks(&TaskFilter::default(), None, 100, usize::MAX, |t| {
+                (t.task_id.clone(), 1)
+            })
+            .expect("a listing");
+        assert_eq!(page.len(), 15);
     }
 }
