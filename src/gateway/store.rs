@@ -11,16 +11,18 @@
 //!
 //! ## The index, and why it takes no transaction
 //!
-//! A finished task has index entries by status, procedure and agent
-//! (`encoding.rs`); an unfinished one has none and is kept in memory instead
+//! A finished task has index entries by procedure, agent and status (not `done`:
+//! see `encoding.rs`); an unfinished one has none and is kept in memory instead
 //! ([`Live`]): there are at most `MAX_OPEN_TASKS` of them, they change several
 //! times each, and the store's open reads every record anyway. So a task costs
 //! one write per change plus its entries once, when it finishes.
 //!
-//! The entries are written before the record that needs them and removed after
-//! it, so a record always has its entries, also after a crash between the two;
-//! what a crash can leave is an entry with no record, or one its record no longer
-//! matches, and the listings check every record they return against the filter.
+//! The entries are written before the record that needs them, so a finished
+//! record has its entries also after a crash between the two; what a crash can
+//! leave is an entry whose record is not there or does not match it, and the
+//! listings check every record they return against the filter. Retention removes
+//! the entries, then the record: a crash between leaves the oldest record without
+//! entries, and the next pass, walking from the oldest, removes it first.
 //! sled's transactions and batches would make the pair atomic, but the first one
 //! in a process moves every later read and write of every tree onto a
 //! process-wide lock (sled 0.34's concurrency control): it halved the throughput.
