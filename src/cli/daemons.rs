@@ -124,7 +124,7 @@ pub struct GatewayCmd {
     /// Finished tasks kept at most (the oldest go first) [default: 1000000]
     #[arg(long)]
     retention_count: Option<usize>,
-    /// sled's page cache for the task store (16MiB, 256MiB, 1GiB) [default: 16MiB]
+    /// sled's page cache for the task store (4MiB, 64MiB, 1GiB) [default: 4MiB]
     #[arg(long, value_name = "SIZE", value_parser = durable::parse_cache_bytes)]
     store_cache: Option<u64>,
     /// Start even on a damaged store, with what is readable; what was lost is logged.
