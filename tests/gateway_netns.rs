@@ -19,21 +19,19 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arpcp::pb::gateway_client::GatewayClient;
 use arpcp::pb::{self, AgentState, TaskStatus};
+use common::ip::ip;
 use common::{arpcp_ok, call, code, req, tempdir, wait_for, wait_until, Daemon, ARPCP, WAIT};
 
 /// The agents' port, the one the gateway scans.
 const AGENT_PORT: u16 = 7018;
 /// Namespaced hosts, one agent each.
 const HOSTS: u8 = 3;
-/// Bound of one `ip` command.
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound of one gRPC call.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -98,44 +96,6 @@ impl SetupError {
             reason,
             kernel_forbids: forbids,
         }
-    }
-}
-
-/// Runs `ip ARGS`, bounded by `IP_TIMEOUT`; its stdout, or what went wrong.
-fn ip(args: &[&str]) -> Result<String, String> {
-    let shown = format!("ip {}", args.join(" "));
-    let mut child = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
-    let deadline = Instant::now() + IP_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("`{shown}` still ran after {IP_TIMEOUT:?}"));
-            }
-            Err(e) => return Err(format!("`{shown}`: {e}")),
-        }
-    };
-    // The output is a few lines, well within the pipes' buffers.
-    let (mut out, mut err) = (String::new(), String::new());
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut err);
-    }
-    if status.success() {
-        Ok(out)
-    } else {
-        Err(format!("`{shown}` failed ({status}): {}", err.trim()))
     }
 }
 

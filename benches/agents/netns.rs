@@ -4,12 +4,10 @@
 //! `unreachable` route covers its /24 until teardown, so no packet for that range
 //! takes the default route.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+#[path = "../../tests/common/ip.rs"]
+mod ip;
+use ip::ip;
 
-/// Bound of one `ip` command.
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Hosts one bridge takes, at most (addresses .11 to .250 of its /24).
 pub const MAX_HOSTS: usize = 240;
 
@@ -25,43 +23,6 @@ pub struct Net {
     subnet: Option<String>,
     pub bridge_ip: String,
     pub hosts: Vec<Host>,
-}
-
-/// Runs `ip ARGS`, bounded by `IP_TIMEOUT`; its stdout, or what went wrong.
-fn ip(args: &[&str]) -> Result<String, String> {
-    let shown = format!("ip {}", args.join(" "));
-    let mut child = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
-    let deadline = Instant::now() + IP_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("`{shown}` still ran after {IP_TIMEOUT:?}"));
-            }
-            Err(e) => return Err(format!("`{shown}`: {e}")),
-        }
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut err);
-    }
-    if status.success() {
-        Ok(out)
-    } else {
-        Err(format!("`{shown}` failed ({status}): {}", err.trim()))
-    }
 }
 
 impl Net {

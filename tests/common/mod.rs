@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod ip;
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
