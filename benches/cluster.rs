@@ -27,7 +27,7 @@
 //! fails the run on a store larger than that).
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,53 +41,9 @@ use arpcp::tls::Role;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-struct Daemon {
-    child: Child,
-    addrs: serde_json::Value,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `arpcp` binary the clusters run: `BENCH_ARPCP`, else the one cargo built, so
-/// that two builds can be measured in alternation by the same bench.
-fn arpcp_bin() -> String {
-    std::env::var("BENCH_ARPCP").unwrap_or_else(|_| env!("CARGO_BIN_EXE_arpcp").to_string())
-}
-
-fn spawn(args: &[&str]) -> anyhow::Result<Daemon> {
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let mut child = Command::new(arpcp_bin())
-        .args(args)
-        .arg("--data-dir")
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addrs = serde_json::from_str(&line)?;
-    Ok(Daemon {
-        child,
-        addrs,
-        _dir: dir,
-    })
-}
-
-fn addr(d: &Daemon, key: &str) -> String {
-    d.addrs[key].as_str().unwrap_or_default().to_string()
-}
+#[path = "common/daemon.rs"]
+mod daemon;
+use daemon::{arpcp_bin, Daemon};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -394,8 +350,8 @@ async fn start_cluster(
     if let Some(dir) = &pki_dir {
         args.extend(["--tls-dir", dir]);
     }
-    let gateway = spawn(&args)?;
-    let controller = addr(&gateway, "arpcp");
+    let gateway = Daemon::spawn(&arpcp_bin(), &args)?;
+    let controller = gateway.addr("arpcp");
     let agents: Vec<Daemon> = (1..=AGENTS)
         .map(|i| {
             let tls_name = format!("agent-{i}");
@@ -413,7 +369,7 @@ async fn start_cluster(
             if let Some(dir) = &pki_dir {
                 args.extend(["--tls-dir", dir, "--tls-name", &tls_name]);
             }
-            spawn(&args)
+            Daemon::spawn(&arpcp_bin(), &args)
         })
         .collect::<anyhow::Result<_>>()?;
     let agent_tls = pki_dir
@@ -436,9 +392,9 @@ async fn start_cluster(
     let scheme = if grpc_tls.is_some() { "https" } else { "http" };
     let cluster = Cluster {
         name,
-        url: format!("{scheme}://{}", addr(&gateway, "grpc")),
+        url: format!("{scheme}://{}", gateway.addr("grpc")),
         grpc_tls,
-        agent: addr(&agents[0], "arpcp"),
+        agent: agents[0].addr("arpcp"),
         agent_tls,
         _gateway: gateway,
         _agents: agents,
@@ -581,7 +537,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 async fn fill(total: usize, step: usize, concurrency: usize, config: &str) -> anyhow::Result<()> {
     let mut cluster = start_cluster("plaintext", false, config).await?;
     let gateway = cluster._gateway.child.id();
-    let data = cluster._gateway._dir.path().join("data");
+    let data = cluster._gateway.data_dir();
     let samples = env_usize("BENCH_LIST_SAMPLES", 200);
     println!(
         "fill: gateway + {AGENTS} agents on loopback, {} CPUs; {total} add tasks, {concurrency} concurrent clients, figures every {step}; ListTasks: {samples} calls a filter, default page size",
@@ -688,7 +644,7 @@ async fn retention_pass(cluster: &mut Cluster, keep: usize) -> anyhow::Result<()
     let pid = cluster._gateway.child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status()?;
     cluster._gateway.child.wait()?;
-    let data = cluster._gateway._dir.path().join("data");
+    let data = cluster._gateway.data_dir();
     let keep = keep.to_string();
     let started = Instant::now();
     let mut child = Command::new(arpcp_bin())

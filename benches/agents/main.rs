@@ -21,12 +21,12 @@
 //! agent given no task, or one given more than `BENCH_MAX_SKEW` (3) times the mean.
 //! Speed is never checked.
 
+#[path = "../common/daemon.rs"]
+mod daemon;
 mod netns;
 mod responder;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 use arpcp::pb;
 use arpcp::pb::gateway_client::GatewayClient;
 use tonic::transport::Channel;
+
+use daemon::{arpcp_bin, Daemon};
 
 /// The echo interval the figures are for.
 const ECHO_INTERVAL_MS: &str = "1000";
@@ -56,73 +58,6 @@ fn env_f64(name: &str, default: f64) -> f64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A daemon of this run, killed (by its pid) when dropped.
-struct Daemon {
-    child: Child,
-    addrs: serde_json::Value,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    /// `program ARGS --data-dir DIR/data`, its stderr in `DIR/stderr`; returns once
-    /// it printed where it listens.
-    fn spawn(program: &str, args: &[&str]) -> anyhow::Result<Daemon> {
-        let dir = tempfile::tempdir()?;
-        let stderr = std::fs::File::create(dir.path().join("stderr"))?;
-        let mut child = Command::new(program)
-            .args(args)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let addrs = serde_json::from_str(&line).map_err(|e| {
-            let err = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
-            anyhow::anyhow!("{program} {args:?} did not start ({e}): {err}")
-        })?;
-        Ok(Daemon { child, addrs, dir })
-    }
-
-    fn addr(&self, key: &str) -> String {
-        self.addrs[key].as_str().unwrap_or_default().to_string()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Warning and error lines it logged.
-    fn complaints(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("stderr"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-/// The `arpcp` binary built with this bench, in the same profile; `BENCH_ARPCP`
-/// names another build (to compare builds with one bench).
-fn arpcp_bin() -> String {
-    std::env::var("BENCH_ARPCP").unwrap_or_else(|_| env!("CARGO_BIN_EXE_arpcp").to_string())
 }
 
 /// CPU time (user + system) a process used so far.
