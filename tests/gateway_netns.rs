@@ -25,201 +25,29 @@ use std::time::{Duration, Instant};
 
 use arpcp::pb::gateway_client::GatewayClient;
 use arpcp::pb::{self, AgentState, TaskStatus};
-use common::ip::ip;
+use common::netns::{Host, Net, SetupError};
 use common::{arpcp_ok, call, code, req, tempdir, wait_for, wait_until, Daemon, ARPCP, WAIT};
 
 /// The agents' port, the one the gateway scans.
 const AGENT_PORT: u16 = 7018;
 /// Namespaced hosts, one agent each.
-const HOSTS: u8 = 3;
+const HOSTS: usize = 3;
 /// Bound of one gRPC call.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // The test network
 
-/// A namespaced host: `eth0` in namespace `ns`, its peer `veth` on the bridge.
-struct Host {
-    ns: String,
-    veth: String,
-    ip: String,
-    mac: String,
+/// Where host `h`'s agent listens.
+fn agent_addr(h: &Host) -> String {
+    format!("{}:{AGENT_PORT}", h.ip)
 }
 
-impl Host {
-    fn arpcp(&self) -> String {
-        format!("{}:{AGENT_PORT}", self.ip)
-    }
-}
-
-/// A bridge `10.213.N.1/24` in the root namespace and a few namespaces on it.
-/// Names derive from the process id and a tag per test (several test processes,
-/// and the tests of one, may run at once); `Drop` removes everything made, also
-/// when the test panics.
-struct TestNet {
-    bridge: String,
-    /// `10.213.N.0/24`, once claimed with its `unreachable` route.
-    subnet: Option<String>,
-    bridge_ip: String,
-    hosts: Vec<Host>,
-}
-
-/// Why the network could not be made.
-#[derive(Debug)]
-struct SetupError {
-    reason: String,
-    /// The kernel refused network namespaces themselves (not a missing tool or a
-    /// broken step), so even CI skips.
-    kernel_forbids: bool,
-}
-
-impl SetupError {
-    fn step(reason: String) -> SetupError {
-        SetupError {
-            reason,
-            kernel_forbids: false,
-        }
-    }
-
-    /// A failure to make or enter a namespace: the kernel forbidding it says so.
-    fn namespace(reason: String) -> SetupError {
-        let forbids = [
-            "Operation not permitted",
-            "Permission denied",
-            "Invalid argument",
-            "not supported",
-            "Function not implemented",
-        ]
-        .iter()
-        .any(|s| reason.contains(s));
-        SetupError {
-            reason,
-            kernel_forbids: forbids,
-        }
-    }
-}
-
-impl TestNet {
-    /// `hosts` namespaces; `tag` is one character distinct for each test (it is
-    /// part of interface names, which have at most 15).
-    fn setup(tag: char, hosts: u8) -> Result<TestNet, SetupError> {
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(SetupError::step("not running as root".into()));
-        }
-        ip(&["-V"]).map_err(SetupError::step)?;
-        let pid = std::process::id();
-        let mut net = TestNet {
-            bridge: format!("arpcp{pid}{tag}br"),
-            subnet: None,
-            bridge_ip: String::new(),
-            hosts: (1..=hosts)
-                .map(|i| Host {
-                    ns: format!("arpcp{pid}{tag}-a{i}"),
-                    veth: format!("arpcp{pid}{tag}v{i}"),
-                    ip: String::new(),
-                    mac: String::new(),
-                })
-                .collect(),
-        };
-        // Leftovers of an earlier process that had this pid and was killed.
-        net.remove_all();
-        // From here on, returning drops `net`, which removes what was made.
-        net.build()?;
-        Ok(net)
-    }
-
-    fn build(&mut self) -> Result<(), SetupError> {
-        // Namespaces first: the step a kernel or a sandbox may refuse.
-        for h in &self.hosts {
-            ip(&["netns", "add", &h.ns]).map_err(SetupError::namespace)?;
-        }
-        ip(&["netns", "exec", &self.hosts[0].ns, "true"]).map_err(SetupError::namespace)?;
-
-        let n = self.claim_subnet()?;
-        self.bridge_ip = format!("10.213.{n}.1");
-        for (i, h) in (1u8..).zip(self.hosts.iter_mut()) {
-            h.ip = format!("10.213.{n}.{}", 10 + i);
-            h.mac = format!("02:a7:{n:02x}:00:00:{i:02x}");
-        }
-        let step = |args: &[&str]| ip(args).map(drop).map_err(SetupError::step);
-        let bridge_cidr = format!("{}/24", self.bridge_ip);
-        step(&["link", "add", &self.bridge, "type", "bridge"])?;
-        step(&["addr", "add", &bridge_cidr, "dev", &self.bridge])?;
-        step(&["link", "set", &self.bridge, "up"])?;
-        for h in &self.hosts {
-            let host_cidr = format!("{}/24", h.ip);
-            step(&[
-                "link", "add", &h.veth, "type", "veth", "peer", "name", "eth0", "address", &h.mac,
-                "netns", &h.ns,
-            ])?;
-            step(&["link", "set", &h.veth, "master", &self.bridge])?;
-            step(&["link", "set", &h.veth, "up"])?;
-            step(&["-n", &h.ns, "link", "set", "lo", "up"])?;
-            step(&["-n", &h.ns, "addr", "add", &host_cidr, "dev", "eth0"])?;
-            step(&["-n", &h.ns, "link", "set", "eth0", "up"])?;
-        }
-        Ok(())
-    }
-
-    /// Picks N for `10.213.N.0/24`, starting from one derived from the pid, such
-    /// that no route of this machine lies in that range, and claims it by adding an
-    /// `unreachable` route for it (which a concurrent claimant's add would find).
-    fn claim_subnet(&mut self) -> Result<u8, SetupError> {
-        let start = std::process::id() % 254;
-        for k in 0..254 {
-            let n = (start + k) % 254 + 1;
-            let cidr = format!("10.213.{n}.0/24");
-            let used = ip(&["-4", "route", "show", "table", "all", "root", &cidr])
-                .map_err(SetupError::step)?;
-            if !used.trim().is_empty() {
-                continue;
-            }
-            match ip(&["route", "add", "unreachable", &cidr, "metric", "4000"]) {
-                Ok(_) => {
-                    self.subnet = Some(cidr);
-                    return Ok(u8::try_from(n).expect("n is at most 254"));
-                }
-                // Claimed by a concurrent run since we looked.
-                Err(e) if e.contains("File exists") => {}
-                Err(e) => return Err(SetupError::step(e)),
-            }
-        }
-        Err(SetupError::step(
-            "no free range 10.213.N.0/24 for the test's bridge".into(),
-        ))
-    }
-
-    /// The host-side end of host `i`'s link, up or down.
-    fn set_link(&self, i: usize, up: bool) {
-        let h = &self.hosts[i];
-        let state = if up { "up" } else { "down" };
-        if let Err(e) = ip(&["link", "set", &h.veth, state]) {
-            panic!("setting {}'s link {state}: {e}", h.ns);
-        }
-    }
-
-    /// Removes whatever of the network exists; every step may find nothing.
-    fn remove_all(&mut self) {
-        for h in &self.hosts {
-            // Deleting one end of a veth pair deletes both.
-            let _ = ip(&["link", "del", &h.veth]);
-            let _ = ip(&["netns", "del", &h.ns]);
-        }
-        let _ = ip(&["link", "del", &self.bridge]);
-        // Last: until the bridge is gone, the range must not take the default route.
-        if let Some(cidr) = self.subnet.take() {
-            if let Err(e) = ip(&["route", "del", "unreachable", &cidr, "metric", "4000"]) {
-                eprintln!("teardown: {e}");
-            }
-        }
-    }
-}
-
-impl Drop for TestNet {
-    fn drop(&mut self) {
-        self.remove_all();
-    }
+/// The test's network: `hosts` namespaces behind a bridge in `10.213.N.0/24`;
+/// `tag` is one character distinct for each test (several test processes, and
+/// the tests of one, may run at once).
+fn test_net(tag: char, hosts: usize) -> Result<Net, SetupError> {
+    Net::setup(&format!("arpcp{}{tag}", std::process::id()), 213, hosts)
 }
 
 /// Visible even when the test harness captures output.
@@ -365,8 +193,8 @@ fn at_ip<'a>(agents: &'a [pb::Agent], ip: &str) -> &'a pb::Agent {
 
 /// The network, or `None` (said on stderr) when namespaces are unavailable here
 /// and the test is to be skipped; in CI as root that fails the test instead.
-fn net_or_skip(tag: char, hosts: u8) -> Option<TestNet> {
-    match TestNet::setup(tag, hosts) {
+fn net_or_skip(tag: char, hosts: usize) -> Option<Net> {
+    match test_net(tag, hosts) {
         Ok(net) => Some(net),
         Err(e) => {
             // SAFETY: geteuid(2) has no preconditions and cannot fail.
@@ -415,7 +243,7 @@ fn membership_follows_hosts_in_network_namespaces() {
         .hosts
         .iter()
         .map(|h| {
-            let listen = h.arpcp();
+            let listen = agent_addr(h);
             Daemon::spawn_cmd(
                 "ip",
                 &[
@@ -437,11 +265,11 @@ fn membership_follows_hosts_in_network_namespaces() {
         })
         .collect();
     for h in &net.hosts {
-        if !reachable_or_skip(&h.arpcp()) {
+        if !reachable_or_skip(&agent_addr(h)) {
             return;
         }
         // Each agent reports the MAC of its own namespace's interface.
-        let id = call(&h.arpcp(), &req::id());
+        let id = call(&agent_addr(h), &req::id());
         assert_eq!(code(&id), 100, "ID of {}: {id}", h.ns);
         assert_eq!(id["data"]["mac"], h.mac.as_str(), "ID of {}: {id}", h.ns);
         assert_eq!(id["data"]["ip"], h.ip.as_str(), "ID of {}: {id}", h.ns);
@@ -474,14 +302,13 @@ fn membership_follows_hosts_in_network_namespaces() {
     // 3. The scan finds exactly the three hosts, each with its own IP and MAC.
     let agents = wait_for(WAIT, "3 alive agents", || {
         let list = gw.agents();
-        (list.len() == usize::from(HOSTS) && list.iter().all(|a| a.state() == AgentState::Alive))
-            .then_some(list)
+        (list.len() == HOSTS && list.iter().all(|a| a.state() == AgentState::Alive)).then_some(list)
     });
     for h in &net.hosts {
         let a = at_ip(&agents, &h.ip);
         assert_eq!(a.mac, h.mac, "MAC of the agent in {}: {a:?}", h.ns);
         assert_eq!(a.port, u32::from(AGENT_PORT), "{a:?}");
-        assert_eq!(a.address, h.arpcp(), "{a:?}");
+        assert_eq!(a.address, agent_addr(h), "{a:?}");
         assert_eq!(a.misses, 0, "{a:?}");
     }
     let ids: Vec<String> = net
@@ -610,7 +437,7 @@ fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
     let Some(net) = net_or_skip('t', HOSTS + 1) else {
         return;
     };
-    let (hosts, impostor) = net.hosts.split_at(usize::from(HOSTS));
+    let (hosts, impostor) = net.hosts.split_at(HOSTS);
     let impostor = &impostor[0];
 
     // The operator's CA, the gateway's certificate (named for the address agents
@@ -692,7 +519,7 @@ fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
                 ARPCP,
                 "agent",
                 "--listen",
-                &h.arpcp(),
+                &agent_addr(h),
                 "--data-dir",
                 "{dir}/agent-data",
                 "--capacity",
@@ -713,7 +540,7 @@ fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
         .collect();
     let impostor_agent = agent(impostor, fake_s, "host-1");
     for h in &net.hosts {
-        if !reachable_or_skip(&h.arpcp()) {
+        if !reachable_or_skip(&agent_addr(h)) {
             return;
         }
     }
@@ -733,8 +560,7 @@ fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
     // The three hosts join, each with its own address.
     let agents = wait_for(WAIT, "3 alive agents", || {
         let list = gw.agents();
-        (list.len() >= usize::from(HOSTS) && list.iter().all(|a| a.state() == AgentState::Alive))
-            .then_some(list)
+        (list.len() >= HOSTS && list.iter().all(|a| a.state() == AgentState::Alive)).then_some(list)
     });
     let ids: Vec<String> = hosts
         .iter()
@@ -771,7 +597,7 @@ fn three_hosts_with_mutual_tls_and_an_impostor_in_network_namespaces() {
             .any(|l| l.contains(&format!("refused a connection from {}:", net.bridge_ip)))
     });
     let list = gw.agents();
-    assert_eq!(list.len(), usize::from(HOSTS), "{list:#?}");
+    assert_eq!(list.len(), HOSTS, "{list:#?}");
     assert!(
         list.iter().all(|a| a.ip != impostor.ip),
         "the impostor is listed: {list:#?}"

@@ -23,6 +23,10 @@
 
 #[path = "../common/daemon.rs"]
 mod daemon;
+#[path = "../../tests/common/ip.rs"]
+mod ip;
+#[allow(dead_code)]
+#[path = "../../tests/common/netns.rs"]
 mod netns;
 mod responder;
 
@@ -440,7 +444,7 @@ async fn namespaces(
     checks: &mut Checks,
 ) -> anyhow::Result<()> {
     let label = format!("{hosts} agents in namespaces");
-    let net = match netns::Net::setup(hosts) {
+    let net = match netns::Net::setup(&format!("ab{}", std::process::id()), 214, hosts) {
         Ok(net) => net,
         Err(e) => {
             println!("SKIPPED: network namespaces unavailable: {e}");

@@ -1,6 +1,6 @@
-//! Running `ip` (iproute2) with a bound on its time, for the harnesses that build
-//! network namespaces: `tests/gateway_netns.rs` and the many-agents bench
-//! (`benches/agents/netns.rs`, which includes this file by path).
+//! Running `ip` (iproute2) with a bound on its time, for the network namespaces of
+//! `netns.rs` (used by `tests/gateway_netns.rs` and, included by path, by the
+//! many-agents bench).
 
 use std::io::Read;
 use std::process::{Command, Stdio};

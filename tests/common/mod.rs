@@ -12,6 +12,7 @@
 
 pub mod gateway;
 pub mod ip;
+pub mod netns;
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
