@@ -11,6 +11,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::output::{self, agent_json, kind_name, outln, short, status_name, table, task_json};
+use super::usage;
 use crate::pb;
 use crate::pb::gateway_client::GatewayClient;
 
@@ -179,32 +180,33 @@ impl Credentials {
     fn from_flags(c: &Common) -> anyhow::Result<Credentials> {
         let Some(ca) = &c.ca else {
             if c.cert.is_some() || c.key.is_some() {
-                anyhow::bail!("--cert and --key need --ca FILE (the cluster CA, ca.pem): a client certificate is only sent over TLS");
+                return Err(usage("--cert and --key need --ca FILE (the cluster CA, ca.pem): a client certificate is only sent over TLS"));
             }
             if c.token.is_some() {
-                anyhow::bail!("--token (or ARPCP_TOKEN) needs --ca FILE (the cluster CA, ca.pem): a token is only sent over TLS, never in plain text");
+                return Err(usage("--token (or ARPCP_TOKEN) needs --ca FILE (the cluster CA, ca.pem): a token is only sent over TLS, never in plain text"));
             }
             return Ok(Credentials::default());
         };
-        let mut tls =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem(ca, "--ca")?));
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem(
+            ca,
+            "--ca",
+            Pem::Certificate,
+        )?));
         match (&c.cert, &c.key) {
             (Some(cert), key) => {
                 let key = key.clone().unwrap_or_else(|| key_beside(cert));
                 tls = tls.identity(Identity::from_pem(
-                    pem(cert, "--cert")?,
-                    pem(&key, "--key")?,
+                    pem(cert, "--cert", Pem::Certificate)?,
+                    pem(&key, "--key", Pem::Key)?,
                 ));
             }
-            (None, Some(_)) => anyhow::bail!("--key needs --cert FILE"),
+            (None, Some(_)) => return Err(usage("--key needs --cert FILE")),
             (None, None) => {}
         }
         let bearer = match &c.token {
             Some(t) => Bearer(Some(format!("Bearer {}", t.trim()).parse().map_err(
                 |_| {
-                    anyhow::anyhow!(
-                        "--token: a token is printable ASCII (as `arpcp token create` prints it)"
-                    )
+                    usage("--token: a token is printable ASCII (as `arpcp token create` prints it)")
                 },
             )?)),
             None => Bearer(None),
@@ -225,19 +227,41 @@ fn key_beside(cert: &Path) -> PathBuf {
     cert.with_file_name(format!("{stem}-key.pem"))
 }
 
-/// A PEM file of ours, bounded like every PEM file read.
-fn pem(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+/// What a PEM file given on the command line is to hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    Certificate,
+    Key,
+}
+
+/// A PEM file of ours, bounded like every PEM file read, holding what `kind` says
+/// (checked here, so that a wrong file is named as such rather than reported later
+/// as a certificate the gateway's does not match).
+fn pem(path: &Path, flag: &str, kind: Pem) -> anyhow::Result<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use std::io::Read;
     let limit = crate::tls::MAX_PEM_FILE_BYTES;
+    let shown = path.display();
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
-        .with_context(|| format!("{flag} {}", path.display()))?;
+        .map_err(|e| usage(format!("{flag} {shown}: {e}")))?;
     if bytes.len() as u64 > limit {
-        anyhow::bail!(
-            "{flag} {}: larger than {limit} bytes, not a PEM file",
-            path.display()
-        );
+        return Err(usage(format!(
+            "{flag} {shown}: larger than {limit} bytes, not a PEM file"
+        )));
+    }
+    let holds = match kind {
+        Pem::Certificate => CertificateDer::pem_slice_iter(&bytes).any(|c| c.is_ok()),
+        Pem::Key => PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
+    };
+    if !holds {
+        let expected = match kind {
+            Pem::Certificate => "certificate (-----BEGIN CERTIFICATE-----)",
+            Pem::Key => "private key (-----BEGIN PRIVATE KEY-----)",
+        };
+        return Err(usage(format!("{flag} {shown}: holds no PEM {expected}")));
     }
     Ok(bytes)
 }
@@ -246,19 +270,58 @@ async fn connect(c: &Common) -> anyhow::Result<Client> {
     connect_with(&c.gateway, Credentials::from_flags(c)?).await
 }
 
-async fn connect_with(endpoint: &str, creds: Credentials) -> anyhow::Result<Client> {
-    let url = match (endpoint.split_once("://"), creds.tls.is_some()) {
-        (Some(("http", rest)), true) => format!("https://{rest}"),
-        (Some(("https", _)), false) => anyhow::bail!(
-            "the gateway address {endpoint} is https: pass --ca FILE (the cluster CA, ca.pem)"
-        ),
-        (Some(_), _) => endpoint.to_string(),
-        (None, true) => format!("https://{endpoint}"),
-        (None, false) => format!("http://{endpoint}"),
+/// The gRPC port a `--gateway` without one means.
+pub const DEFAULT_GRPC_PORT: u16 = 50051;
+/// How long the TCP connection (and TLS handshake) to the gateway may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection to the gateway is pinged this often, also while a call waits
+/// (a result, a watch): a gateway that stopped answering (stopped, hung, or a port
+/// that accepts and says nothing) fails the command after at most this plus
+/// `GATEWAY_PING_TIMEOUT`, instead of never.
+pub const GATEWAY_PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a ping may go unanswered before the connection counts as dead.
+pub const GATEWAY_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `--gateway` as a URL: `http://` or `https://` (as TLS is asked for or not),
+/// `DEFAULT_GRPC_PORT` when it names no port.
+fn gateway_url(endpoint: &str, tls: bool) -> anyhow::Result<String> {
+    let (scheme, rest) = match endpoint.split_once("://") {
+        Some(("http", rest)) => (if tls { "https" } else { "http" }, rest),
+        Some(("https", rest)) if tls => ("https", rest),
+        Some(("https", _)) => {
+            return Err(usage(format!(
+                "the gateway address {endpoint} is https: pass --ca FILE (the cluster CA, ca.pem)"
+            )))
+        }
+        Some((other, _)) => {
+            return Err(usage(format!(
+                "--gateway {endpoint:?}: the scheme {other}:// is not one of http:// and https:// (or none: HOST:PORT)"
+            )))
+        }
+        None => (if tls { "https" } else { "http" }, endpoint),
     };
+    let bad = |why: &str| usage(format!("--gateway {endpoint:?}: {why}; expected HOST:PORT"));
+    let authority: tonic::codegen::http::uri::Authority = rest
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| bad("not a host and port"))?;
+    if authority.host().is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok(match authority.port_u16() {
+        Some(_) => format!("{scheme}://{authority}"),
+        None => format!("{scheme}://{authority}:{DEFAULT_GRPC_PORT}"),
+    })
+}
+
+async fn connect_with(endpoint: &str, creds: Credentials) -> anyhow::Result<Client> {
+    let url = gateway_url(endpoint, creds.tls.is_some())?;
     let mut ep = tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("bad gateway address {endpoint:?}"))?
-        .connect_timeout(Duration::from_secs(5));
+        .map_err(|e| usage(format!("--gateway {endpoint:?}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(GATEWAY_PING_INTERVAL)
+        .keep_alive_timeout(GATEWAY_PING_TIMEOUT)
+        .keep_alive_while_idle(true);
     if let Some(tls) = creds.tls {
         ep = ep.tls_config(tls).context("TLS configuration")?;
     }
@@ -314,6 +377,13 @@ fn connect_hint(chain: &str) -> &'static str {
     }
 }
 
+/// The hint for a call whose connection stopped answering pings.
+const STOPPED_ANSWERING: &str = "\n(the gateway stopped answering: a ping got no reply within 5 s; is it stopped, overloaded, or not an arpcp gateway?)";
+const _: () = assert!(
+    GATEWAY_PING_TIMEOUT.as_secs() == 5,
+    "STOPPED_ANSWERING names it"
+);
+
 fn status_err(s: tonic::Status) -> anyhow::Error {
     let hint = match s.code() {
         tonic::Code::Unauthenticated => {
@@ -330,6 +400,7 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
         tonic::Code::Internal if s.message().contains("h2 protocol error") => {
             "\n(if the gateway serves TLS (started with --tls-dir), pass --ca FILE, the cluster's ca.pem)"
         }
+        _ if error_text(&s).contains("keep-alive timed out") => STOPPED_ANSWERING,
         _ => "",
     };
     anyhow::anyhow!("{:?}: {}{hint}", s.code(), s.message())
@@ -368,6 +439,9 @@ async fn wait_for(client: &mut Client, task_id: &str) -> anyhow::Result<pb::Task
 
 /// The exit status of a `--wait` that gave up after `--timeout`, as timeout(1)'s.
 pub const WAIT_TIMED_OUT_EXIT: u8 = 124;
+/// How much longer than `--timeout` a `submit --sync` listens for the gateway's
+/// own answer that the time ran out.
+const SYNC_ANSWER_GRACE: Duration = Duration::from_secs(2);
 /// The exit status after Ctrl-C: 128 + SIGINT, as a shell reports a process it
 /// interrupted.
 pub const INTERRUPTED_EXIT: u8 = 130;
@@ -386,13 +460,15 @@ fn goes_on(task_id: &str, why: &str) -> String {
 }
 
 /// `submit --wait` and `result --wait`: says `first` on stderr (the task's id, so it
-/// is known even if the wait is cut short), then waits for the task's end,
-/// `timeout` or Ctrl-C, whichever comes first. A progress bar only when stderr is
-/// a terminal; `csv` prints an Opal table as CSV.
+/// is known even if the wait is cut short), then waits for the task's end, for
+/// `left` (what remains of `--timeout`, which the message names) or Ctrl-C,
+/// whichever comes first. A progress bar only when stderr is a terminal; `csv`
+/// prints an Opal table as CSV.
 async fn wait_and_show(
     client: &mut Client,
     task_id: &str,
     first: &str,
+    left: Option<Duration>,
     timeout: Option<Duration>,
     json: bool,
     csv: bool,
@@ -405,7 +481,7 @@ async fn wait_and_show(
     note(&format!("{first} (Ctrl-C stops waiting, not the task)"));
     let bar = (!json && std::io::stderr().is_terminal()).then(progress_bar);
     let limit = async {
-        match timeout {
+        match left {
             Some(t) => tokio::time::sleep(t).await,
             None => std::future::pending().await,
         }
@@ -570,14 +646,46 @@ fn show_task_as(t: &pb::Task, json: bool, csv: bool) -> ExitCode {
 }
 
 pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
-    let mut client = connect(common).await?;
+    // The whole command, the Submit included, is bounded by --timeout.
+    let started = tokio::time::Instant::now();
+    // The command line is checked before the gateway is asked anything.
     let mut kwargs = std::collections::BTreeMap::new();
     for kv in &c.kwargs {
         let (k, v) = kv
             .split_once('=')
-            .with_context(|| format!("--kw {kv:?}: expected NAME=VALUE"))?;
+            .ok_or_else(|| usage(format!("--kw {kv:?}: expected NAME=VALUE")))?;
+        if k.trim().is_empty() {
+            return Err(usage(format!(
+                "--kw {kv:?}: the name before '=' is empty; expected NAME=VALUE"
+            )));
+        }
         kwargs.insert(k.to_string(), to_pb(&arg_value(v)));
     }
+    match (c.timeout, c.wait || c.sync) {
+        (Some(_), false) => return Err(usage(
+            "--timeout needs --wait (how long to wait here) or --sync (how long the gateway waits)",
+        )),
+        (Some(t), true) if t.is_zero() => return Err(usage("--timeout must be more than 0")),
+        _ => {}
+    }
+    let sync_timeout = match c.timeout.filter(|_| c.sync) {
+        Some(t) => Some(
+            prost_types::Duration::try_from(t)
+                .map_err(|_| usage(format!("--timeout {t:?} is too long")))?,
+        ),
+        None => None,
+    };
+    // With --sync the gateway answers by --timeout; it is given a little longer
+    // to say so before this end stops listening.
+    let deadline = c.timeout.map(|t| {
+        let grace = if c.sync {
+            SYNC_ANSWER_GRACE
+        } else {
+            Duration::ZERO
+        };
+        started + t + grace
+    });
+    let mut client = connect(common).await?;
     if !c.params.is_empty() {
         let schema = client
             .describe_procedure(pb::DescribeProcedureRequest {
@@ -591,32 +699,29 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
             kwargs.insert(k, to_pb(&v));
         }
     }
-    match (c.timeout, c.wait || c.sync) {
-        (Some(_), false) => anyhow::bail!(
-            "--timeout needs --wait (how long to wait here) or --sync (how long the gateway waits)"
-        ),
-        (Some(t), true) if t.is_zero() => anyhow::bail!("--timeout must be more than 0"),
-        _ => {}
-    }
-    let sync_timeout = match c.timeout.filter(|_| c.sync) {
-        Some(t) => Some(
-            prost_types::Duration::try_from(t)
-                .map_err(|_| anyhow::anyhow!("--timeout {t:?} is too long"))?,
-        ),
-        None => None,
-    };
     let procedure = c.procedure.clone();
-    let resp = match client
-        .submit(pb::SubmitRequest {
-            procedure: c.procedure,
-            args: c.args.iter().map(|a| to_pb(&arg_value(a))).collect(),
-            kwargs: (!kwargs.is_empty()).then_some(prost_types::Struct { fields: kwargs }),
-            agent_id: c.agent.unwrap_or_default(),
-            sync: c.sync,
-            timeout: sync_timeout,
-        })
-        .await
-    {
+    let request = pb::SubmitRequest {
+        procedure: c.procedure,
+        args: c.args.iter().map(|a| to_pb(&arg_value(a))).collect(),
+        kwargs: (!kwargs.is_empty()).then_some(prost_types::Struct { fields: kwargs }),
+        agent_id: c.agent.unwrap_or_default(),
+        sync: c.sync,
+        timeout: sync_timeout,
+    };
+    let submitted = match deadline {
+        Some(at) => match tokio::time::timeout_at(at, client.submit(request)).await {
+            Ok(r) => r,
+            Err(_) => {
+                note(&format!(
+                    "the gateway did not answer the Submit within --timeout {}; the task may or may not exist: see `arpcp tasks --procedure {procedure}`",
+                    humantime::format_duration(c.timeout.unwrap_or_default())
+                ));
+                return Ok(ExitCode::from(WAIT_TIMED_OUT_EXIT));
+            }
+        },
+        None => client.submit(request).await,
+    };
+    let resp = match submitted {
         Ok(r) => r.into_inner(),
         Err(s) => return Err(procedure_err(&mut client, &procedure, s).await),
     };
@@ -626,10 +731,12 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
     }
     if c.wait {
         let first = format!("task {} submitted; waiting for its result", resp.task_id);
+        let left = deadline.map(|at| at.saturating_duration_since(tokio::time::Instant::now()));
         return wait_and_show(
             &mut client,
             &resp.task_id,
             &first,
+            left,
             c.timeout,
             common.json,
             false,
@@ -648,7 +755,16 @@ pub async fn result(c: ResultCmd, common: &Common) -> anyhow::Result<ExitCode> {
     let mut client = connect(common).await?;
     if c.wait {
         let first = format!("waiting for task {}", c.task_id);
-        return wait_and_show(&mut client, &c.task_id, &first, None, common.json, c.csv).await;
+        return wait_and_show(
+            &mut client,
+            &c.task_id,
+            &first,
+            None,
+            None,
+            common.json,
+            c.csv,
+        )
+        .await;
     }
     let t = client
         .get_result(pb::GetResultRequest {

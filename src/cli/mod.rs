@@ -90,9 +90,29 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             report(&format!("error: {}", error_chain(&e)));
-            ExitCode::FAILURE
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(USAGE_EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// The exit status of a mistake in the command line, as clap gives for the ones
+/// it finds itself; 1 is for everything else that went wrong.
+pub const USAGE_EXIT: u8 = 2;
+
+/// A mistake in the command line that is found after clap parsed it (a flag's
+/// value that does not fit, or flags that do not go together): exits with
+/// `USAGE_EXIT`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// A [`UsageError`] as the commands return errors.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    UsageError(message.into()).into()
 }
 
 fn is_daemon(c: &Command) -> bool {
