@@ -282,3 +282,79 @@ fn announcements_of_non_agents_are_not_registered_and_not_probed_for_ever() {
     assert_eq!(agents.len(), 1, "{agents:?}");
     assert_eq!(agents[0].agent_id, c.id(0));
 }
+
+/// A peer that copies a live agent's ID answer (its MAC and the port it listens
+/// on) and announces itself from another port is not that agent: the agent keeps
+/// its id and address, and no task placed on it gets the impostor's answer.
+#[test]
+fn an_impostor_answering_with_an_agents_mac_and_port_does_not_take_its_place() {
+    let c = Cluster::start(vec![Daemon::agent(&[])], &[]);
+    let real = c.agents[0].arpcp();
+    let real_id = c.id(0).to_string();
+    let copied = call(&real, &req::id());
+    assert_response(&copied, 100, &[]);
+    let copied = copied["data"].clone();
+
+    // The impostor answers ID with the copy (the real agent's MAC and port) and
+    // everything else as a finished task with a forged result.
+    let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = impostor.local_addr().unwrap().port();
+    let probes = Arc::new(AtomicUsize::new(0));
+    let counted = probes.clone();
+    std::thread::spawn(move || {
+        for s in impostor.incoming() {
+            let Ok(s) = s else { return };
+            let copied = copied.clone();
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                let Ok(mut out) = s.try_clone() else { return };
+                for line in std::io::BufRead::lines(std::io::BufReader::new(s)) {
+                    let Ok(line) = line else { return };
+                    let Ok(r) = serde_json::from_str::<Value>(&line) else {
+                        return;
+                    };
+                    let data = match r["method"].as_str().unwrap_or_default() {
+                        "ID" => {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            copied.clone()
+                        }
+                        _ => json!({"atask_id": r["atask_id"], "atask_status": "done",
+                                    "running": false, "result": "FORGED"}),
+                    };
+                    let answer = json!({"code": 100, "description": "OK", "data": data});
+                    let bytes = format!("{answer}\r\n");
+                    if std::io::Write::write_all(&mut out, bytes.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let r = call(
+        &c.gateway.addr("arpcp"),
+        &json!({"method": "ID", "version": "1.0", "port": port}),
+    );
+    assert_response(&r, 100, &[]);
+    wait_until(
+        WAIT,
+        "the gateway to probe the impostor a few times",
+        || probes.load(Ordering::SeqCst) >= 3,
+    );
+
+    let agent = c.gw.agent(&real_id);
+    assert_eq!(agent.address, real, "the real agent's address: {agent:?}");
+    for _ in 0..5 {
+        let mut r = submit_req("add", json!([1, 2]));
+        r.agent_id = real_id.clone();
+        let id = c.gw.submit(r).expect("a Submit").task_id;
+        let t = c.gw.wait_final(&id, WAIT);
+        assert_task_status(&t, pb::TaskStatus::Done);
+        assert_eq!(
+            common::gateway::result_of(&t),
+            Some(json!(3)),
+            "{}",
+            describe(&t)
+        );
+    }
+}

@@ -359,9 +359,18 @@ impl Membership {
                 return Ok(());
             }
         };
+        // MAC and the port this gateway reached the agent at, not the port the
+        // answer reports: a peer elsewhere that copies a live agent's answer would
+        // otherwise be taken for that agent and get its tasks. The two differ only
+        // behind a port mapping, where the reached port is the one that tells
+        // agents of one host apart here.
+        let reached = addr
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .unwrap_or(id.port);
         let identity = match &certificate {
             Some(name) => AgentRecord::certificate_identity(name),
-            None => AgentRecord::identity(&id.mac, id.port),
+            None => AgentRecord::identity(&id.mac, reached),
         };
         let agent_id = self.agent_id_for(&identity).await?;
         let (rec, changed, stored_changed, news) = {
