@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arpcp::pb;
-use common::gateway::{assert_task_status, describe, submit_req, Cluster};
+use common::gateway::{assert_task_status, describe, is_final, submit_req, Cluster};
 use common::{assert_response, call, code, req, wait_until, Conn, Daemon, IO_TIMEOUT, WAIT};
 use serde_json::{json, Value};
 
@@ -112,6 +112,8 @@ fn hostile_peer_on_the_arpcp_listener_changes_nothing() {
     assert_response(&r, 202, &["version"]);
     let r = conn.request(&json!({"method": "SIGNAL", "version": "2.0"}));
     assert_response(&r, 206, &[]);
+    let r = conn.request(&json!({"method": "ID", "version": 1.0}));
+    assert_response(&r, 206, &["`version` must be a string", "got a number"]);
     let r = conn.request(&json!({"method": "FROB", "version": "1.0"}));
     assert_response(&r, 201, &["FROB"]);
     let r = conn.request(&json!({"method": "SIGNAL", "version": "1.0", "atask_id": "x"}));
@@ -297,39 +299,15 @@ fn an_impostor_answering_with_an_agents_mac_and_port_does_not_take_its_place() {
 
     // The impostor answers ID with the copy (the real agent's MAC and port) and
     // everything else as a finished task with a forged result.
-    let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = impostor.local_addr().unwrap().port();
     let probes = Arc::new(AtomicUsize::new(0));
     let counted = probes.clone();
-    std::thread::spawn(move || {
-        for s in impostor.incoming() {
-            let Ok(s) = s else { return };
-            let copied = copied.clone();
-            let counted = counted.clone();
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-                let Ok(mut out) = s.try_clone() else { return };
-                for line in std::io::BufRead::lines(std::io::BufReader::new(s)) {
-                    let Ok(line) = line else { return };
-                    let Ok(r) = serde_json::from_str::<Value>(&line) else {
-                        return;
-                    };
-                    let data = match r["method"].as_str().unwrap_or_default() {
-                        "ID" => {
-                            counted.fetch_add(1, Ordering::SeqCst);
-                            copied.clone()
-                        }
-                        _ => json!({"atask_id": r["atask_id"], "atask_status": "done",
-                                    "running": false, "result": "FORGED"}),
-                    };
-                    let answer = json!({"code": 100, "description": "OK", "data": data});
-                    let bytes = format!("{answer}\r\n");
-                    if std::io::Write::write_all(&mut out, bytes.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
+    let port = fake_peer(move |r| match r["method"].as_str().unwrap_or_default() {
+        "ID" => {
+            counted.fetch_add(1, Ordering::SeqCst);
+            copied.clone()
         }
+        _ => json!({"atask_id": r["atask_id"], "atask_status": "done",
+                    "running": false, "result": "FORGED"}),
     });
     let r = call(
         &c.gateway.addr("arpcp"),
@@ -357,4 +335,94 @@ fn an_impostor_answering_with_an_agents_mac_and_port_does_not_take_its_place() {
             describe(&t)
         );
     }
+}
+
+/// A peer on a loopback port that answers each request line with code 100 and the
+/// `data` that `answer` makes of it; its port.
+fn fake_peer(answer: impl Fn(&Value) -> Value + Send + Sync + 'static) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { return };
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                let Ok(mut out) = s.try_clone() else { return };
+                for line in std::io::BufRead::lines(std::io::BufReader::new(s)) {
+                    let Ok(line) = line else { return };
+                    let Ok(r) = serde_json::from_str::<Value>(&line) else {
+                        return;
+                    };
+                    let data = answer(&r);
+                    let reply = json!({"code": 100, "description": "OK", "data": data});
+                    if std::io::Write::write_all(&mut out, format!("{reply}\r\n").as_bytes())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// An agent whose GET answers name another task than the one asked about: its
+/// answer is not taken as this task's result.
+#[test]
+fn a_get_answer_for_another_task_is_not_stored() {
+    let c = Cluster::start(vec![], &[]);
+    let gateway = c.gateway.addr("arpcp");
+    let gets = Arc::new(AtomicUsize::new(0));
+    let counted = gets.clone();
+    let port = Arc::new(std::sync::OnceLock::<u16>::new());
+    let own = port.clone();
+    let p = fake_peer(move |r| {
+        let id = r["atask_id"].as_str().unwrap_or_default().to_string();
+        match r["method"].as_str().unwrap_or_default() {
+            "ID" => json!({"mac": "02:00:00:00:07:01", "ip": "127.0.0.1", "hostname": "mixed-up",
+                "port": own.get().copied().unwrap_or(0), "version": "1.0", "procedures": ["add"],
+                "capacity": 4, "running": 0, "agent_id": r["agent_id"]}),
+            "ATASK" => {
+                // Ends at once and says so.
+                let reply_to = r["reply_to"].as_str().unwrap_or_default().to_string();
+                let done = req::signal(&id, "done");
+                std::thread::spawn(move || {
+                    let _ = call(&reply_to, &done);
+                });
+                json!({"atask_id": id})
+            }
+            "GET" => {
+                counted.fetch_add(1, Ordering::SeqCst);
+                json!({"atask_id": "0195f3c2-7d1e-7aaa-8bbb-123456789abc.1",
+                       "atask_status": "done", "running": false, "result": "WRONGID"})
+            }
+            _ => json!({"atask_id": id}),
+        }
+    });
+    let _ = port.set(p);
+    let r = call(
+        &gateway,
+        &json!({"method": "ID", "version": "1.0", "port": p}),
+    );
+    assert_response(&r, 100, &[]);
+    c.gw.wait_alive(1, WAIT);
+
+    let id = c.gw.submit_ok("add", json!([1, 2]));
+    wait_until(WAIT, "the gateway to ask for the result", || {
+        gets.load(Ordering::SeqCst) >= 1
+    });
+    holds_for(
+        Duration::from_secs(2),
+        "the task is not ended by another task's answer",
+        || {
+            let t = c.gw.task(&id);
+            if is_final(t.status) {
+                return Err(describe(&t));
+            }
+            Ok(())
+        },
+    );
 }

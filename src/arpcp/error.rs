@@ -138,6 +138,12 @@ pub enum ProtocolError {
         "unsupported ARPCP version {0:?}; this peer speaks \"1.0\" (also accepted: \"ARPCP/1.0\")"
     )]
     Version(String),
+    #[error("header `{header}` must be a string (as {example}), got {got}")]
+    HeaderNotString {
+        header: &'static str,
+        example: &'static str,
+        got: &'static str,
+    },
     #[error("unknown method {0:?}; expected one of ATASK, TASK, GET, SIGNAL, ID")]
     UnknownMethod(String),
     #[error("method {method} is not served here; this peer serves {served}")]
@@ -201,6 +207,8 @@ impl ProtocolError {
             BadArguments { .. } => Code::BadArguments,
             UnknownTask(_) | TaskIdReused(_) | AttemptWithdrawn { .. } => Code::UnknownTask,
             Version(_) => Code::VersionMismatch,
+            HeaderNotString { header, .. } if *header == "version" => Code::VersionMismatch,
+            HeaderNotString { .. } => Code::UnknownMethod,
             ConnectionLimit { .. } | Busy { .. } | Internal(_) => Code::Internal,
             Execution(_) => Code::Execution,
         }

@@ -226,11 +226,23 @@ impl Request {
         match version.as_str().map(str::trim) {
             Some("1.0") | Some("ARPCP/1.0") => {}
             Some(other) => return Err(ProtocolError::Version(other.to_string())),
-            None => return Err(ProtocolError::Version(version.to_string())),
+            None => {
+                return Err(ProtocolError::HeaderNotString {
+                    header: "version",
+                    example: "\"1.0\"",
+                    got: json_type(version),
+                })
+            }
         }
         let method = match method.as_str() {
             Some(s) => Method::parse(s).ok_or_else(|| ProtocolError::UnknownMethod(s.into()))?,
-            None => return Err(ProtocolError::UnknownMethod(method.to_string())),
+            None => {
+                return Err(ProtocolError::HeaderNotString {
+                    header: "method",
+                    example: "\"ATASK\"",
+                    got: json_type(method),
+                })
+            }
         };
         for &header in method.required_headers() {
             if obj.get(header).is_none_or(Value::is_null) {
@@ -735,6 +747,20 @@ mod tests {
     fn unknown_fields_are_ignored() {
         let r = parse(json!({"method": "ID", "version": "1.0", "future": [1, 2]}));
         assert!(r.is_ok());
+    }
+
+    /// A header of the wrong JSON type is named with what it should be.
+    #[test]
+    fn a_version_or_method_not_a_string_is_named_so() {
+        let e = parse(json!({"method": "ID", "version": 1.0})).unwrap_err();
+        assert_eq!(e.code(), Code::VersionMismatch);
+        assert_eq!(
+            e.to_string(),
+            "header `version` must be a string (as \"1.0\"), got a number"
+        );
+        let e = parse(json!({"method": ["ID"], "version": "1.0"})).unwrap_err();
+        assert_eq!(e.code(), Code::UnknownMethod);
+        assert!(e.to_string().contains("`method` must be a string"), "{e}");
     }
 
     /// Malformed input, each with the code the check order gives it.

@@ -1040,7 +1040,9 @@ impl Exchanges {
             }
             Kind::Get => {
                 let atask_id = format!("{}.{attempt}", task_name(task));
-                let req = Request::Get { atask_id };
+                let req = Request::Get {
+                    atask_id: atask_id.clone(),
+                };
                 let asked = retry(COLLECT_RETRY, &self.stop, || async {
                     self.call(&agent, &req, timeout)
                         .await
@@ -1048,8 +1050,8 @@ impl Exchanges {
                 })
                 .await;
                 let answer = match asked {
-                    Ok(r) => answer_of_get(r).or_else(|| {
-                        warn!(task_id = %task_name(task), agent = %agent.agent_id, "GET answered without valid data");
+                    Ok(r) => answer_of_get(r, &atask_id).or_else(|| {
+                        warn!(task_id = %task_name(task), agent = %agent.agent_id, "GET answered without valid data, or for another task");
                         None
                     }),
                     Err(e) => {
@@ -1217,8 +1219,14 @@ fn outcome_of_task_response(r: Response) -> Outcome {
     }
 }
 
-/// What a GET answer says of the attempt; `None` when it says nothing readable.
-fn answer_of_get(r: Response) -> Option<GetAnswer> {
+/// What a GET answer says of the attempt `asked`; `None` when it says nothing
+/// readable, or speaks of another attempt (a confused or lying peer: its result
+/// is not this attempt's).
+fn answer_of_get(r: Response, asked: &str) -> Option<GetAnswer> {
+    let named = r.data.get("atask_id").and_then(Value::as_str);
+    if named.is_some_and(|id| id != asked) {
+        return None;
+    }
     match r.code {
         Code::UnknownTask => Some(GetAnswer::Unknown),
         Code::Ok => {
