@@ -161,11 +161,13 @@ fn issue_refuses_what_it_cannot_do_and_says_why() {
     let cert = work.path().join("arpcp-tls/agent-1.pem");
     let before = std::fs::read(&cert).unwrap();
 
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["ca", "issue", "agent", "agent-1"],
             "agent-1.pem already exists",
         ),
+        // crl.pem is the revocation list's file: a certificate there breaks `revoke`.
+        (&["ca", "issue", "agent", "crl"], "collide with the revocation list"),
         (
             &["ca", "issue", "agent", "../escape"],
             "invalid name \"../escape\"",

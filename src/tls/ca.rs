@@ -279,6 +279,12 @@ pub fn check_name(name: &str) -> Result<(), CaError> {
             "it would collide with the CA's or a key's file name".into()
         ));
     }
+    if format!("{name}.pem") == super::crl::CRL_FILE {
+        return Err(bad(format!(
+            "it would collide with the revocation list's file name ({})",
+            super::crl::CRL_FILE
+        )));
+    }
     Ok(())
 }
 
