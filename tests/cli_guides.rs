@@ -526,6 +526,52 @@ fn human_durations_and_the_gateway_config_file() {
     );
     assert!(!status.success());
     assert!(err.contains("--echo-interval"), "{err}");
+
+    // Addresses the gateway is to reach, and the misses, are checked at start: a
+    // typo would otherwise show only as echoes failing at debug level, for ever.
+    for (flag, value, says) in [
+        ("--agent", "nohostport", "no port"),
+        ("--agent", "127.0.0.1:99999", "from 1 to 65535"),
+        ("--agent", "a b:7018", "a space"),
+        ("--agent", "::1:7018", "in brackets"),
+        ("--advertise", "bogus", "no port"),
+        ("--max-misses", "0", "at least 1"),
+    ] {
+        let args = [
+            "gateway",
+            "--grpc",
+            "127.0.0.1:0",
+            "--arpcp",
+            "127.0.0.1:0",
+            "--data-dir",
+            "{dir}/x",
+            flag,
+            value,
+        ];
+        let (status, _, err) = run_to_exit(dir.path(), &args, CLI_TIMEOUT);
+        assert!(!status.success(), "{flag} {value} was taken");
+        assert!(
+            err.contains(flag) && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
+    std::fs::write(dir.path().join("typo.toml"), "agents = [\"10.0.0.5\"]\n").expect("write");
+    let (status, _, err) = run_to_exit(
+        dir.path(),
+        &[
+            "gateway",
+            "--config",
+            "{dir}/typo.toml",
+            "--data-dir",
+            "{dir}/y",
+        ],
+        CLI_TIMEOUT,
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains("agents (in the --config file)") && err.contains("10.0.0.5"),
+        "{err}"
+    );
 }
 
 /// sled's page cache is the daemons' to size: `--store-cache` and `store_cache` in

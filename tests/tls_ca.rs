@@ -167,7 +167,10 @@ fn issue_refuses_what_it_cannot_do_and_says_why() {
             "agent-1.pem already exists",
         ),
         // crl.pem is the revocation list's file: a certificate there breaks `revoke`.
-        (&["ca", "issue", "agent", "crl"], "collide with the revocation list"),
+        (
+            &["ca", "issue", "agent", "crl"],
+            "collide with the revocation list",
+        ),
         (
             &["ca", "issue", "agent", "../escape"],
             "invalid name \"../escape\"",

@@ -396,7 +396,31 @@ fn gateway_config(g: GatewayCmd) -> anyhow::Result<GatewaySettings> {
         .or(file.retention)
         .unwrap_or(DEFAULT_RETENTION);
     let mut agents = file.agents.unwrap_or_default();
+    for a in &agents {
+        check_host_port("agents (in the --config file)", a)?;
+    }
+    for a in &g.agents {
+        check_host_port("--agent", a)?;
+    }
     agents.extend(g.agents);
+    let advertise = match (g.advertise, file.advertise) {
+        (Some(a), _) => Some(("--advertise", a)),
+        (None, Some(a)) => Some(("advertise (in the --config file)", a)),
+        (None, None) => None,
+    };
+    if let Some((from, a)) = &advertise {
+        check_host_port(from, a)?;
+    }
+    let advertise = advertise.map(|(_, a)| a);
+    let max_misses = match (g.max_misses, file.max_misses) {
+        (Some(0), _) => Some("--max-misses"),
+        (None, Some(0)) => Some("max_misses (in the --config file)"),
+        _ => None,
+    };
+    if let Some(from) = max_misses {
+        anyhow::bail!("{from}: must be at least 1 (echoes an agent may miss in a row before it leaves), got 0");
+    }
+    let max_misses = g.max_misses.or(file.max_misses).unwrap_or(3);
     let mut scans = file.scan.unwrap_or_default();
     scans.extend(g.scan);
     let scan = scans
@@ -417,12 +441,12 @@ fn gateway_config(g: GatewayCmd) -> anyhow::Result<GatewaySettings> {
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("arpcp-gateway-data")),
-        advertise: g.advertise.or(file.advertise),
+        advertise,
         agents,
         scan,
         scan_port: g.scan_port.or(file.scan_port).unwrap_or(DEFAULT_AGENT_PORT),
         echo_interval,
-        max_misses: g.max_misses.or(file.max_misses).unwrap_or(3).max(1),
+        max_misses,
         retention,
         retention_count: g
             .retention_count
@@ -453,6 +477,31 @@ fn gateway_config(g: GatewayCmd) -> anyhow::Result<GatewaySettings> {
             .unwrap_or_else(|| DEFAULT_CONTROLLER.to_string()),
         config,
     })
+}
+
+/// An address the gateway is to reach (an agent's, or its own as agents reach it):
+/// `HOST:PORT`, a port from 1 to 65535, a host without spaces (`[…]` for IPv6).
+/// Checked at start: a typo there would otherwise only show as echoes that fail,
+/// logged at debug level, for ever.
+fn check_host_port(flag: &str, value: &str) -> anyhow::Result<()> {
+    let bad =
+        |why: &str| anyhow::anyhow!("{flag} {value:?}: {why}; expected HOST:PORT (10.0.0.5:7018)");
+    let (host, port) = value.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err(bad("the port must be a number from 1 to 65535")),
+        Ok(_) => {}
+    }
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    if host.contains(|c: char| c.is_whitespace() || c == '/') {
+        return Err(bad("the host holds a space or a '/'"));
+    }
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if host.contains(':') && !bracketed {
+        return Err(bad("an IPv6 host goes in brackets ([::1]:7018)"));
+    }
+    Ok(())
 }
 
 const DEFAULT_GRPC: &str = "127.0.0.1:50051";
