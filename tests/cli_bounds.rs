@@ -1,7 +1,8 @@
 //! The command line against a gateway that never answers, and with flags that do
 //! not fit. Every command ends within its bounds (a ping the gateway does not
 //! answer, `--timeout` counted from the start, the Submit included), and a mistake
-//! in the command line exits 2, as clap's own do, before anything is sent.
+//! in the command line exits 2, as clap's own do, before anything is sent. `arpcp
+//! token` on a directory that is not a gateway's says so.
 
 mod common;
 
@@ -198,4 +199,39 @@ fn command_line_mistakes_exit_2_before_anything_is_sent() {
     if !status.success() {
         assert!(err.contains("127.0.0.1:50051"), "the default port: {err}");
     }
+}
+
+/// `arpcp token` on a wrong `--data-dir`: listing or revoking in a directory that
+/// does not exist is refused (it read as "no tokens"), and a token made where no
+/// gateway store is says which gateway would accept it.
+#[test]
+fn tokens_on_a_directory_that_is_not_a_gateways() {
+    let dir = tempdir();
+    for args in [
+        &["token", "list", "--data-dir", "{dir}/typo"][..],
+        &["token", "revoke", "ci", "--data-dir", "{dir}/typo"][..],
+    ] {
+        let (status, out, err) = run_to_exit(dir.path(), args, CLI_TIMEOUT);
+        assert_eq!(status.code(), Some(2), "{args:?}: {out}{err}");
+        assert!(err.contains("typo: no such directory"), "{args:?}: {err}");
+    }
+    let (status, out, err) = run_to_exit(
+        dir.path(),
+        &[
+            "token",
+            "create",
+            "ci",
+            "--role",
+            "reader",
+            "--data-dir",
+            "{dir}/fresh",
+        ],
+        CLI_TIMEOUT,
+    );
+    assert!(status.success(), "{err}");
+    assert!(out.trim().starts_with("arpcp_"), "{out}");
+    assert!(
+        err.contains("holds no gateway store") && err.contains("fresh"),
+        "{err}"
+    );
 }

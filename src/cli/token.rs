@@ -3,12 +3,13 @@
 //! host; a running gateway picks changes up within a second.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde_json::json;
 
 use super::output::table;
+use crate::durable::GATEWAY_STORE;
 use crate::gateway::tokens;
 use crate::tls::Role;
 
@@ -73,17 +74,47 @@ impl From<TokenRole> for Role {
     }
 }
 
+impl DataDir {
+    /// The directory, which `list` and `revoke` need to exist: a wrong path there
+    /// would read as "no tokens" or "no such token".
+    fn existing(&self) -> anyhow::Result<&Path> {
+        if self.data_dir.is_dir() {
+            Ok(&self.data_dir)
+        } else {
+            Err(super::usage(format!(
+                "--data-dir {}: no such directory; pass the gateway's --data-dir",
+                self.data_dir.display()
+            )))
+        }
+    }
+
+    /// Says so on stderr when the directory holds no gateway store (yet): tokens
+    /// may be made before the gateway's first start, but a mistyped path makes a
+    /// token no gateway will ever accept.
+    fn warn_unless_gateway(&self) {
+        if !self.data_dir.join(GATEWAY_STORE).exists() {
+            let shown = std::path::absolute(&self.data_dir).unwrap_or(self.data_dir.clone());
+            eprintln!(
+                "note: {} holds no gateway store ({GATEWAY_STORE}) yet: only a gateway started with --data-dir {} accepts this token",
+                shown.display(),
+                shown.display()
+            );
+        }
+    }
+}
+
 pub fn run(cmd: TokenCmd) -> anyhow::Result<()> {
     // A closed stdout must not turn a file already written into a failure.
     let mut out = std::io::stdout().lock();
     match cmd.command {
         TokenCommand::Create { name, role, dir } => {
+            dir.warn_unless_gateway();
             let token =
                 tokens::create(&dir.data_dir, &name, role.into()).context("token create")?;
             let _ = writeln!(out, "{token}");
         }
         TokenCommand::List { json, dir } => {
-            let listed = tokens::list(&dir.data_dir).context("token list")?;
+            let listed = tokens::list(dir.existing()?).context("token list")?;
             if json {
                 for t in &listed {
                     let line = json!({"name": t.name, "role": t.role, "created_ms": t.created_ms});
@@ -99,7 +130,7 @@ pub fn run(cmd: TokenCmd) -> anyhow::Result<()> {
             }
         }
         TokenCommand::Revoke { name, dir } => {
-            let removed = tokens::revoke(&dir.data_dir, &name).context("token revoke")?;
+            let removed = tokens::revoke(dir.existing()?, &name).context("token revoke")?;
             let _ = writeln!(out, "revoked {} ({})", removed.name, removed.role);
         }
     }
