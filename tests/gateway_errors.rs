@@ -199,6 +199,42 @@ fn invalid_reads_name_the_field_and_unknown_ids_are_not_found() {
     assert_status(gw.get(""), Code::InvalidArgument, &["task_id"]);
     assert_status(gw.cancel(""), Code::InvalidArgument, &["task_id"]);
     assert_status(gw.watch(" ", WAIT), Code::InvalidArgument, &["task_id"]);
+
+    // Ids and names past 256 bytes are refused as such, not looked up and echoed
+    // back in an error too long for HTTP/2 (it reached the CLI as an h2 protocol
+    // error).
+    let long = "z".repeat(20_000);
+    let too_long = ["at most 256 bytes, got 20000"];
+    assert_status(gw.get(&long), Code::InvalidArgument, &too_long);
+    assert_status(gw.cancel(&long), Code::InvalidArgument, &too_long);
+    assert_status(gw.watch(&long, WAIT), Code::InvalidArgument, &too_long);
+    let mut r = submit_req("add", json!([1, 2]));
+    r.agent_id = long.clone();
+    assert_status(
+        gw.submit(r),
+        Code::InvalidArgument,
+        &["agent_id", too_long[0]],
+    );
+    for r in [
+        pb::ListTasksRequest {
+            procedure: long.clone(),
+            ..Default::default()
+        },
+        pb::ListTasksRequest {
+            agent_id: long.clone(),
+            ..Default::default()
+        },
+    ] {
+        assert_status(list(r), Code::InvalidArgument, &too_long);
+    }
+    // Filters are trimmed as Submit trims what it stores.
+    let found = list(pb::ListTasksRequest {
+        procedure: " add ".into(),
+        ..Default::default()
+    })
+    .unwrap()
+    .tasks;
+    assert_eq!(found.len(), 1, "{found:?}");
 }
 
 /// Placement errors: an unknown procedure or agent is NOT_FOUND naming it; no

@@ -400,8 +400,9 @@ pub fn json_type(v: &Value) -> &'static str {
     }
 }
 
-/// Longest id or procedure name accepted; ids become storage keys.
-const MAX_NAME_LEN: usize = 256;
+/// Longest id or procedure name accepted, here and by the gateway's gRPC API: ids
+/// become storage keys, and names are echoed in errors.
+pub const MAX_NAME_LEN: usize = 256;
 
 /// Typed access to a request's headers; every failure names the header.
 struct Headers<'a>(&'a Map<String, Value>);

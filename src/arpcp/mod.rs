@@ -18,7 +18,7 @@ pub use client::{ArpcpClient, ClientError};
 pub use error::{Code, ProtocolError};
 pub use message::{
     Args, AtaskStatus, CatalogEntry, GetData, IdData, LeaseGrant, Method, ProcedureKind, Progress,
-    Request, Response, SignalRequest, TaskError,
+    Request, Response, SignalRequest, TaskError, MAX_NAME_LEN,
 };
 
 /// Protocol version written by this implementation.

@@ -20,7 +20,7 @@ use super::scheduler::{Scheduler, DEFAULT_SYNC_TIMEOUT};
 use super::store::{GatewayStore, TaskFilter};
 use super::watch::TaskWatchers;
 use super::GatewayError;
-use crate::arpcp::Args;
+use crate::arpcp::{Args, MAX_NAME_LEN};
 use crate::pb;
 
 /// Longest GetResult wait.
@@ -68,6 +68,18 @@ fn required_id(field: &'static str, id: &str) -> Result<(), GatewayError> {
     if id.trim().is_empty() {
         return Err(invalid(field, "required"));
     }
+    bounded_name(field, id)
+}
+
+/// A name or id within `MAX_NAME_LEN`, checked before it is looked up (and
+/// echoed in an error: a long one made the error itself too long for HTTP/2).
+fn bounded_name(field: &'static str, name: &str) -> Result<(), GatewayError> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid(
+            field,
+            format!("at most {MAX_NAME_LEN} bytes, got {}", name.len()),
+        ));
+    }
     Ok(())
 }
 
@@ -104,13 +116,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         if procedure.is_empty() {
             return Err(invalid("procedure", "must name a procedure (see ListProcedures)").into());
         }
-        if procedure.len() > 256 {
-            return Err(invalid(
-                "procedure",
-                format!("at most 256 bytes, got {}", procedure.len()),
-            )
-            .into());
-        }
+        bounded_name("procedure", &procedure)?;
+        bounded_name("agent_id", &r.agent_id)?;
         let mut args = call_args(&r.args, r.kwargs.as_ref())?;
         // An Opal model's call is checked against its schema before anything is
         // stored, and stored with the defaults filled in.
@@ -253,10 +260,13 @@ impl pb::gateway_server::Gateway for GatewayService {
                 .into());
             }
         }
+        bounded_name("agent_id", &r.agent_id)?;
+        bounded_name("procedure", &r.procedure)?;
+        // Trimmed as Submit trims what it stores.
         let filter = TaskFilter {
             status: status_from_pb(r.status)?,
-            agent_id: Some(r.agent_id).filter(|a| !a.is_empty()),
-            procedure: Some(r.procedure).filter(|p| !p.is_empty()),
+            agent_id: Some(r.agent_id.trim().to_string()).filter(|a| !a.is_empty()),
+            procedure: Some(r.procedure.trim().to_string()).filter(|p| !p.is_empty()),
         };
         // Each task's share of the page: its field's tag and length, and the task.
         let measure = |t: &TaskRecord| {
