@@ -298,6 +298,45 @@ fn wait_names_the_task_times_out_and_survives_ctrl_c() {
     c.gw.cancel(&id).expect("cancel the task");
 }
 
+/// `submit --wait` rides out a restart of the gateway: the task is durable, so it
+/// asks again once the gateway is back and shows the result (it gave up at once,
+/// with no word of the task going on).
+#[test]
+fn wait_rides_out_a_gateway_restart() {
+    let mut c = Cluster::start(vec![Daemon::agent(&[])], &[]);
+    let dir = tempdir();
+    let url = c.gateway.grpc_url();
+    let mut child = spawn_cli(
+        dir.path(),
+        &[
+            "submit",
+            "sleep",
+            "2",
+            "--wait",
+            "--json",
+            "--gateway",
+            &url,
+        ],
+        "restart",
+    );
+    let id = wait_for(WAIT, "the task id on stderr", || {
+        id_in(&read(dir.path(), "restart.err"))
+    });
+    c.gw.wait_status(&id, pb::TaskStatus::Running, WAIT);
+    c.gateway.kill9();
+    c.gateway.restart_on_same_ports();
+    let status = wait_child(&mut child, CLI_TIMEOUT);
+    let (out, err) = (
+        read(dir.path(), "restart.out"),
+        read(dir.path(), "restart.err"),
+    );
+    assert!(status.success(), "{status}: {out}\n{err}");
+    assert!(err.contains("lost the gateway"), "{err}");
+    let shown: Value = serde_json::from_str(out.trim()).expect("the task as JSON");
+    assert_eq!(shown["task_id"], id.as_str(), "{out}");
+    assert_eq!(shown["status"], "done", "{out}");
+}
+
 fn is_final(t: &pb::Task) -> bool {
     common::gateway::is_final(t.status)
 }

@@ -418,7 +418,7 @@ fn is_final(status: i32) -> bool {
 }
 
 /// Blocks until the task ends (GetResult waits are bounded, so this asks again).
-async fn wait_for(client: &mut Client, task_id: &str) -> anyhow::Result<pb::Task> {
+async fn poll_until_final(client: &mut Client, task_id: &str) -> Result<pb::Task, tonic::Status> {
     loop {
         let t = client
             .get_result(pb::GetResultRequest {
@@ -428,8 +428,7 @@ async fn wait_for(client: &mut Client, task_id: &str) -> anyhow::Result<pb::Task
                     nanos: 0,
                 }),
             })
-            .await
-            .map_err(status_err)?
+            .await?
             .into_inner();
         if is_final(t.status) {
             return Ok(t);
@@ -533,27 +532,81 @@ fn show_progress(bar: &indicatif::ProgressBar, t: &pb::Task) {
 }
 
 /// The task once it ended: through WatchTask with a bar to move, else GetResult.
+/// How a wait rides out a gateway that went away (a restart): asked again after
+/// 200 ms, doubling to 5 s, for at most `WAIT_RECONNECT_FOR` in a row.
+const WAIT_RECONNECT: crate::retry::Policy =
+    crate::retry::Policy::doubling(Duration::from_millis(200), Duration::from_secs(5))
+        .with_max_wait(WAIT_RECONNECT_FOR);
+/// The longest a wait goes on without a gateway before it gives up.
+pub const WAIT_RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// Waits for the task's end, through restarts of the gateway (its tasks are
+/// durable, so the same id is asked again once it is back). Callers have had an
+/// answer from the gateway first, so a failure here is a gateway that went away,
+/// not a wrong address or a TLS mismatch (which they report at once).
 async fn follow(
     client: &mut Client,
     task_id: &str,
     bar: Option<&indicatif::ProgressBar>,
 ) -> anyhow::Result<pb::Task> {
+    let mut backoff = crate::retry::Backoff::new(WAIT_RECONNECT);
+    loop {
+        let began = tokio::time::Instant::now();
+        let err = match follow_once(client, task_id, bar).await {
+            Ok(t) => return Ok(t),
+            Err(s) => s,
+        };
+        // A wait that got through to the gateway before it failed starts the
+        // reconnection budget afresh.
+        if began.elapsed() > WAIT_RECONNECT.cap {
+            backoff = crate::retry::Backoff::new(WAIT_RECONNECT);
+        }
+        // A refused or broken connection; not a gateway that stopped answering
+        // (that one is not coming back soon).
+        let text = error_text(&err);
+        let broken = err.code() == tonic::Code::Unavailable
+            || (err.code() == tonic::Code::Unknown && text.contains("transport error"));
+        let gone = broken && !text.contains("keep-alive timed out");
+        match backoff.next_delay() {
+            Some(delay) if gone => {
+                if backoff.tries() == 1 {
+                    note(&format!(
+                        "lost the gateway ({}); asking again for up to {}",
+                        err.message(),
+                        humantime::format_duration(WAIT_RECONNECT_FOR)
+                    ));
+                }
+                tokio::time::sleep(delay).await;
+            }
+            _ => {
+                note(&goes_on(task_id, "the gateway could not be asked"));
+                return Err(status_err(err));
+            }
+        }
+    }
+}
+
+/// One wait: a watch for the progress bar, then long polls.
+async fn follow_once(
+    client: &mut Client,
+    task_id: &str,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<pb::Task, tonic::Status> {
     if let Some(bar) = bar {
         let mut stream = client
             .watch_task(pb::WatchTaskRequest {
                 task_id: task_id.to_string(),
             })
-            .await
-            .map_err(status_err)?
+            .await?
             .into_inner();
-        while let Some(t) = stream.message().await.map_err(status_err)? {
+        while let Some(t) = stream.message().await? {
             show_progress(bar, &t);
             if is_final(t.status) {
                 return Ok(t);
             }
         }
     }
-    wait_for(client, task_id).await
+    poll_until_final(client, task_id).await
 }
 
 /// The most likely procedure meant by `name`: one a typing slip away (as for
@@ -753,7 +806,15 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
 
 pub async fn result(c: ResultCmd, common: &Common) -> anyhow::Result<ExitCode> {
     let mut client = connect(common).await?;
-    if c.wait {
+    let t = client
+        .get_result(pb::GetResultRequest {
+            task_id: c.task_id.clone(),
+            wait: None,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if c.wait && !is_final(t.status) {
         let first = format!("waiting for task {}", c.task_id);
         return wait_and_show(
             &mut client,
@@ -766,14 +827,6 @@ pub async fn result(c: ResultCmd, common: &Common) -> anyhow::Result<ExitCode> {
         )
         .await;
     }
-    let t = client
-        .get_result(pb::GetResultRequest {
-            task_id: c.task_id,
-            wait: None,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
     Ok(show_task_as(&t, common.json, c.csv))
 }
 
@@ -1021,7 +1074,9 @@ pub async fn demo(endpoint: &str, with_model: bool) -> anyhow::Result<()> {
             Err(s) => return Err(status_err(s)),
         }
     };
-    let t = wait_for(&mut client, &task_id).await?;
+    let t = poll_until_final(&mut client, &task_id)
+        .await
+        .map_err(status_err)?;
     let result = t
         .result
         .as_ref()
