@@ -183,6 +183,14 @@ fn command_line_mistakes_exit_2_before_anything_is_sent() {
         );
     }
 
+    // Caught by the argument parser itself, with the same status.
+    for limit in ["0", "-1", "1001"] {
+        let args = ["--gateway", nobody.as_str(), "tasks", "--limit", limit];
+        let (status, _, err) = run_to_exit(dir.path(), &args, CLI_TIMEOUT);
+        assert_eq!(status.code(), Some(2), "--limit {limit}: {err}");
+        assert!(err.contains("--limit") && err.contains("1..=1000"), "{err}");
+    }
+
     // --gateway: only http:// and https://, and the default port when none is named.
     let ftp = format!("ftp://{nobody}");
     let (status, _, err) = run_to_exit(dir.path(), &["--gateway", &ftp, "agents"], CLI_TIMEOUT);

@@ -107,13 +107,21 @@ pub struct TasksCmd {
     /// Only tasks of this procedure.
     #[arg(long)]
     procedure: Option<String>,
-    /// At most this many.
-    #[arg(long, default_value_t = 50)]
+    /// At most this many (1 to 1000, the gateway's largest page).
+    #[arg(
+        long,
+        default_value_t = 50,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(1..=MAX_LIST_LIMIT)
+    )]
     limit: i32,
     /// Continue a listing (the token a previous listing printed).
     #[arg(long)]
     page_token: Option<String>,
 }
+
+/// The most `tasks --limit` asks for: the gateway's `MAX_PAGE_SIZE`.
+const MAX_LIST_LIMIT: i64 = crate::gateway::MAX_PAGE_SIZE as i64;
 
 #[derive(clap::Args)]
 pub struct AgentsCmd {}

@@ -39,6 +39,7 @@ pub use error::GatewayError;
 pub use listener::MAX_ANNOUNCE_PROBES;
 use membership::{Membership, MembershipConfig};
 use scheduler::Scheduler;
+pub use service::MAX_PAGE_SIZE;
 use store::GatewayStore;
 pub use store::DEFAULT_CACHE_BYTES;
 use watch::TaskWatchers;
