@@ -1112,9 +1112,11 @@ fn params_to_kwargs(
 ) -> anyhow::Result<serde_json::Map<String, Value>> {
     let mut out = serde_json::Map::new();
     for p in params {
-        let (path, raw) = p
-            .split_once('=')
-            .with_context(|| format!("--param {p:?}: expected PATH=VALUE, e.g. main.x=20"))?;
+        let (path, raw) = p.split_once('=').ok_or_else(|| {
+            usage(format!(
+                "--param {p:?}: expected PATH=VALUE, e.g. main.x=20"
+            ))
+        })?;
         let parts: Vec<&str> = path.trim().split('.').collect();
         let (section, name, params): (Vec<&str>, &str, &[pb::Parameter]) = match parts[..] {
             ["main", name] => (vec!["main"], name, &schema.main),
@@ -1126,7 +1128,11 @@ fn params_to_kwargs(
                     a.map_or(&[][..], |a| &a.parameters),
                 )
             }
-            _ => anyhow::bail!("--param {p:?}: the path is main.NAME or algo.ALGORITHM.NAME"),
+            _ => {
+                return Err(usage(format!(
+                    "--param {p:?}: the path is main.NAME or algo.ALGORITHM.NAME"
+                )))
+            }
         };
         let text_type = params
             .iter()
@@ -1143,7 +1149,7 @@ fn params_to_kwargs(
                 .entry(s.to_string())
                 .or_insert_with(|| Value::Object(Default::default()))
                 .as_object_mut()
-                .context("a --param path runs through a value")?;
+                .ok_or_else(|| usage(format!("--param {p:?}: its path runs through a value")))?;
         }
         node.insert(name.to_string(), value);
     }
