@@ -149,6 +149,42 @@ def test_a_closed_client_raises_client_closed(cluster) -> None:
     asyncio.run(main())
 
 
+def test_close_ends_calls_in_flight_with_client_closed(cluster) -> None:
+    # grpc.aio cancels a closed channel's calls: they ended with CancelledError, which
+    # looks to asyncio like the caller's task was cancelled.
+    async def main() -> None:
+        client = Client(cluster.grpc, timeout=10)
+        task_id = await client.submit("sleep", 5)
+
+        async def watching() -> None:
+            async for _ in client.watch(task_id):
+                pass
+
+        waits = [
+            asyncio.create_task(client.wait(task_id)),
+            asyncio.create_task(client.get(task_id, wait=10)),
+            asyncio.create_task(watching()),
+        ]
+        await asyncio.sleep(0.5)
+        await client.close()
+        for w in waits:
+            with pytest.raises(ClientClosed):
+                await w
+            assert not w.cancelled()
+        # The caller's own cancellation still goes through as a cancellation.
+        other = Client(cluster.grpc, timeout=10)
+        try:
+            w = asyncio.create_task(other.wait(task_id))
+            await asyncio.sleep(0.2)
+            w.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await w
+        finally:
+            await other.close()
+
+    asyncio.run(main())
+
+
 def test_tls_arguments_are_checked_as_in_the_blocking_client() -> None:
     async def main() -> None:
         with pytest.raises(ValueError) as e:

@@ -6,6 +6,8 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import signal
+import socket
 import threading
 import time
 import uuid
@@ -13,6 +15,8 @@ from typing import Callable, Optional, TypeVar
 
 import grpc
 import pytest
+
+from conftest import arpcp_bin, start
 
 from arpcp_client import (
     FINAL_STATUSES,
@@ -319,7 +323,11 @@ def test_an_opal_model_is_described_run_and_read_as_a_table(client: Client) -> N
         ("time", "datetime"), ("x", "float"), ("y", "float"), ("u", "float")]
     assert len(task.table.rows) == 41
     rows = task.table.to_dicts()
-    assert rows[0]["time"] == "00:00" and isinstance(rows[0]["x"], (int, float))
+    # A float column holds floats, also where the number is integral (x starts at 20).
+    assert rows[0]["time"] == "00:00" and isinstance(rows[0]["x"], float), rows[0]
+    assert all(isinstance(r[c], float) for r in rows for c in ("x", "y", "u")), rows[:3]
+    x = schema.main[1]
+    assert (x.type, x.default) == ("float", 20.0) and isinstance(x.default, float), x
     assert abs(rows[-1]["x"] - 10) < 2.0, rows[-1]
 
 
@@ -421,3 +429,100 @@ def test_a_closed_client_raises_client_closed(client: Client, cluster) -> None:
         assert "closed" in str(e.value) and "new Client" in str(e.value), str(e.value)
         assert isinstance(e.value, ArpcpError)
     client.cancel(slow)
+
+
+class SilentPort:
+    """A port that accepts connections and never says a word: a hung gateway, or
+    another program on the port, as a client sees it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.held.append(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+def test_wait_on_a_gateway_that_never_answers_raises_timeout_error() -> None:
+    # Its long poll had a deadline of the wait plus 10 s, and missing it was a
+    # GatewayError (DEADLINE_EXCEEDED), not the TimeoutError the caller asked for.
+    port = SilentPort()
+    try:
+        with Client(f"127.0.0.1:{port.port}", timeout=5) as c:
+            with pytest.raises(TimeoutError, match="no answer from the gateway within 2"):
+                c.wait(str(uuid.uuid4()), timeout=2)
+            with pytest.raises(TimeoutError):
+                c.result(str(uuid.uuid4()), timeout=1)
+    finally:
+        port.close()
+
+
+def test_a_watch_on_a_gateway_that_stopped_ends(tmp_path) -> None:
+    # A stopped gateway (SIGSTOP) answers no ping: the watch ends with UNAVAILABLE
+    # (it waited for as long as the gateway was stopped, for ever). A gateway and an
+    # agent of this test's own, so that the shared cluster is not stopped.
+    binary = arpcp_bin()
+    gw = start(binary, "gateway", ["gateway", "--grpc", "127.0.0.1:0", "--arpcp", "127.0.0.1:0",
+                                   "--data-dir", str(tmp_path / "g"), "--echo-interval-ms", "200"], tmp_path)
+    agent = None
+    try:
+        ready = gw.read_ready_line()
+        agent = start(binary, "agent", ["agent", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "a"),
+                                        "--controller", ready["arpcp"]], tmp_path)
+        agent.read_ready_line()
+        with Client(ready["grpc"], timeout=5) as c:
+            poll("the agent alive", lambda: any(a.state == "alive" for a in c.agents()))
+            task_id = c.submit("sleep", 60)
+            seen = []
+            gw.proc.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(GatewayError) as e:
+                    # Bounded all the same: without pings this waited for ever.
+                    for t in c.watch(task_id, timeout=60):
+                        seen.append(t)
+                assert e.value.code == grpc.StatusCode.UNAVAILABLE, e.value
+            finally:
+                gw.proc.send_signal(signal.SIGCONT)
+    finally:
+        if agent is not None:
+            agent.stop()
+        gw.stop()
+
+
+def test_arguments_that_cannot_be_sent_are_refused_by_name(client: Client, cluster) -> None:
+    # Integers travel as doubles: past 2**53 they would arrive as other numbers.
+    assert client.call("add", 2**53, 0) == 2**53
+    for big in (2**53 + 1, -(2**63), 10**400):
+        with pytest.raises(ValueError, match=r"cannot be sent exactly"):
+            client.submit("add", big, 1)
+    # Names and ids must be str: protobuf's own error named neither.
+    with pytest.raises(TypeError, match="procedure must be a str, got int"):
+        client.submit(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="task_id must be a str, got int"):
+        client.get(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="agent_id must be a str or None, got int"):
+        client.submit("add", 1, 2, agent_id=5)  # type: ignore[arg-type]
+    # The CLI's form of the address works too.
+    with Client(f"http://{cluster.grpc}", timeout=5) as c:
+        assert c.call("add", 2, 2) == 4
+    with pytest.raises(ValueError, match="https:// needs ca="):
+        Client(f"https://{cluster.grpc}")

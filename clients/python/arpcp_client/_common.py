@@ -76,6 +76,24 @@ _MAX_WAIT = 600.0
 _DEFAULT_SYNC_TIMEOUT = 60.0
 # Extra time given to a gRPC call over the wait it asks the gateway for.
 _MARGIN = 10.0
+# How far past the caller's own timeout a wait's last call may run: the gateway
+# answers at the end of the wait it was asked for, so this covers the way back only.
+_END_SLACK = 1.0
+# HTTP/2 pings on a connection with calls open (a wait, a watch): a gateway that
+# stopped answering fails them after _KEEPALIVE_MS + _KEEPALIVE_TIMEOUT_MS instead
+# of never. Pings go on without data (max_pings_without_data 0): a long poll sends
+# none for minutes.
+_KEEPALIVE_MS = 10_000
+_KEEPALIVE_TIMEOUT_MS = 5_000
+_CHANNEL_OPTIONS: List[Tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # What grpc-core waits for a ping's answer (a minute by default; it wins over
+    # keepalive_timeout_ms).
+    ("grpc.http2.ping_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+]
 
 #: A file path, or PEM content as bytes.
 PathOrPem = Union[str, "os.PathLike[str]", bytes]
@@ -316,10 +334,23 @@ def _duration(s: Seconds) -> duration_pb2.Duration:
     return d
 
 
+def _text(name: str, value: Any, optional: bool = False) -> str:
+    """A name or id argument, which must be a ``str`` (protobuf's own error for
+    another type names neither the argument nor the type)."""
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        wanted = "a str or None" if optional else "a str"
+        raise TypeError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _submit_request(
     procedure: str, args: Tuple[Any, ...], kwargs: Dict[str, Any], agent_id: Optional[str]
 ) -> pb.SubmitRequest:
-    req = pb.SubmitRequest(procedure=procedure, agent_id=agent_id or "")
+    req = pb.SubmitRequest(
+        procedure=_text("procedure", procedure), agent_id=_text("agent_id", agent_id, optional=True)
+    )
     req.args.extend(to_value(a) for a in args)
     if kwargs:
         req.kwargs.CopyFrom(_struct(kwargs))
@@ -336,6 +367,13 @@ def to_value(v: Any) -> struct_pb2.Value:
     elif isinstance(v, (int, float)):
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{v} is not a finite number")
+        # A protobuf number is a double: an int past 2**53 would arrive as another
+        # number, silently.
+        if isinstance(v, int) and abs(v) > _MAX_EXACT_INT:
+            raise ValueError(
+                f"{v} cannot be sent exactly: integers travel as JSON numbers (doubles), "
+                f"exact up to 2**53 = {_MAX_EXACT_INT}; send it as a str"
+            )
         out.number_value = float(v)
     elif isinstance(v, str):
         out.string_value = v
@@ -422,10 +460,22 @@ def _task(t: pb.Task) -> Task:
     )
 
 
+def _typed(opal_type: str, v: Any) -> Any:
+    """A value as its Opal type says: a ``float`` column or parameter holds floats,
+    also where the number is integral (``from_value`` makes those ints)."""
+    if opal_type == "float" and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    return v
+
+
 def _table(t: pb.ResultTable) -> Table:
+    types = [c.type for c in t.columns]
     return Table(
         columns=[Column(c.name, c.type, c.comment) for c in t.columns],
-        rows=[[from_value(v) for v in r.cells] for r in t.rows],
+        rows=[
+            [_typed(types[i] if i < len(types) else "", from_value(v)) for i, v in enumerate(r.cells)]
+            for r in t.rows
+        ],
     )
 
 
@@ -433,8 +483,8 @@ def _parameter(p: pb.Parameter) -> Parameter:
     return Parameter(
         name=p.name,
         type=p.type,
-        choices=[from_value(v) for v in p.choices],
-        default=from_value(p.default_value) if p.HasField("default_value") else None,
+        choices=[_typed(p.type, from_value(v)) for v in p.choices],
+        default=_typed(p.type, from_value(p.default_value)) if p.HasField("default_value") else None,
         partition=(
             Partition(getattr(p.partition, "from"), p.partition.to, p.partition.step)
             if p.HasField("partition")
@@ -500,7 +550,7 @@ def _call_request(
 
 def _get_request(task_id: str, wait: Optional[Seconds]) -> Tuple[pb.GetResultRequest, Optional[float]]:
     """A GetResult and its gRPC deadline (None: the client's default)."""
-    req = pb.GetResultRequest(task_id=task_id)
+    req = pb.GetResultRequest(task_id=_text("task_id", task_id))
     if wait is None:
         return req, None
     req.wait.CopyFrom(_duration(wait))
@@ -541,6 +591,28 @@ class _Deadline:
         left = _MAX_WAIT if self.end is None else max(0.0, self.end - time.monotonic())
         return min(left, _MAX_WAIT)
 
+    def call_deadline(self, wait: float) -> float:
+        """The gRPC deadline of a round asking for ``wait``: the wait and a margin,
+        but not much past the caller's timeout (a gateway that does not answer must
+        not hold the caller longer than it asked)."""
+        deadline = wait + _MARGIN
+        if self.end is not None:
+            deadline = min(deadline, max(0.0, self.end - time.monotonic()) + _END_SLACK)
+        return deadline
+
+    def timed_out(self, e: "GatewayError") -> Optional[TimeoutError]:
+        """The :class:`TimeoutError` a round's missed gRPC deadline means, once the
+        caller's time is up."""
+        if (
+            self.end is not None
+            and time.monotonic() >= self.end
+            and e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        ):
+            return TimeoutError(
+                f"task {self.task_id}: no answer from the gateway within {self.timeout} s"
+            )
+        return None
+
     def ended(self, task: Task) -> bool:
         """Whether ``task`` ended; :class:`TimeoutError` once the time is up without it."""
         if task.ended:
@@ -563,8 +635,22 @@ def _channel_setup(
             raise ValueError(
                 "cert, key and token are sent only over TLS: give ca= (the cluster's ca.pem) too"
             )
-        return None, []
-    options: List[Tuple[str, Any]] = (
+        return None, list(_CHANNEL_OPTIONS)
+    options: List[Tuple[str, Any]] = list(_CHANNEL_OPTIONS) + (
         [("grpc.ssl_target_name_override", server_name)] if server_name else []
     )
     return _credentials(ca, cert, key, token), options
+
+
+def _target(target: Any, tls: bool) -> str:
+    """The gateway's address as gRPC takes it: ``host:port``. The CLI's and
+    ``ARPCP_GATEWAY``'s ``http://host:port`` is taken too (``https://`` with ``ca=``)."""
+    text = _text("target", target)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    if scheme == "http" or (scheme == "https" and tls):
+        return rest.rstrip("/")
+    if scheme == "https":
+        raise ValueError(f"{text}: https:// needs ca= (the cluster's ca.pem)")
+    raise ValueError(f"{text}: expected host:port (or http://host:port)")

@@ -14,6 +14,7 @@ channel belongs to the loop it was made in.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Dict, List, Optional, TypeVar, Union, cast
 
 import grpc
@@ -57,13 +58,13 @@ class Client:
         token: Optional[str] = None,
         server_name: Optional[str] = None,
     ) -> None:
-        self.target = target
+        self.target = c._target(target, ca is not None)
         self.timeout = timeout
         creds, options = c._channel_setup(ca, cert, key, token, server_name)
         if creds is None:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(target, creds, options=options)
+            self._channel = grpc.aio.secure_channel(self.target, creds, options=options)
         # The generated stub takes a grpc.aio channel as well; its calls are then awaitable.
         self._stub = cast("GatewayAsyncStub", pb_grpc.GatewayStub(self._channel))
         self._closed = False
@@ -94,11 +95,26 @@ class Client:
             return ClientClosed(what)
         return GatewayError.from_rpc(e)
 
+    def _closed_meanwhile(self, what: str) -> Optional[ClientClosed]:
+        """What a ``CancelledError`` means: :class:`ClientClosed` when :meth:`close`
+        cancelled the call (grpc.aio cancels a closed channel's calls), ``None`` when
+        the caller's own task is being cancelled (that must go on)."""
+        task = asyncio.current_task()
+        # Task.cancelling() is Python 3.11's; on 3.10 a close counts as the cause.
+        count = getattr(task, "cancelling", None)
+        cancelling = callable(count) and count() > 0
+        return ClientClosed(what) if self._closed and not cancelling else None
+
     async def _rpc(self, call: "Awaitable[_R]", what: str = "call the gateway") -> _R:
         try:
             return await call
         except grpc.RpcError as e:
             raise self._error(e, what) from None
+        except asyncio.CancelledError:
+            closed = self._closed_meanwhile(what)
+            if closed is None:
+                raise
+            raise closed from None
 
     def _timeout(self, timeout: Optional[float]) -> float:
         return self.timeout if timeout is None else timeout
@@ -147,7 +163,14 @@ class Client:
         """The ended task; :class:`TimeoutError` when it did not end within ``timeout``."""
         rounds = c._Deadline(task_id, timeout)
         while True:
-            task = await self.get(task_id, wait=rounds.next_wait())
+            self._check_open("call the gateway")
+            wait = rounds.next_wait()
+            req, _ = c._get_request(task_id, wait)
+            call = self._stub.GetResult(req, timeout=rounds.call_deadline(wait))
+            try:
+                task = c._task(await self._rpc(call))
+            except GatewayError as e:
+                raise rounds.timed_out(e) or e from None
             if rounds.ended(task):
                 return task
 
@@ -163,19 +186,24 @@ class Client:
         what = f"watch task {task_id}"
         self._check_open(what)
         deadline = None if timeout is None else c._seconds(timeout)
-        stream = self._stub.WatchTask(pb.WatchTaskRequest(task_id=task_id), timeout=deadline)
+        stream = self._stub.WatchTask(pb.WatchTaskRequest(task_id=c._text("task_id", task_id)), timeout=deadline)
         try:
             async for t in stream:
                 yield c._task(t)
         except grpc.RpcError as e:
             raise self._error(e, what) from None
+        except asyncio.CancelledError:
+            closed = self._closed_meanwhile(what)
+            if closed is None:
+                raise
+            raise closed from None
         finally:
             stream.cancel()
 
     async def cancel(self, task_id: str) -> Task:
         """Cancels the task; one that already ended is left as it is."""
         self._check_open("call the gateway")
-        req = pb.CancelTaskRequest(task_id=task_id)
+        req = pb.CancelTaskRequest(task_id=c._text("task_id", task_id))
         return c._task(await self._rpc(self._stub.CancelTask(req, timeout=self.timeout)))
 
     async def tasks(
@@ -220,13 +248,13 @@ class Client:
     async def blacklist(self, agent_id: str) -> Agent:
         """Excludes the agent from task placement."""
         self._check_open("call the gateway")
-        req = pb.BlacklistAgentRequest(agent_id=agent_id)
+        req = pb.BlacklistAgentRequest(agent_id=c._text("agent_id", agent_id))
         return c._agent(await self._rpc(self._stub.BlacklistAgent(req, timeout=self.timeout)))
 
     async def unblacklist(self, agent_id: str) -> Agent:
         """Returns a blacklisted agent to task placement."""
         self._check_open("call the gateway")
-        req = pb.UnblacklistAgentRequest(agent_id=agent_id)
+        req = pb.UnblacklistAgentRequest(agent_id=c._text("agent_id", agent_id))
         return c._agent(await self._rpc(self._stub.UnblacklistAgent(req, timeout=self.timeout)))
 
 

@@ -106,13 +106,13 @@ class Client:
         defaults to the environment variable ``ARPCP_TOKEN``). ``server_name`` is the
         name the gateway's certificate is checked against when it differs from the
         host in ``target``. Each argument is a file path or the PEM itself (bytes)."""
-        self.target = target
+        self.target = c._target(target, ca is not None)
         self.timeout = timeout
         creds, options = c._channel_setup(ca, cert, key, token, server_name)
         if creds is None:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, creds, options=options)
+            self._channel = grpc.secure_channel(self.target, creds, options=options)
         self._stub = pb_grpc.GatewayStub(self._channel)
         self._closed = False
         self._watcher = _Watcher(self)
@@ -202,7 +202,12 @@ class Client:
         when it has not ended within ``timeout`` (default: wait as long as it takes)."""
         rounds = c._Deadline(task_id, timeout)
         while True:
-            task = self.get(task_id, wait=rounds.next_wait())
+            wait = rounds.next_wait()
+            req, _ = c._get_request(task_id, wait)
+            try:
+                task = c._task(self._rpc(self._stub.GetResult, req, timeout=rounds.call_deadline(wait)))
+            except GatewayError as e:
+                raise rounds.timed_out(e) or e from None
             if rounds.ended(task):
                 return task
 
@@ -220,7 +225,7 @@ class Client:
         what = f"watch task {task_id}"
         self._check_open(what)
         deadline = None if timeout is None else c._seconds(timeout)
-        stream = self._stub.WatchTask(pb.WatchTaskRequest(task_id=task_id), timeout=deadline)
+        stream = self._stub.WatchTask(pb.WatchTaskRequest(task_id=c._text("task_id", task_id)), timeout=deadline)
         try:
             for t in stream:
                 yield c._task(t)
@@ -245,7 +250,7 @@ class Client:
 
     def cancel(self, task_id: str) -> Task:
         """Stops the task and marks it cancelled; a task that already ended is left as it is."""
-        return c._task(self._rpc(self._stub.CancelTask, pb.CancelTaskRequest(task_id=task_id)))
+        return c._task(self._rpc(self._stub.CancelTask, pb.CancelTaskRequest(task_id=c._text("task_id", task_id))))
 
     def tasks(
         self,
@@ -283,12 +288,12 @@ class Client:
 
     def blacklist(self, agent_id: str) -> Agent:
         """Excludes the agent from task placement."""
-        req = pb.BlacklistAgentRequest(agent_id=agent_id)
+        req = pb.BlacklistAgentRequest(agent_id=c._text("agent_id", agent_id))
         return c._agent(self._rpc(self._stub.BlacklistAgent, req))
 
     def unblacklist(self, agent_id: str) -> Agent:
         """Returns a blacklisted agent to task placement."""
-        req = pb.UnblacklistAgentRequest(agent_id=agent_id)
+        req = pb.UnblacklistAgentRequest(agent_id=c._text("agent_id", agent_id))
         return c._agent(self._rpc(self._stub.UnblacklistAgent, req))
 
 
