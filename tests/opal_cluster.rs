@@ -324,3 +324,74 @@ fn an_agent_runs_a_model_over_raw_arpcp() {
     assert_eq!(result["columns"][0]["name"], "time");
     assert_eq!(result["rows"].as_array().map(Vec::len), Some(31));
 }
+
+/// A model whose schema changed while its agent was away: calls are checked against
+/// the schema the agents that can take them describe, not a gone agent's (every call
+/// that fit the described schema was refused, and one without parameters got the old
+/// default filled in).
+#[test]
+fn a_model_changed_while_its_agent_was_away_is_checked_against_the_new_schema() {
+    if !python_available() {
+        println!("SKIPPED: python3 is not installed");
+        return;
+    }
+    // The same model under two schemas: `--info` says which, a run is `instant.py`.
+    let declared = |info: &str| {
+        let script = format!(
+            "case \"$0\" in --info|-i) echo '{info}';; *) exec python3 {};; esac",
+            model("instant.py")
+        );
+        format!(
+            "[[procedure]]\nname = \"changing\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\npoll_ms = 100\n",
+            Value::String(script)
+        )
+    };
+    let before = declared("main = { x = int default 1 }");
+    let after = declared("main = { x = string choice [a, b] default a }");
+    // Three agents knew the old schema (which catalog a lookup met first was a
+    // matter of hash order).
+    let mut c = Cluster::start(
+        (0..3).map(|_| agent_with_config(&before, &[])).collect(),
+        &["--echo-interval-ms", "100", "--max-misses", "1"],
+    );
+    let gw = &c.gw;
+    wait_until(WAIT, "the model's catalog", || {
+        gw.procedures().iter().any(|p| {
+            p.name == "changing"
+                && p.kind == pb::ProcedureKind::Opal as i32
+                && p.agent_ids.len() == 3
+        })
+    });
+    for i in 0..3 {
+        c.agents[i].kill9();
+    }
+    for i in 0..3 {
+        gw.wait_agent_state(c.id(i), pb::AgentState::Gone, WAIT);
+    }
+
+    // The model comes back changed, on another agent that announces itself.
+    let controller = c.gateway.addr("arpcp");
+    let _changed = agent_with_config(&after, &["--controller", &controller]);
+    wait_until(WAIT, "the changed model described", || {
+        gw.call("DescribeProcedure", |mut cl| async move {
+            cl.describe_procedure(pb::DescribeProcedureRequest {
+                procedure: "changing".into(),
+            })
+            .await
+        })
+        .is_ok_and(|s| s.main.first().is_some_and(|p| p.r#type == "string"))
+    });
+    for kwargs in [json!({"main": {"x": "b"}}), json!({})] {
+        let id = gw
+            .submit(submit_named("changing", kwargs.clone()))
+            .unwrap_or_else(|e| panic!("Submit {kwargs}: {e:?}"))
+            .task_id;
+        let t = gw.wait_final(&id, RUN);
+        assert_eq!(
+            t.status,
+            pb::TaskStatus::Done as i32,
+            "{kwargs}: {}",
+            describe(&t)
+        );
+    }
+}

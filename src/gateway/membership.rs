@@ -551,11 +551,25 @@ impl Membership {
     }
 
     /// What the agents' catalogs say `procedure` is (and, for an Opal model, its
-    /// schema), without building a listing: this is on Submit's path.
+    /// schema), without building a listing: this is on Submit's path. An agent that
+    /// can take tasks is believed first: a gone agent's catalog may describe a
+    /// model as it was before it changed. Any catalog, when none of those has one.
     pub fn kind_of(&self, procedure: &str) -> Option<(ProcedureKind, Option<Arc<Schema>>)> {
-        self.catalogs()
-            .values()
-            .find_map(|c| c.procedures.get(procedure).cloned())
+        // Lock order: the catalogs, then the agents (nothing takes them the other
+        // way round).
+        let catalogs = self.catalogs();
+        let agents = self.read();
+        let mut any = None;
+        for (agent_id, catalog) in catalogs.iter() {
+            let Some(entry) = catalog.procedures.get(procedure) else {
+                continue;
+            };
+            if agents.get(agent_id).is_some_and(|a| a.can_take_tasks()) {
+                return Some(entry.clone());
+            }
+            any.get_or_insert_with(|| entry.clone());
+        }
+        any
     }
 
     /// What a procedure is and, for an Opal model, its schema, as the alive agents
