@@ -148,7 +148,7 @@ fn command_line_mistakes_exit_2_before_anything_is_sent() {
     let not_pem = dir.path().join("not-a-cert.pem");
     std::fs::write(&not_pem, "root:x:0:0:root:/root:/bin/bash\n").expect("write a file");
     let not_pem = not_pem.to_string_lossy().into_owned();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["submit", "add", "1", "2", "--timeout", "5s"],
             "--timeout needs --wait",
@@ -169,6 +169,11 @@ fn command_line_mistakes_exit_2_before_anything_is_sent() {
         (
             &["--token", "t", "agents"],
             "--token (or ARPCP_TOKEN) needs --ca",
+        ),
+        // Numbers travel as doubles: this one would arrive as 9007199254740992.
+        (
+            &["submit", "add", "9007199254740993", "1"],
+            "argument 1: 9007199254740993 cannot be sent exactly",
         ),
     ];
     for (args, says) in cases {

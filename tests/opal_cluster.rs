@@ -395,3 +395,43 @@ fn a_model_changed_while_its_agent_was_away_is_checked_against_the_new_schema() 
         );
     }
 }
+
+/// A model's `int` is 64 bits, but a client receives numbers as doubles: a table
+/// cell past 2^53 − 1 fails the task naming the cell, rather than reaching the
+/// client as another number.
+#[test]
+fn an_int_cell_a_client_cannot_receive_exactly_fails_the_task() {
+    let info = "main = { n = int default 1 }";
+    // One row a line.
+    let answer = "'{ answer = ok status = ready header = { i = int } table = {' \
+                  '9007199254740991' '9007199254740993 } }'";
+    let script = format!(
+        "case \"$0\" in --info|-i) echo '{info}';; *) head -c 1 >/dev/null; printf '%s\\n' {answer};; esac"
+    );
+    let toml = format!(
+        "[[procedure]]\nname = \"big\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\npoll_ms = 100\n",
+        Value::String(script)
+    );
+    let c = Cluster::start(
+        vec![agent_with_config(&toml, &[])],
+        &["--echo-interval-ms", "200"],
+    );
+    let gw = &c.gw;
+    wait_until(WAIT, "the model's catalog", || {
+        gw.procedures()
+            .iter()
+            .any(|p| p.name == "big" && p.kind == pb::ProcedureKind::Opal as i32)
+    });
+    let id = gw
+        .submit(submit_named("big", json!({})))
+        .expect("Submit big")
+        .task_id;
+    let t = gw.wait_final(&id, RUN);
+    assert_eq!(t.status, pb::TaskStatus::Failed as i32, "{}", describe(&t));
+    assert!(
+        t.error
+            .contains("row 2, column i (int): 9007199254740993 is beyond"),
+        "{}",
+        t.error
+    );
+}

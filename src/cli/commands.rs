@@ -414,6 +414,17 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}{hint}", s.code(), s.message())
 }
 
+/// Refuses a value holding an integer that would reach the gateway as another one.
+fn exact(what: &str, v: &Value) -> anyhow::Result<()> {
+    match crate::pb::json::inexact_int(v) {
+        Some(n) => Err(usage(format!(
+            "{what}: {n} cannot be sent exactly: numbers travel as doubles, exact within ±{} (2^53 − 1); quote it ('\"{n}\"') to send it as a string",
+            crate::pb::json::MAX_EXACT_INT
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A command-line argument as a JSON value.
 fn arg_value(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string()))
@@ -720,7 +731,13 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
                 "--kw {kv:?}: the name before '=' is empty; expected NAME=VALUE"
             )));
         }
-        kwargs.insert(k.to_string(), to_pb(&arg_value(v)));
+        let v = arg_value(v);
+        exact(&format!("--kw {k}"), &v)?;
+        kwargs.insert(k.to_string(), to_pb(&v));
+    }
+    let args: Vec<Value> = c.args.iter().map(|a| arg_value(a)).collect();
+    for (i, a) in args.iter().enumerate() {
+        exact(&format!("argument {}", i + 1), a)?;
     }
     match (c.timeout, c.wait || c.sync) {
         (Some(_), false) => return Err(usage(
@@ -756,6 +773,7 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
             .map_err(status_err)?
             .into_inner();
         let named = params_to_kwargs(&c.params, &schema)?;
+        exact("--param", &Value::Object(named.clone()))?;
         for (k, v) in named {
             kwargs.insert(k, to_pb(&v));
         }
@@ -763,7 +781,7 @@ pub async fn submit(c: SubmitCmd, common: &Common) -> anyhow::Result<ExitCode> {
     let procedure = c.procedure.clone();
     let request = pb::SubmitRequest {
         procedure: c.procedure,
-        args: c.args.iter().map(|a| to_pb(&arg_value(a))).collect(),
+        args: args.iter().map(to_pb).collect(),
         kwargs: (!kwargs.is_empty()).then_some(prost_types::Struct { fields: kwargs }),
         agent_id: c.agent.unwrap_or_default(),
         sync: c.sync,

@@ -100,7 +100,7 @@ pub fn table_from_answer(answer: &Section) -> Result<Table, TableError> {
             .iter()
             .zip(&columns)
             .map(|(cell, col)| {
-                types::value_from_text(col.ty, cell).map_err(|message| TableError::Cell {
+                types::cell_from_text(col.ty, cell).map_err(|message| TableError::Cell {
                     row: i + 1,
                     column: col.name.clone(),
                     ty: col.ty,

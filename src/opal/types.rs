@@ -95,6 +95,10 @@ pub fn describe_json(v: &Json) -> String {
     }
 }
 
+/// A model's `int` is 64 bits; what leaves or reaches it through the cluster stays
+/// within what the API carries exactly.
+pub use crate::pb::json::MAX_EXACT_INT;
+
 fn mismatch(ty: ParamType, found: String) -> String {
     format!("expected {}, found {found}", ty.expected())
 }
@@ -122,6 +126,21 @@ pub fn value_from_text(ty: ParamType, text: &str) -> Result<Json, String> {
     }
 }
 
+/// A table cell of type `ty`: as [`value_from_text`], and an `int` within
+/// `MAX_EXACT_INT`, which a client can receive exactly.
+pub fn cell_from_text(ty: ParamType, text: &str) -> Result<Json, String> {
+    let v = value_from_text(ty, text)?;
+    if let Some(i) = v
+        .as_i64()
+        .filter(|i| i.unsigned_abs() > MAX_EXACT_INT as u64)
+    {
+        return Err(format!(
+            "{i} is beyond ±{MAX_EXACT_INT} (2^53 − 1), the integers a client receives exactly (numbers cross the API as doubles); declare the column float, or string to keep every digit"
+        ));
+    }
+    Ok(v)
+}
+
 /// Checks a caller's JSON value against `ty` and returns it normalised (a float
 /// parameter given `20` becomes `20.0`; an int given `20.0` becomes `20`).
 pub fn value_from_json(ty: ParamType, v: &Json) -> Result<Json, String> {
@@ -131,15 +150,16 @@ pub fn value_from_json(ty: ParamType, v: &Json) -> Result<Json, String> {
             if let Some(i) = n.as_i64() {
                 return Ok(Json::from(i));
             }
-            // Protobuf carries every number as a double: 20.0 is how 20 arrives.
-            const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+            // Protobuf carries every number as a double: 20.0 is how 20 arrives, and
+            // past 2^53 − 1 a double may be another integer than the one sent.
             match n.as_f64() {
-                Some(f) if f.fract() == 0.0 && f.abs() <= EXACT => Ok(Json::from(f as i64)),
-                _ => Err(format!(
-                    "expected an integer from {} to {}, found {n}",
-                    i64::MIN,
-                    i64::MAX
+                Some(f) if f.fract() == 0.0 && f.abs() <= MAX_EXACT_INT as f64 => {
+                    Ok(Json::from(f as i64))
+                }
+                Some(f) if f.fract() == 0.0 => Err(format!(
+                    "expected an integer within ±{MAX_EXACT_INT} (2^53 − 1: numbers travel as doubles, and past it one may have arrived as another), found {n}"
                 )),
+                _ => Err(bad()),
             }
         }
         (ParamType::Float, Json::Number(n)) => n

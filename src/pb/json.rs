@@ -5,8 +5,27 @@
 use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
 
-/// Integers up to this magnitude are exact in a double.
-pub const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
+/// The largest integer that crosses the API exactly: a `google.protobuf.Value`
+/// number is a double, exact up to 2^53 − 1; past it, an integer may arrive as
+/// another. Clients refuse to send one, and an Opal table does not hold one.
+pub const MAX_EXACT_INT: i64 = (1 << 53) - 1;
+
+/// The first integer in `v` that a double would not carry exactly, if any.
+pub fn inexact_int(v: &Value) -> Option<&serde_json::Number> {
+    match v {
+        Value::Number(n) => {
+            let big = match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => i.unsigned_abs() > MAX_EXACT_INT as u64,
+                (None, Some(u)) => u > MAX_EXACT_INT as u64,
+                (None, None) => false,
+            };
+            big.then_some(n)
+        }
+        Value::Array(a) => a.iter().find_map(inexact_int),
+        Value::Object(m) => m.values().find_map(inexact_int),
+        _ => None,
+    }
+}
 
 pub fn from_json(v: &Value) -> prost_types::Value {
     let kind = match v {
@@ -34,7 +53,8 @@ pub fn to_json(v: &prost_types::Value) -> Value {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(*b),
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INT => {
+        // 2^53 itself is exact in a double too.
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= (MAX_EXACT_INT + 1) as f64 => {
             Value::Number(Number::from(*n as i64))
         }
         Some(Kind::NumberValue(n)) => Number::from_f64(*n).map_or(Value::Null, Value::Number),

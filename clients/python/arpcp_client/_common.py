@@ -369,10 +369,10 @@ def to_value(v: Any) -> struct_pb2.Value:
             raise ValueError(f"{v} is not a finite number")
         # A protobuf number is a double: an int past 2**53 would arrive as another
         # number, silently.
-        if isinstance(v, int) and abs(v) > _MAX_EXACT_INT:
+        if isinstance(v, int) and abs(v) >= _MAX_EXACT_INT:
             raise ValueError(
                 f"{v} cannot be sent exactly: integers travel as JSON numbers (doubles), "
-                f"exact up to 2**53 = {_MAX_EXACT_INT}; send it as a str"
+                f"exact within ±(2**53 - 1) = {_MAX_EXACT_INT - 1}; send it as a str"
             )
         out.number_value = float(v)
     elif isinstance(v, str):
