@@ -435,3 +435,34 @@ fn an_int_cell_a_client_cannot_receive_exactly_fails_the_task() {
         t.error
     );
 }
+
+/// A model past its `timeout_secs` fails with its name and the end of its stderr,
+/// as a crash does (it said only "timed out after 1s").
+#[test]
+fn a_timed_out_model_fails_with_its_last_words() {
+    let script = "case \"$0\" in --info|-i) echo 'main = { n = int default 1 }';; \
+                  *) echo 'stuck at iteration 5, waiting for a lock' >&2; sleep 60;; esac";
+    let toml = format!(
+        "[[procedure]]\nname = \"stuck\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\ntimeout_secs = 1\n",
+        Value::String(script.into())
+    );
+    let c = Cluster::start(
+        vec![agent_with_config(&toml, &[])],
+        &["--echo-interval-ms", "200"],
+    );
+    let gw = &c.gw;
+    wait_until(WAIT, "the model's catalog", || {
+        gw.procedures()
+            .iter()
+            .any(|p| p.name == "stuck" && p.kind == pb::ProcedureKind::Opal as i32)
+    });
+    let id = gw
+        .submit(submit_named("stuck", json!({})))
+        .expect("Submit stuck")
+        .task_id;
+    let t = gw.wait_final(&id, RUN);
+    assert_eq!(t.status, pb::TaskStatus::Failed as i32, "{}", describe(&t));
+    for words in ["\"stuck\"", "timed out after 1s", "stuck at iteration 5"] {
+        assert!(t.error.contains(words), "{words} in {}", t.error);
+    }
+}

@@ -163,6 +163,13 @@ impl ProcessGroup {
     fn disarm(mut self) {
         self.0 = None;
     }
+
+    /// Kills the group now (and again when dropped, which finds nothing).
+    pub(super) fn kill_now(&self) {
+        if let Some(pgid) = self.0 {
+            kill_process_group(pgid);
+        }
+    }
 }
 
 impl Drop for ProcessGroup {

@@ -100,7 +100,7 @@ impl OpalProcedure {
         let mut child = spawn_program(&self.spec.command, &[], env, Stdio::piped())?;
         // Killed with everything it started however this ends (a result, an
         // error, a timeout, a cancel dropping this future).
-        let _group = ProcessGroup::new(child.id());
+        let group = ProcessGroup::new(child.id());
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -134,10 +134,19 @@ impl OpalProcedure {
                 answer = talk.ask("{ request = status }").await?;
             }
         };
+        let mut timed_out = false;
         let outcome = match self.timeout {
             Some(t) => match tokio::time::timeout(t, talked).await {
                 Ok(o) => o,
-                Err(_) => return Err(RunError::Timeout(t)),
+                Err(_) => {
+                    // Killed now, so that its stderr ends and its last words are read.
+                    group.kill_now();
+                    timed_out = true;
+                    Err(format!(
+                        "timed out after {} (timeout_secs)",
+                        humantime::format_duration(t)
+                    ))
+                }
             },
             None => talked.await,
         };
@@ -152,7 +161,8 @@ impl OpalProcedure {
                     _ => String::new(),
                 };
                 let exit = match status {
-                    Ok(Ok(s)) if !s.success() => format!(" ({s})"),
+                    // The kill of a timeout says nothing of the model.
+                    Ok(Ok(s)) if !s.success() && !timed_out => format!(" ({s})"),
                     _ => String::new(),
                 };
                 let tail = if tail.is_empty() {
