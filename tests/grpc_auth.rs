@@ -563,3 +563,53 @@ fn peers_that_never_finish_their_handshake_do_not_hold_up_other_callers() {
     );
     drop(silent);
 }
+
+/// A name issued again after its files were removed: `ca revoke NAME` shuts out the
+/// certificates handed out under it before too (it revoked only the one in
+/// NAME.pem, and the old operator certificate kept working).
+#[test]
+fn revoking_a_name_issued_again_revokes_its_earlier_certificates() {
+    let t = Tls::start();
+    let pki = t.pki.to_str().unwrap();
+    let issue = |role: &str| {
+        arpcp_ok(
+            t.dir.path(),
+            &[
+                "ca", "issue", "client", "quinn", "--role", role, "--dir", pki,
+            ],
+        )
+    };
+    issue("operator");
+    // The operator's pair, handed out; then the name is issued again as a reader.
+    let old = t.dir.path().join("handed-out");
+    std::fs::create_dir_all(&old).unwrap();
+    for f in ["quinn.pem", "quinn-key.pem"] {
+        std::fs::rename(t.pki.join(f), old.join(f)).unwrap();
+    }
+    issue("reader");
+    let (cert, key) = (old.join("quinn.pem"), old.join("quinn-key.pem"));
+    let handed_out = Gw::connect_tls(
+        &t.c.gateway.grpcs_url(),
+        client_tls(&t.ca(), Some((&cert, &key))),
+    );
+    assert_eq!(list_agents(&handed_out, None).unwrap().agents.len(), 1);
+
+    let out = arpcp_ok(t.dir.path(), &["ca", "revoke", "quinn", "--dir", pki]);
+    assert!(out.contains("revoked quinn"), "{out}");
+    wait_for(
+        WAIT,
+        "the earlier certificate refused",
+        || match list_agents(&handed_out, None) {
+            Err(e) if e.code() == Code::Unauthenticated => Some(e),
+            _ => None,
+        },
+    );
+    wait_for(
+        WAIT,
+        "the current certificate refused",
+        || match list_agents(&t.as_cert("quinn"), None) {
+            Err(e) => Some(e),
+            _ => None,
+        },
+    );
+}

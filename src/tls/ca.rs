@@ -40,6 +40,12 @@ pub const CRL_DAYS: i64 = 3650;
 /// Most certificates one revocation list names (it must stay under
 /// `crl::MAX_CRL_FILE_BYTES`, which the daemons read).
 pub const MAX_REVOKED: usize = 10_000;
+/// Every certificate the CA issued, a line each, `SERIAL NAME` (the serial in hex):
+/// `revoke NAME` revokes them all, so a name issued again after its files were
+/// removed still shuts out the certificates handed out before.
+pub const ISSUED_FILE: &str = "issued.txt";
+/// The most `ISSUED_FILE` is read to (about 200,000 lines).
+const MAX_ISSUED_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// The name a gateway certificate gets when none is given.
 pub const DEFAULT_GATEWAY_NAME: &str = "gateway";
 
@@ -49,7 +55,7 @@ pub enum CaError {
     CaExists { dir: PathBuf },
     #[error("no CA in {dir} ({CA_CERT_FILE} and {CA_KEY_FILE} expected): run `arpcp ca init --dir {dir}` first")]
     NoCa { dir: PathBuf },
-    #[error("{path} already exists: remove it to issue a new certificate under that name")]
+    #[error("{path} already exists: to issue a new certificate under that name, revoke this one first if it was handed out (`arpcp ca revoke NAME`), then remove NAME.pem and NAME-key.pem")]
     Exists { path: PathBuf },
     #[error("invalid name {name:?}: {reason}")]
     BadName { name: String, reason: String },
@@ -71,8 +77,10 @@ pub enum CaError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("no certificate to revoke: {path} is missing (a certificate issued as {name:?} is kept there)")]
+    #[error("no certificate to revoke: {path} is missing (a certificate issued as {name:?} is kept there) and {ISSUED_FILE} records none under that name")]
     NoCertificate { path: PathBuf, name: String },
+    #[error("the record of issued certificates {path} cannot be read: {reason}")]
+    BadIssued { path: PathBuf, reason: String },
     #[error("the certificate {path} cannot be read: {reason}")]
     BadCertificate { path: PathBuf, reason: String },
     #[error("{name:?} (serial {serial}) is already revoked in {path}")]
@@ -244,6 +252,7 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<Written, CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = params.signed_by(&key, &issuer)?;
     write_pair(&files.cert, &cert.pem(), &files.key, &key.serialize_pem())?;
+    record_issued(dir, &req.name, &serial_of(&files.cert)?)?;
     Ok(Written {
         cert: files.cert,
         key: files.key,
@@ -378,7 +387,7 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
 #[derive(Clone, Debug)]
 pub struct Revoked {
     pub crl: PathBuf,
-    /// The revoked certificate's serial number, hex.
+    /// The serial numbers revoked now, hex, comma-separated.
     pub serial: String,
     /// The new list's number (one more than the list it replaced).
     pub crl_number: u64,
@@ -390,9 +399,74 @@ struct Entry {
     at: OffsetDateTime,
 }
 
-/// Adds the certificate `DIR/NAME.pem` to the CA's revocation list `DIR/crl.pem`,
-/// signed by the CA, with a CRL number one more than the list it replaces. The new
-/// list replaces the old by a rename, so a daemon never reads half of one.
+/// Appends `SERIAL NAME` to `DIR/ISSUED_FILE`, on disk before `issue` returns.
+fn record_issued(dir: &Path, name: &str, serial: &[u8]) -> Result<(), CaError> {
+    use std::io::Write;
+    let path = dir.join(ISSUED_FILE);
+    let write = |source| CaError::Write {
+        path: path.clone(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(write)?;
+    writeln!(f, "{} {name}", hex(serial)).map_err(write)?;
+    f.sync_all().map_err(write)
+}
+
+/// The serials `DIR/ISSUED_FILE` records under `name` (none when there is no file:
+/// a CA made before it was kept).
+fn issued_serials(dir: &Path, name: &str) -> Result<Vec<Vec<u8>>, CaError> {
+    use std::io::Read;
+    let path = dir.join(ISSUED_FILE);
+    let bad = |reason: String| CaError::BadIssued {
+        path: path.clone(),
+        reason,
+    };
+    let mut text = String::new();
+    match std::fs::File::open(&path) {
+        Ok(f) => f
+            .take(MAX_ISSUED_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| bad(e.to_string()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    if text.len() as u64 > MAX_ISSUED_FILE_BYTES {
+        return Err(bad(format!("larger than {MAX_ISSUED_FILE_BYTES} bytes")));
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some((serial, who)) = line.trim().split_once(' ') else {
+            continue;
+        };
+        if who != name {
+            continue;
+        }
+        out.push(
+            unhex(serial)
+                .ok_or_else(|| bad(format!("line {}: {serial:?} is not a hex serial", i + 1)))?,
+        );
+    }
+    Ok(out)
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Adds every certificate issued as NAME (`DIR/NAME.pem` and those `ISSUED_FILE`
+/// records) to the CA's revocation list `DIR/crl.pem`, signed by the CA, with a CRL
+/// number one more than the list it replaces. The new list replaces the old by a
+/// rename, so a daemon never reads half of one.
 pub fn revoke(dir: &Path, name: &str) -> Result<Revoked, CaError> {
     check_name(name)?;
     let files = TlsFiles::in_dir(dir, name);
@@ -402,28 +476,37 @@ pub fn revoke(dir: &Path, name: &str) -> Result<Revoked, CaError> {
             dir: dir.to_path_buf(),
         });
     }
-    if !files.cert.exists() {
+    let mut serials = issued_serials(dir, name)?;
+    if files.cert.exists() {
+        serials.push(serial_of(&files.cert)?);
+    }
+    if serials.is_empty() {
         return Err(CaError::NoCertificate {
             path: files.cert.clone(),
             name: name.to_string(),
         });
     }
-    let serial = serial_of(&files.cert)?;
-    let serial_hex = hex(&serial);
     let crl_path = files.crl();
     let (mut entries, number) = read_crl_entries(&crl_path)?;
-    if entries.iter().any(|e| e.serial == serial) {
+    let mut new: Vec<Vec<u8>> = Vec::new();
+    for serial in serials {
+        if !entries.iter().any(|e| e.serial == serial) && !new.contains(&serial) {
+            new.push(serial);
+        }
+    }
+    if new.is_empty() {
         return Err(CaError::AlreadyRevoked {
             name: name.to_string(),
-            serial: serial_hex,
+            serial: serial_of(&files.cert).map(|s| hex(&s)).unwrap_or_default(),
             path: crl_path,
         });
     }
-    if entries.len() >= MAX_REVOKED {
+    if entries.len() + new.len() > MAX_REVOKED {
         return Err(CaError::TooManyRevoked { path: crl_path });
     }
     let now = OffsetDateTime::now_utc();
-    entries.push(Entry { serial, at: now });
+    let serial_hex = new.iter().map(|s| hex(s)).collect::<Vec<_>>().join(", ");
+    entries.extend(new.into_iter().map(|serial| Entry { serial, at: now }));
     let ca_key = KeyPair::from_pem(&read_ca(&ca_key_path)?).map_err(|source| CaError::BadCa {
         path: ca_key_path.clone(),
         source,
