@@ -604,12 +604,7 @@ fn revoking_a_name_issued_again_revokes_its_earlier_certificates() {
             _ => None,
         },
     );
-    wait_for(
-        WAIT,
-        "the current certificate refused",
-        || match list_agents(&t.as_cert("quinn"), None) {
-            Err(e) => Some(e),
-            _ => None,
-        },
-    );
+    wait_for(WAIT, "the current certificate refused", || {
+        list_agents(&t.as_cert("quinn"), None).err()
+    });
 }
