@@ -264,3 +264,26 @@ fn unreachable_agent_at_placement_sends_the_task_elsewhere() {
     let a = c.gw.agent(&dead);
     assert_eq!(a.state, pb::AgentState::Suspect as i32, "{a:?}");
 }
+
+/// Why an agent is missed is said at the default log level: when it leaves, with the
+/// reason of its last missed echo, and once for a configured address that never
+/// answers (both showed only with RUST_LOG=debug).
+#[test]
+fn the_gateway_says_why_an_agent_is_missed() {
+    let nobody = common::reserve_port();
+    let mut extra = FAST.to_vec();
+    extra.extend_from_slice(&["--agent", &nobody]);
+    let mut c = Cluster::start(vec![Daemon::agent(&[])], &extra);
+    let id = c.id(0).to_string();
+    c.agents[0].kill9();
+    c.gw.wait_agent_state(&id, pb::AgentState::Gone, WAIT);
+    common::wait_for_log(&c.gateway, &["left the cluster", &id, "reason=", "refused"]);
+    common::wait_for_log(&c.gateway, &["configured agent does not answer", &nobody]);
+    // Said once, though it was probed in every round while the agent left (3 misses).
+    let said = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("configured agent does not answer"))
+            .count()
+    };
+    assert_eq!(said(&c.gateway.stderr()), 1, "{}", c.gateway.stderr());
+}

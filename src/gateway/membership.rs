@@ -91,6 +91,13 @@ pub struct Membership {
     /// since: another answer that changes nothing the rules keep is not sent to
     /// them (at 1,000 agents, 1,000 events a second through the driver).
     in_step: Mutex<BTreeSet<String>>,
+    /// Why each agent that missed its last echo missed it (a revoked certificate, a
+    /// refused connection), for the warnings of its state changes; cleared when it
+    /// answers. At most one entry a known agent.
+    miss_reasons: Mutex<HashMap<String, String>>,
+    /// Configured addresses (`--agent`) whose failed probe was warned of, once
+    /// until they answer; each probe after is at debug level.
+    unanswered_warned: Mutex<BTreeSet<String>>,
     store: GatewayStore,
     client: ArpcpClient,
     config: MembershipConfig,
@@ -122,6 +129,8 @@ impl Membership {
             catalogs: Mutex::new(HashMap::new()),
             identities: Mutex::new(HashMap::new()),
             in_step: Mutex::new(BTreeSet::new()),
+            miss_reasons: Mutex::new(HashMap::new()),
+            unanswered_warned: Mutex::new(BTreeSet::new()),
             store,
             client: ArpcpClient::new(timeout, timeout).with_tls(config.tls.clone()),
             config,
@@ -197,10 +206,15 @@ impl Membership {
         if let Err(e) = self.persist(agent_id) {
             warn!(agent_id, "cannot store agent: {e}");
         }
+        let reason = lock(&self.miss_reasons)
+            .get(agent_id)
+            .cloned()
+            .unwrap_or_default();
         match state {
             AgentState::Gone if before != AgentState::Gone => {
                 warn!(
                     agent_id,
+                    %reason,
                     "agent missed {misses} echoes: it left the cluster"
                 )
             }
@@ -208,7 +222,7 @@ impl Membership {
                 agent_id,
                 "agent unreachable or not heard from since the start: no new tasks until it answers an echo"
             ),
-            AgentState::Suspect => warn!(agent_id, misses, "agent missed an echo"),
+            AgentState::Suspect => warn!(agent_id, misses, %reason, "agent missed an echo"),
             AgentState::Alive | AgentState::Gone => {}
         }
     }
@@ -332,6 +346,12 @@ impl Membership {
             }
             Err(e) => {
                 debug!(%addr, "no echo: {e}");
+                if known.is_none()
+                    && self.config.seeds.contains(&addr)
+                    && lock(&self.unanswered_warned).insert(addr.clone())
+                {
+                    warn!(%addr, "configured agent does not answer: {e} (said once until it answers; each probe is logged at debug level)");
+                }
                 self.client.forget(&addr);
                 match known {
                     Some(agent_id) => self.missed(&agent_id, &e).await,
@@ -432,6 +452,8 @@ impl Membership {
                 candidates.remove(addr);
             }
         }
+        lock(&self.miss_reasons).remove(&agent_id);
+        lock(&self.unanswered_warned).remove(addr);
         if changed {
             info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, certificate = ?rec.certificate, "agent alive");
         }
@@ -614,6 +636,7 @@ impl Membership {
             return;
         }
         debug!(agent_id, "no echo: {reason}");
+        lock(&self.miss_reasons).insert(agent_id.to_string(), reason.to_string());
         // Removed before the miss is told, so the next answer is told after it.
         self.in_step().remove(agent_id);
         if let Some(agent) = agent_number(agent_id) {
@@ -702,6 +725,10 @@ async fn every<F: std::future::Future>(
             _ = round() => {}
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn socket_addr(ip: IpAddr, port: u16) -> String {
