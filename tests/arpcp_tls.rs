@@ -114,6 +114,28 @@ fn a_tls_cluster_runs_a_task_to_done() {
     assert_eq!(result_of(&t), Some(json!(5)));
 }
 
+/// The agent's TLS settings from its `--config` file, as the README's table says
+/// (the file refused `tls_dir` and `tls_name` as unknown keys).
+#[test]
+fn an_agent_takes_its_tls_settings_from_its_config_file() {
+    let pki_dir = cluster_pki();
+    let pki = pki_of(&pki_dir);
+    let p = Path::new(&pki);
+    let tls = client_tls(
+        &p.join("ca.pem"),
+        Some((&p.join("ops.pem"), &p.join("ops-key.pem"))),
+    );
+    let toml = format!(
+        "tls_dir = {}\ntls_name = \"agent-1\"\n",
+        serde_json::Value::String(pki.clone())
+    );
+    let agent = common::gateway::agent_with_config(&toml, &[]);
+    let c = Cluster::start_tls(vec![agent], &["--tls-dir", &pki], tls);
+    let id = c.gw.submit_ok("add", json!([2, 3]));
+    assert_task_status(&c.gw.wait_final(&id, WAIT), pb::TaskStatus::Done);
+    assert_eq!(c.gw.agent(c.id(0)).certificate_name, "agent-1");
+}
+
 #[test]
 fn a_plain_connection_to_a_tls_agent_gets_nothing() {
     let pki_dir = cluster_pki();

@@ -34,6 +34,10 @@ pub struct ConfigFile {
     /// `store_cache = "8MiB"`: sled's page cache.
     #[serde(default, deserialize_with = "crate::durable::deserialize_cache_bytes")]
     pub store_cache: Option<u64>,
+    /// `--tls-dir`, `--tls-name`, `--metrics` (the flags win).
+    pub tls_dir: Option<PathBuf>,
+    pub tls_name: Option<String>,
+    pub metrics: Option<String>,
     #[serde(default, rename = "procedure")]
     pub procedures: Vec<CommandSpec>,
 }
@@ -80,6 +84,11 @@ pub struct AgentConfig {
     /// sled's page cache for the task store.
     pub store_cache_bytes: u64,
     pub procedures: Vec<CommandSpec>,
+    /// Where the TLS files are and the certificate's name, from a flag or the file
+    /// (the daemon loads them into `tls`); the metrics address.
+    pub tls_dir: Option<PathBuf>,
+    pub tls_name: Option<String>,
+    pub metrics: Option<String>,
     /// ARPCP over mutual TLS (`--tls-dir`): served to the gateway's certificate only,
     /// and SIGNALs and announcements sent with the agent's.
     pub tls: Option<crate::arpcp::tls::ArpcpTls>,
@@ -97,6 +106,9 @@ pub struct AgentFlags {
     pub keep_finished_secs: Option<f64>,
     /// `--store-cache`, already checked against its bounds.
     pub store_cache_bytes: Option<u64>,
+    pub tls_dir: Option<PathBuf>,
+    pub tls_name: Option<String>,
+    pub metrics: Option<String>,
 }
 
 /// A non-negative, finite number of seconds from a flag or the file.
@@ -184,6 +196,9 @@ impl AgentConfig {
                 .or(file.store_cache)
                 .unwrap_or(super::store::DEFAULT_CACHE_BYTES),
             procedures: file.procedures,
+            tls_dir: flags.tls_dir.or(file.tls_dir),
+            tls_name: flags.tls_name.or(file.tls_name),
+            metrics: flags.metrics.or(file.metrics),
             tls: None,
         })
     }

@@ -332,10 +332,19 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
             .map(|d| d.as_secs_f64())
             .or(a.keep_finished_secs),
         store_cache_bytes: a.store_cache,
+        tls_dir: a.tls_dir,
+        tls_name: a.tls_name,
+        metrics: a.metrics,
     })?;
     let mut config = config;
-    if let Some(dir) = &a.tls_dir {
-        let name = a.tls_name.clone().unwrap_or_else(|| {
+    if a.insecure && config.tls_dir.is_some() {
+        anyhow::bail!("--insecure and tls_dir (in the --config file) exclude each other");
+    }
+    if config.tls_dir.is_none() && config.tls_name.is_some() {
+        anyhow::bail!("tls_name (in the --config file) needs tls_dir");
+    }
+    if let Some(dir) = &config.tls_dir {
+        let name = config.tls_name.clone().unwrap_or_else(|| {
             hostname::get()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default()
@@ -356,7 +365,7 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
     if a.accept_damaged_store {
         accept_agent_store_damage(&config.data_dir)?;
     }
-    let metrics = start_metrics(a.metrics.as_deref()).await?;
+    let metrics = start_metrics(config.metrics.as_deref()).await?;
     let agent = agent::Agent::start(config, listener).await?;
     let addrs: Vec<_> = [("arpcp", addr)].into_iter().chain(metrics).collect();
     announce_ready("agent", &addrs);
@@ -368,6 +377,7 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
 struct GatewaySettings {
     grpc: String,
     arpcp: String,
+    metrics: Option<String>,
     config: GatewayConfig,
 }
 
@@ -467,6 +477,7 @@ fn gateway_config(g: GatewayCmd) -> anyhow::Result<GatewaySettings> {
         tls,
     };
     Ok(GatewaySettings {
+        metrics: g.metrics.or(file.metrics),
         grpc: g
             .grpc
             .or(file.grpc)
@@ -515,10 +526,10 @@ const DEFAULT_RETENTION_COUNT: usize = 1_000_000;
 pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
     raise_open_files_limit();
     let insecure = g.insecure;
-    let metrics_addr = g.metrics.clone();
     let GatewaySettings {
         grpc,
         arpcp,
+        metrics: metrics_addr,
         config,
     } = gateway_config(g)?;
     let grpc = bind(&grpc, "--grpc").await?;
@@ -583,7 +594,15 @@ pub async fn up(u: UpCmd) -> anyhow::Result<()> {
         grace_secs: None,
         keep_finished_secs: None,
         store_cache_bytes: None,
+        tls_dir: None,
+        tls_name: None,
+        metrics: None,
     })?;
+    if agent_config.tls_dir.is_some() || agent_config.metrics.is_some() {
+        anyhow::bail!(
+            "tls_dir and metrics in the --config file are the agent's (`arpcp agent`); `arpcp up` runs plaintext on loopback and takes --metrics itself"
+        );
+    }
     let mut agent_config = agent_config;
     let with_model = offer_example_model(&u.data_dir, &mut agent_config.procedures);
     let gateway_config = GatewayConfig {

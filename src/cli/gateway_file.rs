@@ -33,6 +33,8 @@ pub struct GatewayFile {
     #[serde(default, deserialize_with = "crate::durable::deserialize_cache_bytes")]
     pub store_cache: Option<u64>,
     pub tls_dir: Option<PathBuf>,
+    /// `--metrics`.
+    pub metrics: Option<String>,
 }
 
 impl GatewayFile {
