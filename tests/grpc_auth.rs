@@ -607,4 +607,14 @@ fn revoking_a_name_issued_again_revokes_its_earlier_certificates() {
     wait_for(WAIT, "the current certificate refused", || {
         list_agents(&t.as_cert("quinn"), None).err()
     });
+    // The CLI says its certificate was refused (it said "transport error" and to
+    // pass --ca, which it had).
+    let url = t.c.gateway.grpcs_url();
+    let ca = t.ca().to_string_lossy().into_owned();
+    let cert = cert.to_string_lossy().into_owned();
+    let args = ["--gateway", &url, "--ca", &ca, "--cert", &cert, "agents"];
+    let (status, _, err) = common::run_to_exit(t.dir.path(), &args, WAIT);
+    assert!(!status.success());
+    assert!(err.contains("refuses the certificate of --cert"), "{err}");
+    assert!(!err.contains("pass --ca"), "{err}");
 }

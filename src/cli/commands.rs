@@ -181,6 +181,8 @@ impl tonic::service::Interceptor for Bearer {
 #[derive(Default)]
 struct Credentials {
     tls: Option<ClientTlsConfig>,
+    /// A client certificate goes with `tls`.
+    cert: bool,
     bearer: Bearer,
 }
 
@@ -221,6 +223,7 @@ impl Credentials {
         };
         Ok(Credentials {
             tls: Some(tls),
+            cert: c.cert.is_some(),
             bearer,
         })
     }
@@ -322,8 +325,22 @@ fn gateway_url(endpoint: &str, tls: bool) -> anyhow::Result<String> {
     })
 }
 
+/// How this command reaches the gateway, for the hints of its errors: a transport
+/// error means one thing to a plain-text client (the gateway wants TLS) and another
+/// to one that sent a certificate (the gateway refused it).
+static CONNECTED_WITH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(PLAIN);
+const PLAIN: u8 = 0;
+const TLS: u8 = 1;
+const TLS_WITH_CERT: u8 = 2;
+
 async fn connect_with(endpoint: &str, creds: Credentials) -> anyhow::Result<Client> {
     let url = gateway_url(endpoint, creds.tls.is_some())?;
+    let how = match (&creds.tls, creds.cert) {
+        (None, _) => PLAIN,
+        (Some(_), false) => TLS,
+        (Some(_), true) => TLS_WITH_CERT,
+    };
+    CONNECTED_WITH.store(how, std::sync::atomic::Ordering::Relaxed);
     let mut ep = tonic::transport::Endpoint::from_shared(url.clone())
         .map_err(|e| usage(format!("--gateway {endpoint:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -393,7 +410,16 @@ const _: () = assert!(
 );
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
+    let transport = matches!(s.code(), tonic::Code::Unknown if s.message().contains("transport error"))
+        || matches!(s.code(), tonic::Code::Internal if s.message().contains("h2 protocol error"));
+    let how = CONNECTED_WITH.load(std::sync::atomic::Ordering::Relaxed);
     let hint = match s.code() {
+        _ if transport && how == TLS_WITH_CERT => {
+            "\n(the gateway closed the connection in the TLS handshake: it refuses the certificate of --cert (revoked, expired, or not a client certificate of this cluster's CA); the gateway's log says which)"
+        }
+        _ if transport && how == TLS => {
+            "\n(the gateway closed the connection in the TLS handshake: check that --ca is this cluster's ca.pem)"
+        }
         tonic::Code::Unauthenticated => {
             "\n(pass --ca FILE with --token TOKEN (or ARPCP_TOKEN) or with --cert FILE; an operator makes tokens with `arpcp token create` and certificates with `arpcp ca issue client`)"
         }
