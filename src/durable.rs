@@ -60,6 +60,17 @@ const REOPEN_PAUSE: Duration = Duration::from_millis(50);
 
 /// The gateway's store directory inside its data directory.
 pub const GATEWAY_STORE: &str = "gateway.sled";
+
+/// Creates a daemon's data directory (and its missing parents) readable by its
+/// owner only: the stores hold every task's arguments and results. A directory
+/// that exists keeps its mode (an operator's choice).
+pub fn create_data_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
 /// The agent's store directory inside its data directory.
 pub const AGENT_STORE: &str = "agent.sled";
 

@@ -248,3 +248,19 @@ fn tokens_on_a_directory_that_is_not_a_gateways() {
         "{err}"
     );
 }
+
+/// A daemon's new data directory is its owner's only: the stores hold every task's
+/// arguments and results (it was 0755 under umask 022, like the store's files).
+#[test]
+fn data_directories_are_made_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = common::gateway::Cluster::start(vec![common::Daemon::agent(&[])], &[]);
+    for (daemon, dir) in [(&c.gateway, "gateway-data"), (&c.agents[0], "agent-data")] {
+        let path = daemon.dir().join(dir);
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{}: {mode:o}", path.display());
+    }
+}

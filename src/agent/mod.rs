@@ -192,7 +192,7 @@ impl Agent {
     /// Everything that can fail at start-up, so a caller can report readiness only
     /// once the agent will really serve.
     pub async fn start(config: AgentConfig, listener: TcpListener) -> Result<Agent, AgentError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
+        crate::durable::create_data_dir(&config.data_dir).map_err(|error| AgentError::DataDir {
             path: config.data_dir.clone(),
             error,
         })?;

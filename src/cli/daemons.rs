@@ -273,7 +273,7 @@ fn shutdown_on_signal() -> CancellationToken {
 
 /// The agent opens its store strictly; accepting damage happens before, on its own.
 fn accept_agent_store_damage(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir)
+    durable::create_data_dir(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     durable::accept_damage("task store", &data_dir.join(durable::AGENT_STORE))?;
     Ok(())

@@ -128,9 +128,11 @@ impl Gateway {
         grpc: TcpListener,
         arpcp: TcpListener,
     ) -> Result<Gateway, StartError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-            path: config.data_dir.clone(),
-            source,
+        crate::durable::create_data_dir(&config.data_dir).map_err(|source| {
+            StartError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            }
         })?;
         let policy = if config.accept_damaged_store {
             crate::durable::DamagePolicy::Accept

@@ -235,7 +235,7 @@ pub fn create(data_dir: &Path, name: &str, role: Role) -> Result<String, TokenEr
         sha256: hash(&token),
         created_ms: crate::gateway::model::now_ms(),
     });
-    std::fs::create_dir_all(data_dir).map_err(|source| TokenError::Write {
+    crate::durable::create_data_dir(data_dir).map_err(|source| TokenError::Write {
         path: data_dir.to_path_buf(),
         source,
     })?;
