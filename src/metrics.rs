@@ -42,6 +42,11 @@ pub const MAX_SCRAPE_CONNECTIONS: usize = 16;
 /// A scrape connection is closed this long after it opened, so idle keep-alive
 /// connections cannot hold the `MAX_SCRAPE_CONNECTIONS` places for good.
 pub const SCRAPE_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How long a scrape connection may go without an answer from us (its request not
+/// come whole, or idle after the last answer) before it is closed: idle or
+/// trickling connections free their place this fast, so a few of them do not keep
+/// Prometheus out for `SCRAPE_CONNECTION_LIFETIME`.
+pub const SCRAPE_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Refreshers run before each scrape (one per daemon in a process).
 pub const MAX_SCRAPE_HOOKS: usize = 8;
 
@@ -541,6 +546,7 @@ impl axum::serve::Listener for LimitedListener {
                         stream,
                         _slot: slot,
                         expires: Box::pin(tokio::time::sleep(SCRAPE_CONNECTION_LIFETIME)),
+                        request_due: Box::pin(tokio::time::sleep(SCRAPE_REQUEST_TIMEOUT)),
                     };
                     return (conn, addr);
                 }
@@ -559,11 +565,14 @@ impl axum::serve::Listener for LimitedListener {
 }
 
 /// A scrape connection: its place is given back when it closes, and it reads
-/// end of file once `SCRAPE_CONNECTION_LIFETIME` has passed.
+/// end of file once `SCRAPE_CONNECTION_LIFETIME` has passed, or
+/// `SCRAPE_REQUEST_TIMEOUT` after it opened or after the last answer written.
 struct ScrapeConnection {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
     expires: Pin<Box<tokio::time::Sleep>>,
+    /// Moved on by every write of an answer.
+    request_due: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl AsyncRead for ScrapeConnection {
@@ -573,6 +582,9 @@ impl AsyncRead for ScrapeConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         if self.expires.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        if self.request_due.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
@@ -585,6 +597,8 @@ impl AsyncWrite for ScrapeConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        let due = tokio::time::Instant::now() + SCRAPE_REQUEST_TIMEOUT;
+        self.request_due.as_mut().reset(due);
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 

@@ -182,6 +182,18 @@ fn the_metrics_endpoint_serves_only_get_metrics() {
     for path in ["/", "/metric", "/metrics/x", "/debug"] {
         assert_eq!(http_get(&addr, path).0, 404, "{path}");
     }
+    // Connections that never finish their request (more than there are places) free
+    // their places within SCRAPE_REQUEST_TIMEOUT: a scrape gets through (it waited
+    // for the 30 s lifetime of each, and timed out).
+    let idle: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).expect("connect");
+            let _ = s.write_all(b"GET /metr");
+            s
+        })
+        .collect();
+    assert_eq!(http_get(&addr, "/metrics").0, 200);
+    drop(idle);
     // Without the flag nothing more listens, and the ready line says so.
     let plain = Daemon::agent(&[]);
     assert!(plain.ready().get("metrics").is_none(), "{}", plain.ready());
