@@ -216,6 +216,19 @@ fn up_starts_a_working_cluster_and_shows_a_result() {
             .find(|l| l.contains("add(2, 3) = 5"))
     });
     assert!(line.contains(&up.addr("grpc")), "{line}");
+    // The commands it suggests reach this gateway, on its port.
+    let tried = wait_for(Duration::from_secs(20), "the suggested commands", || {
+        up.stdout_lines()
+            .into_iter()
+            .find(|l| l.starts_with("try:"))
+    });
+    assert!(
+        tried.contains(&format!(
+            "arpcp --gateway http://{} submit",
+            up.addr("grpc")
+        )),
+        "{tried}"
+    );
 
     // The cluster it started takes more tasks.
     let dir = tempdir();

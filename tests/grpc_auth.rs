@@ -319,6 +319,33 @@ fn a_token_works_once_created_and_is_refused_once_revoked_without_a_restart() {
     assert!(!listed.contains(&token), "token list shows the token");
     let pid = t.c.gateway.pid();
 
+    // The CLI's JSON of a task says who submitted it, as gRPC does.
+    let submitter = t.token("ci-submit", "submitter");
+    let (url, ca) = (
+        t.c.gateway.grpcs_url(),
+        t.ca().to_string_lossy().into_owned(),
+    );
+    let args = [
+        "--gateway",
+        &url,
+        "--ca",
+        &ca,
+        "--token",
+        &submitter,
+        "--json",
+        "submit",
+        "add",
+        "1",
+        "2",
+        "--wait",
+    ];
+    let out = wait_for(WAIT, "the submitter's token to be accepted", || {
+        let (status, out, _) = common::run_to_exit(t.dir.path(), &args, WAIT);
+        status.success().then_some(out)
+    });
+    let shown: serde_json::Value = serde_json::from_str(out.trim()).expect("the task as JSON");
+    assert_eq!(shown["owner"], "token:ci-submit", "{out}");
+
     arpcp_ok(
         t.dir.path(),
         &["token", "revoke", "ci", "--data-dir", &t.data_dir()],

@@ -1138,10 +1138,15 @@ pub async fn demo(endpoint: &str, with_model: bool) -> anyhow::Result<()> {
         "arpcp is up: gRPC at {endpoint}; demo task {task_id}: add(2, 3) = {result} ({})",
         status_name(t.status)
     );
-    outln!("try: arpcp submit add 40 2 --wait    |    arpcp agents    |    arpcp tasks");
+    // The commands as they would reach this gateway (its port may not be the default).
+    let cli = match gateway_url(endpoint, false) {
+        Ok(url) if url == format!("http://127.0.0.1:{DEFAULT_GRPC_PORT}") => "arpcp".to_string(),
+        _ => format!("arpcp --gateway {endpoint}"),
+    };
+    outln!("try: {cli} submit add 40 2 --wait    |    {cli} agents    |    {cli} tasks");
     if with_model {
         outln!(
-            "an Opal model too: arpcp describe trajectory    |    arpcp submit trajectory --param algo.genetic.method=last --wait"
+            "an Opal model too: {cli} describe trajectory    |    {cli} submit trajectory --param algo.genetic.method=last --wait"
         );
     }
     Ok(())

@@ -110,6 +110,7 @@ pub fn task_json(t: &pb::Task) -> Value {
         "error": (!t.error.is_empty()).then_some(&t.error),
         "error_code": (t.error_code != 0).then_some(t.error_code),
         "agent_id": (!t.agent_id.is_empty()).then_some(&t.agent_id),
+        "owner": (!t.owner.is_empty()).then_some(&t.owner),
         "progress": t.progress.as_ref().map(|p| json!({"fraction": p.fraction, "comment": p.comment})),
         "attempts": t.attempts,
         "created_at": time(&t.created_at),

@@ -455,7 +455,7 @@ impl Membership {
         lock(&self.miss_reasons).remove(&agent_id);
         lock(&self.unanswered_warned).remove(addr);
         if changed {
-            info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, certificate = ?rec.certificate, "agent alive");
+            info!(%agent_id, %addr, mac = %rec.mac, ip = %rec.ip, certificate = rec.certificate.as_deref().unwrap_or(""), "agent alive");
         }
         // Told when the rules may not know it all: news, a miss since they last
         // heard an answer, or the first answer this process had.
