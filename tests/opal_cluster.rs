@@ -466,3 +466,35 @@ fn a_timed_out_model_fails_with_its_last_words() {
         assert!(t.error.contains(words), "{words} in {}", t.error);
     }
 }
+
+/// A model that exits cleanly without answering is said to have ended (the
+/// message was only "cannot write to the model: Broken pipe").
+#[test]
+fn a_model_that_exits_without_answering_is_said_to_have_ended() {
+    let script = "case \"$0\" in --info|-i) echo 'main = { n = int default 1 }';; *) exit 0;; esac";
+    let toml = format!(
+        "[[procedure]]\nname = \"quits\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\n",
+        Value::String(script.into())
+    );
+    let c = Cluster::start(
+        vec![agent_with_config(&toml, &[])],
+        &["--echo-interval-ms", "200"],
+    );
+    let gw = &c.gw;
+    wait_until(WAIT, "the model's catalog", || {
+        gw.procedures()
+            .iter()
+            .any(|p| p.name == "quits" && p.kind == pb::ProcedureKind::Opal as i32)
+    });
+    let id = gw
+        .submit(submit_named("quits", json!({})))
+        .expect("Submit quits")
+        .task_id;
+    let t = gw.wait_final(&id, RUN);
+    assert_eq!(t.status, pb::TaskStatus::Failed as i32, "{}", describe(&t));
+    assert!(
+        t.error.contains("ended, exit status: 0, without answering"),
+        "{}",
+        t.error
+    );
+}

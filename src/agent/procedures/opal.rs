@@ -162,7 +162,11 @@ impl OpalProcedure {
                 };
                 let exit = match status {
                     // The kill of a timeout says nothing of the model.
-                    Ok(Ok(s)) if !s.success() && !timed_out => format!(" ({s})"),
+                    Ok(Ok(_)) if timed_out => String::new(),
+                    Ok(Ok(s)) if !s.success() => format!(" ({s})"),
+                    // Ended on its own, however cleanly, before it answered: what we
+                    // saw of that (a broken pipe) is not the cause.
+                    Ok(Ok(s)) => format!(" (ended, {s}, without answering)"),
                     _ => String::new(),
                 };
                 let tail = if tail.is_empty() {
