@@ -498,3 +498,34 @@ fn a_model_that_exits_without_answering_is_said_to_have_ended() {
         t.error
     );
 }
+
+/// Models slow to describe themselves are asked at once, not one after another:
+/// four whose `--info` takes 3 s each delayed the agent's start by 12 s.
+#[test]
+fn slow_models_are_described_side_by_side_at_start() {
+    let mut toml = String::new();
+    for i in 1..=4 {
+        let script = "case \"$0\" in --info|-i) sleep 3; echo 'main = { n = int default 1 }';; *) exit 1;; esac";
+        toml += &format!(
+            "[[procedure]]\nname = \"slow{i}\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\n\n",
+            Value::String(script.into())
+        );
+    }
+    let started = std::time::Instant::now();
+    let agent = agent_with_config(&toml, &[]);
+    let took = started.elapsed();
+    // One after another is 12 s at least; side by side about 3 s. The bound between
+    // leaves room for a loaded machine.
+    assert!(
+        took < Duration::from_secs(9),
+        "the agent took {took:?} to start"
+    );
+    let c = Cluster::start(vec![agent], &["--echo-interval-ms", "200"]);
+    wait_until(WAIT, "the four models offered", || {
+        c.gw.procedures()
+            .iter()
+            .filter(|p| p.name.starts_with("slow") && p.kind == pb::ProcedureKind::Opal as i32)
+            .count()
+            == 4
+    });
+}

@@ -20,6 +20,10 @@ pub use builtin::Builtin;
 pub use command::{kill_marked_processes, CommandProcedure, CommandSpec, SpecKind};
 pub use opal::OpalProcedure;
 
+/// Opal models asked for their `--info` at once while an agent starts (a thread
+/// each, for at most `opal::INFO_TIMEOUT`).
+pub const MAX_MODELS_LOADED_AT_ONCE: usize = 8;
+
 /// Why a procedure did not produce a value.
 #[derive(Debug, Error, PartialEq)]
 pub enum RunError {
@@ -124,28 +128,63 @@ impl Registry {
         for b in Builtin::ALL {
             procedures.insert(b.name().to_string(), Procedure::Builtin(b));
         }
+        let mut models = Vec::new();
+        let mut model_names = std::collections::BTreeSet::new();
         for spec in commands {
             let name = spec.name.clone();
-            if procedures.contains_key(&name) {
+            if procedures.contains_key(&name) || model_names.contains(&name) {
                 return Err(RegistryError::Duplicate(name));
             }
-            let invalid = |reason| RegistryError::Invalid {
-                name: name.clone(),
-                reason,
-            };
-            let proc = match spec.kind {
+            match spec.kind {
                 SpecKind::Command => {
-                    Procedure::Command(CommandProcedure::new(spec).map_err(invalid)?)
+                    let proc =
+                        CommandProcedure::new(spec).map_err(|reason| RegistryError::Invalid {
+                            name: name.clone(),
+                            reason,
+                        })?;
+                    procedures.insert(name, Procedure::Command(proc));
                 }
-                SpecKind::Opal => match OpalProcedure::load(spec) {
-                    Ok(o) => Procedure::Opal(o),
+                SpecKind::Opal => {
+                    model_names.insert(name);
+                    models.push(spec);
+                }
+            }
+        }
+        // Each model is asked for its `--info` (up to INFO_TIMEOUT each), several at
+        // once: one after another, every slow model delayed the agent's start.
+        while !models.is_empty() {
+            let batch: Vec<CommandSpec> = models
+                .drain(..models.len().min(MAX_MODELS_LOADED_AT_ONCE))
+                .collect();
+            let loaded: Vec<(String, Result<OpalProcedure, String>)> =
+                std::thread::scope(|scope| {
+                    let running: Vec<_> = batch
+                        .into_iter()
+                        .map(|spec| {
+                            let name = spec.name.clone();
+                            (name, scope.spawn(move || OpalProcedure::load(spec)))
+                        })
+                        .collect();
+                    running
+                        .into_iter()
+                        .map(|(name, t)| {
+                            let loaded = t
+                                .join()
+                                .unwrap_or_else(|_| Err("reading its --info panicked".into()));
+                            (name, loaded)
+                        })
+                        .collect()
+                });
+            for (name, loaded) in loaded {
+                match loaded {
+                    Ok(o) => {
+                        procedures.insert(name, Procedure::Opal(o));
+                    }
                     Err(reason) => {
                         tracing::warn!(procedure = %name, "Opal model not offered: {reason}");
-                        continue;
                     }
-                },
-            };
-            procedures.insert(name, proc);
+                }
+            }
         }
         Ok(Registry { procedures })
     }
