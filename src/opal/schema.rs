@@ -45,11 +45,26 @@ impl Partition {
                 "expected a point of the grid from {} by {}, found {v} (nearest: {} or {})",
                 self.from,
                 self.step,
-                below,
-                below + self.step
+                grid_point(below),
+                grid_point(below + self.step)
             ));
         }
         Ok(())
+    }
+}
+
+/// A grid point as a person would write it: the binary rounding of `from + k·step`
+/// (0.30000000000000004) cut to 12 significant digits.
+fn grid_point(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(11 - x.abs().log10().floor() as i32);
+    let rounded = (x * scale).round() / scale;
+    if rounded.is_finite() {
+        rounded
+    } else {
+        x
     }
 }
 

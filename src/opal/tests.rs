@@ -209,6 +209,8 @@ fn schema_errors_name_the_parameter_and_what_was_expected() {
         ("main = { n = int default ten }", "main.n: default: expected an integer, found \"ten\""),
         ("main = { n = int choice [1, 2] default 3 }", "main.n: default: expected one of 1, 2, found 3"),
         ("main = { n = float partition 0 to 10 by 2 default 3 }", "main.n: default: expected a point of the grid from 0 by 2, found 3 (nearest: 2 or 4)"),
+        // Neighbours as written, not as binary rounding makes them (0.30000000000000004).
+        ("main = { g = float partition 0 to 1 by 0.1 default 0.25 }", "main.g: default: expected a point of the grid from 0 by 0.1, found 0.25 (nearest: 0.2 or 0.3)"),
         ("main = { n = float partition 0 to 10 by 0 }", "main.n: partition: expected a step above 0, found 0"),
         ("main = { n = string partition 0 to 10 by 1 }", "main.n: a partition needs an int or float parameter, not string"),
         ("main = { n = int default 1 default 2 }", "main.n: `default` given twice"),
