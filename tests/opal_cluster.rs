@@ -396,37 +396,49 @@ fn a_model_changed_while_its_agent_was_away_is_checked_against_the_new_schema() 
     }
 }
 
-/// A model's `int` is 64 bits, but a client receives numbers as doubles: a table
-/// cell past 2^53 − 1 fails the task naming the cell, rather than reaching the
-/// client as another number.
-#[test]
-fn an_int_cell_a_client_cannot_receive_exactly_fails_the_task() {
-    let info = "main = { n = int default 1 }";
-    // One row a line.
-    let answer = "'{ answer = ok status = ready header = { i = int } table = {' \
-                  '9007199254740991' '9007199254740993 } }'";
-    let script = format!(
-        "case \"$0\" in --info|-i) echo '{info}';; *) head -c 1 >/dev/null; printf '%s\\n' {answer};; esac"
-    );
-    let toml = format!(
-        "[[procedure]]\nname = \"big\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\npoll_ms = 100\n",
+/// A model written as a shell script: `describe` answers `--info`, `run` runs it;
+/// `extra` adds TOML lines to its declaration.
+fn sh_model(name: &str, describe: &str, run: &str, extra: &str) -> String {
+    let script = format!("case \"$0\" in --info|-i) {describe};; *) {run};; esac");
+    format!(
+        "[[procedure]]\nname = \"{name}\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\n{extra}\n",
         Value::String(script)
-    );
+    )
+}
+
+/// Starts an agent declaring `toml` and a gateway, waits for `model` to be offered,
+/// runs it with its defaults and returns the ended task.
+fn run_once(toml: &str, model: &str) -> pb::Task {
     let c = Cluster::start(
-        vec![agent_with_config(&toml, &[])],
+        vec![agent_with_config(toml, &[])],
         &["--echo-interval-ms", "200"],
     );
     let gw = &c.gw;
     wait_until(WAIT, "the model's catalog", || {
         gw.procedures()
             .iter()
-            .any(|p| p.name == "big" && p.kind == pb::ProcedureKind::Opal as i32)
+            .any(|p| p.name == model && p.kind == pb::ProcedureKind::Opal as i32)
     });
     let id = gw
-        .submit(submit_named("big", json!({})))
-        .expect("Submit big")
+        .submit(submit_named(model, json!({})))
+        .unwrap_or_else(|e| panic!("Submit {model}: {e:?}"))
         .task_id;
-    let t = gw.wait_final(&id, RUN);
+    gw.wait_final(&id, RUN)
+}
+
+/// `--info` of a model with one parameter.
+const ONE_INT: &str = "echo 'main = { n = int default 1 }'";
+
+/// A model's `int` is 64 bits, but a client receives numbers as doubles: a table
+/// cell past 2^53 − 1 fails the task naming the cell, rather than reaching the
+/// client as another number.
+#[test]
+fn an_int_cell_a_client_cannot_receive_exactly_fails_the_task() {
+    // One row a line.
+    let answer = "'{ answer = ok status = ready header = { i = int } table = {' \
+                  '9007199254740991' '9007199254740993 } }'";
+    let run = format!("head -c 1 >/dev/null; printf '%s\\n' {answer}");
+    let t = run_once(&sh_model("big", ONE_INT, &run, "poll_ms = 100"), "big");
     assert_eq!(t.status, pb::TaskStatus::Failed as i32, "{}", describe(&t));
     assert!(
         t.error
@@ -440,27 +452,11 @@ fn an_int_cell_a_client_cannot_receive_exactly_fails_the_task() {
 /// as a crash does (it said only "timed out after 1s").
 #[test]
 fn a_timed_out_model_fails_with_its_last_words() {
-    let script = "case \"$0\" in --info|-i) echo 'main = { n = int default 1 }';; \
-                  *) echo 'stuck at iteration 5, waiting for a lock' >&2; sleep 60;; esac";
-    let toml = format!(
-        "[[procedure]]\nname = \"stuck\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\ntimeout_secs = 1\n",
-        Value::String(script.into())
+    let run = "echo 'stuck at iteration 5, waiting for a lock' >&2; sleep 60";
+    let t = run_once(
+        &sh_model("stuck", ONE_INT, run, "timeout_secs = 1"),
+        "stuck",
     );
-    let c = Cluster::start(
-        vec![agent_with_config(&toml, &[])],
-        &["--echo-interval-ms", "200"],
-    );
-    let gw = &c.gw;
-    wait_until(WAIT, "the model's catalog", || {
-        gw.procedures()
-            .iter()
-            .any(|p| p.name == "stuck" && p.kind == pb::ProcedureKind::Opal as i32)
-    });
-    let id = gw
-        .submit(submit_named("stuck", json!({})))
-        .expect("Submit stuck")
-        .task_id;
-    let t = gw.wait_final(&id, RUN);
     assert_eq!(t.status, pb::TaskStatus::Failed as i32, "{}", describe(&t));
     for words in ["\"stuck\"", "timed out after 1s", "stuck at iteration 5"] {
         assert!(t.error.contains(words), "{words} in {}", t.error);
@@ -471,26 +467,7 @@ fn a_timed_out_model_fails_with_its_last_words() {
 /// message was only "cannot write to the model: Broken pipe").
 #[test]
 fn a_model_that_exits_without_answering_is_said_to_have_ended() {
-    let script = "case \"$0\" in --info|-i) echo 'main = { n = int default 1 }';; *) exit 0;; esac";
-    let toml = format!(
-        "[[procedure]]\nname = \"quits\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\n",
-        Value::String(script.into())
-    );
-    let c = Cluster::start(
-        vec![agent_with_config(&toml, &[])],
-        &["--echo-interval-ms", "200"],
-    );
-    let gw = &c.gw;
-    wait_until(WAIT, "the model's catalog", || {
-        gw.procedures()
-            .iter()
-            .any(|p| p.name == "quits" && p.kind == pb::ProcedureKind::Opal as i32)
-    });
-    let id = gw
-        .submit(submit_named("quits", json!({})))
-        .expect("Submit quits")
-        .task_id;
-    let t = gw.wait_final(&id, RUN);
+    let t = run_once(&sh_model("quits", ONE_INT, "exit 0", ""), "quits");
     assert_eq!(t.status, pb::TaskStatus::Failed as i32, "{}", describe(&t));
     assert!(
         t.error.contains("ended, exit status: 0, without answering"),
@@ -503,14 +480,16 @@ fn a_model_that_exits_without_answering_is_said_to_have_ended() {
 /// four whose `--info` takes 3 s each delayed the agent's start by 12 s.
 #[test]
 fn slow_models_are_described_side_by_side_at_start() {
-    let mut toml = String::new();
-    for i in 1..=4 {
-        let script = "case \"$0\" in --info|-i) sleep 3; echo 'main = { n = int default 1 }';; *) exit 1;; esac";
-        toml += &format!(
-            "[[procedure]]\nname = \"slow{i}\"\nkind = \"opal\"\ncommand = [\"sh\", \"-c\", {}]\n\n",
-            Value::String(script.into())
-        );
-    }
+    let toml: String = (1..=4)
+        .map(|i| {
+            sh_model(
+                &format!("slow{i}"),
+                &format!("sleep 3; {ONE_INT}"),
+                "exit 1",
+                "",
+            )
+        })
+        .collect();
     let started = std::time::Instant::now();
     let agent = agent_with_config(&toml, &[]);
     let took = started.elapsed();
