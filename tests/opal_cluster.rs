@@ -508,3 +508,24 @@ fn slow_models_are_described_side_by_side_at_start() {
             == 4
     });
 }
+
+/// A table within the Opal limits can still be over a task's result limit (2 MiB
+/// as JSON): the failure names the model (it named neither model nor table).
+#[test]
+fn a_table_over_the_result_limit_names_the_model() {
+    // 5,000 rows of a 500-character cell: 2.5 MB, under the 4 MiB of a message.
+    let cell = "x".repeat(500);
+    let run = format!(
+        "head -c 1 >/dev/null; echo '{{ answer = ok status = ready header = {{ s = string }} table = {{'; \
+         i=0; while [ $i -lt 5000 ]; do echo {cell}; i=$((i+1)); done; echo '}} }}'"
+    );
+    let t = run_once(&sh_model("wide", ONE_INT, &run, ""), "wide");
+    assert_eq!(t.status, pb::TaskStatus::Failed as i32, "{}", describe(&t));
+    for words in [
+        "Opal model \"wide\"",
+        "too big for a task's result",
+        "over the limit",
+    ] {
+        assert!(t.error.contains(words), "{words} in {}", t.error);
+    }
+}

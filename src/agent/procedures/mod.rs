@@ -100,7 +100,16 @@ impl Procedure {
             Procedure::Command(c) => c.run(args, &ctx.env).await,
             Procedure::Opal(o) => o.run(args, &ctx.progress, &ctx.env).await,
         }?;
-        crate::limits::check_result(&v).map_err(|e| RunError::Failed(e.to_string()))?;
+        crate::limits::check_result(&v).map_err(|e| {
+            RunError::Failed(match self {
+                // Its table is within the Opal limits, and still too big as a result.
+                Procedure::Opal(o) => format!(
+                    "Opal model {:?}: its table is too big for a task's result: {e}",
+                    o.name()
+                ),
+                _ => e.to_string(),
+            })
+        })?;
         Ok(v)
     }
 }

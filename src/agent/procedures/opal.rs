@@ -39,6 +39,11 @@ pub struct OpalProcedure {
 }
 
 impl OpalProcedure {
+    /// The name it is declared under.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
     /// Runs `command --info` (bounded in time and output) and reads the schema.
     /// Blocks: called once at start-up.
     pub fn load(spec: CommandSpec) -> Result<OpalProcedure, String> {
