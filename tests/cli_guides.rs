@@ -611,6 +611,25 @@ fn human_durations_and_the_gateway_config_file() {
         err.contains("agents (in the --config file)") && err.contains("10.0.0.5"),
         "{err}"
     );
+    // A listener's address from the file is named as the file's key (it said --grpc).
+    std::fs::write(dir.path().join("listen.toml"), "grpc = \"nope\"\n").expect("write");
+    let (status, _, err) = run_to_exit(
+        dir.path(),
+        &[
+            "gateway",
+            "--config",
+            "{dir}/listen.toml",
+            "--data-dir",
+            "{dir}/z",
+        ],
+        CLI_TIMEOUT,
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains("grpc in ") && err.contains("listen.toml"),
+        "{err}"
+    );
+    assert!(!err.contains("--grpc"), "{err}");
 }
 
 /// sled's page cache is the daemons' to size: `--store-cache` and `store_cache` in

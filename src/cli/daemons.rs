@@ -375,8 +375,9 @@ pub async fn agent(a: AgentCmd) -> anyhow::Result<()> {
 
 /// A gateway's settings: flags over the `--config` file over the defaults.
 struct GatewaySettings {
-    grpc: String,
-    arpcp: String,
+    /// The address and where it came from (`--grpc`, or `grpc in FILE`), for errors.
+    grpc: (String, String),
+    arpcp: (String, String),
     metrics: Option<String>,
     config: GatewayConfig,
 }
@@ -478,14 +479,22 @@ fn gateway_config(g: GatewayCmd) -> anyhow::Result<GatewaySettings> {
     };
     Ok(GatewaySettings {
         metrics: g.metrics.or(file.metrics),
-        grpc: g
-            .grpc
-            .or(file.grpc)
-            .unwrap_or_else(|| DEFAULT_GRPC.to_string()),
-        arpcp: g
-            .arpcp
-            .or(file.arpcp)
-            .unwrap_or_else(|| DEFAULT_CONTROLLER.to_string()),
+        grpc: setting(
+            "--grpc",
+            g.grpc,
+            "grpc",
+            file.grpc,
+            g.config.as_deref(),
+            DEFAULT_GRPC,
+        ),
+        arpcp: setting(
+            "--arpcp",
+            g.arpcp,
+            "arpcp",
+            file.arpcp,
+            g.config.as_deref(),
+            DEFAULT_CONTROLLER,
+        ),
         config,
     })
 }
@@ -515,6 +524,23 @@ fn check_host_port(flag: &str, value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A listener's address from its flag, else the file, else the default; with where
+/// it came from, as errors name it.
+fn setting(
+    flag: &str,
+    from_flag: Option<String>,
+    key: &str,
+    from_file: Option<String>,
+    file: Option<&std::path::Path>,
+    default: &str,
+) -> (String, String) {
+    match (from_flag, from_file, file) {
+        (Some(v), _, _) => (v, flag.to_string()),
+        (None, Some(v), Some(f)) => (v, format!("{key} in {}", f.display())),
+        _ => (default.to_string(), flag.to_string()),
+    }
+}
+
 const DEFAULT_GRPC: &str = "127.0.0.1:50051";
 const DEFAULT_CONTROLLER: &str = "127.0.0.1:7019";
 const DEFAULT_ECHO_INTERVAL: Duration = Duration::from_secs(1);
@@ -532,13 +558,14 @@ pub async fn gateway(g: GatewayCmd) -> anyhow::Result<()> {
         metrics: metrics_addr,
         config,
     } = gateway_config(g)?;
-    let grpc = bind(&grpc, "--grpc").await?;
-    let arpcp = bind(&arpcp, "--arpcp").await?;
-    exposure::check(
-        &gateway_listeners(grpc.local_addr()?, arpcp.local_addr()?),
-        config.tls.is_some(),
-        insecure,
-    )?;
+    let (grpc, grpc_source) = grpc;
+    let (arpcp, arpcp_source) = arpcp;
+    let grpc = bind(&grpc, &grpc_source).await?;
+    let arpcp = bind(&arpcp, &arpcp_source).await?;
+    let mut listeners = gateway_listeners(grpc.local_addr()?, arpcp.local_addr()?);
+    listeners[0].source = grpc_source;
+    listeners[1].source = arpcp_source;
+    exposure::check(&listeners, config.tls.is_some(), insecure)?;
     let metrics = start_metrics(metrics_addr.as_deref()).await?;
     let addrs: Vec<_> = [
         ("grpc", grpc.local_addr()?.to_string()),
