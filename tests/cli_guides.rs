@@ -594,39 +594,29 @@ fn human_durations_and_the_gateway_config_file() {
             "{flag} {value}: {err}"
         );
     }
-    std::fs::write(dir.path().join("typo.toml"), "agents = [\"10.0.0.5\"]\n").expect("write");
-    let (status, _, err) = run_to_exit(
-        dir.path(),
-        &[
+    // A gateway started on a file holding `text`: refused, its stderr.
+    let refused_file = |text: &str| {
+        std::fs::write(dir.path().join("refused.toml"), text).expect("write");
+        let args = [
             "gateway",
             "--config",
-            "{dir}/typo.toml",
+            "{dir}/refused.toml",
             "--data-dir",
             "{dir}/y",
-        ],
-        CLI_TIMEOUT,
-    );
-    assert!(!status.success());
+        ];
+        let (status, _, err) = run_to_exit(dir.path(), &args, CLI_TIMEOUT);
+        assert!(!status.success(), "{text} was taken");
+        err
+    };
+    let err = refused_file("agents = [\"10.0.0.5\"]\n");
     assert!(
         err.contains("agents (in the --config file)") && err.contains("10.0.0.5"),
         "{err}"
     );
     // A listener's address from the file is named as the file's key (it said --grpc).
-    std::fs::write(dir.path().join("listen.toml"), "grpc = \"nope\"\n").expect("write");
-    let (status, _, err) = run_to_exit(
-        dir.path(),
-        &[
-            "gateway",
-            "--config",
-            "{dir}/listen.toml",
-            "--data-dir",
-            "{dir}/z",
-        ],
-        CLI_TIMEOUT,
-    );
-    assert!(!status.success());
+    let err = refused_file("grpc = \"nope\"\n");
     assert!(
-        err.contains("grpc in ") && err.contains("listen.toml"),
+        err.contains("grpc in ") && err.contains("refused.toml"),
         "{err}"
     );
     assert!(!err.contains("--grpc"), "{err}");
