@@ -576,17 +576,7 @@ fn human_durations_and_the_gateway_config_file() {
         ("--advertise", "bogus", "no port"),
         ("--max-misses", "0", "at least 1"),
     ] {
-        let args = [
-            "gateway",
-            "--grpc",
-            "127.0.0.1:0",
-            "--arpcp",
-            "127.0.0.1:0",
-            "--data-dir",
-            "{dir}/x",
-            flag,
-            value,
-        ];
+        let args = gateway_args(&[flag, value]);
         let (status, _, err) = run_to_exit(dir.path(), &args, CLI_TIMEOUT);
         assert!(!status.success(), "{flag} {value} was taken");
         assert!(
